@@ -1,0 +1,3 @@
+"""Prometheus exposition of refcache (reads the manager's statistics; never mutates)."""
+
+__all__: list[str] = []

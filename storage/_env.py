@@ -1,0 +1,458 @@
+"""The one LMDB environment that holds every piece of refcache metadata.
+
+Everything that must agree after a crash lives in one environment under ``<root>/meta/``, in
+named databases: record metadata, secondary indexes, external values, snapshot metadata,
+content labels, leases and lease resources. One write transaction can therefore create a
+record and its lease atomically.
+
+Transactions:
+
+* :meth:`MetaEnv.read_txn` gives a consistent snapshot (LMDB MVCC); readers never block the
+  writer, and a second *process* may open the environment read-only and read while this one
+  writes (that is what lets ``refcache du`` inspect a live cache).
+* :meth:`MetaEnv.write_txn` is a diskcache-style context manager: it yields a
+  :class:`WriteTxn` whose writes commit together on a clean exit and roll back on any
+  exception; file deletions scheduled with :meth:`WriteTxn.after_commit` run only after the
+  commit succeeded (containerd's "forget first, delete files last").
+
+Map growth: the map starts large (1 GiB of address space, not of disk). When LMDB reports
+``MapFullError`` the transaction is aborted, the map is doubled, and the logged writes of the
+whole transaction are replayed in a fresh transaction. Replay is exact because every writer in
+this process holds :attr:`MetaEnv._write_lock` for the whole transaction, and a cache has a
+single writing process (``open_cache`` takes an exclusive lock file).
+
+Durability (fsync policy): every commit is synced (LMDB ``sync=True, metasync=True``), so a
+committed write survives ``kill -9`` and power loss. Callers batch writes into few commits
+(BuildKit's queue + ``Commit``) instead of relaxing the sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from storage._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
+
+__all__ = [
+    "DB_CONTENT",
+    "DB_EXTERNAL",
+    "DB_INDEX",
+    "DB_INFO",
+    "DB_LEASES",
+    "DB_LEASE_RESOURCES",
+    "DB_NAMES",
+    "DB_RECORDS",
+    "DB_SNAPSHOTS",
+    "SCHEMA_VERSION",
+    "MetaEnv",
+    "ReadTxn",
+    "WriteTxn",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Current on-disk schema. Bump only with a migration; an unknown version refuses to open.
+SCHEMA_VERSION = 1
+
+DB_INFO = "info"  #: schema version and environment facts
+DB_RECORDS = "records"  #: record id -> msgpack map of metadata fields
+DB_INDEX = "index"  #: ``<index>::<record id>`` -> b"" (secondary indexes)
+DB_EXTERNAL = "external"  #: ``<record id>\0<key>`` -> raw bytes (large values)
+DB_SNAPSHOTS = "snapshots"  #: snapshotter metadata (keys, parents, kinds, usage, labels)
+DB_CONTENT = "content"  #: content store metadata (labels, created/updated times)
+DB_LEASES = "leases"  #: lease id -> msgpack lease record
+DB_LEASE_RESOURCES = "lease_resources"  #: ``<lease>\0<type>\0<id>`` -> b""
+
+DB_NAMES: tuple[str, ...] = (
+    DB_INFO,
+    DB_RECORDS,
+    DB_INDEX,
+    DB_EXTERNAL,
+    DB_SNAPSHOTS,
+    DB_CONTENT,
+    DB_LEASES,
+    DB_LEASE_RESOURCES,
+)
+
+_SCHEMA_KEY = b"schema_version"
+_DEFAULT_MAP_SIZE = 1 << 30
+_MAX_MAP_SIZE = 1 << 40
+_MAX_DBS = 32
+_MAX_READERS = 1024
+
+
+class ReadTxn:
+    """A read-only view of the environment, consistent for its whole life."""
+
+    __slots__ = ("_env", "_txn")
+
+    def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
+        self._env = env
+        self._txn = txn
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        """Returns the raw value stored under ``key`` in ``db``, or ``None``."""
+        value = self._txn.get(key, db=self._env.handle(db))
+        return None if value is None else bytes(value)
+
+    def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Yields ``(key, value)`` pairs of ``db`` whose key starts with ``prefix``, in order."""
+        with self._txn.cursor(db=self._env.handle(db)) as cursor:
+            if not cursor.set_range(prefix):
+                return
+            for raw, value in cursor:
+                key = bytes(raw)
+                if not key.startswith(prefix):
+                    return
+                yield key, bytes(value)
+
+    def keys(self, db: str, prefix: bytes = b"") -> Iterator[bytes]:
+        """Yields the keys of ``db`` that start with ``prefix``, in key order."""
+        with self._txn.cursor(db=self._env.handle(db)) as cursor:
+            if not cursor.set_range(prefix):
+                return
+            for raw in cursor.iternext(keys=True, values=False):
+                key = bytes(raw)
+                if not key.startswith(prefix):
+                    return
+                yield key
+
+    def count(self, db: str) -> int:
+        """Returns the number of entries in ``db``."""
+        return int(self._txn.stat(self._env.handle(db))["entries"])
+
+
+class WriteTxn(ReadTxn):
+    """A write transaction whose writes are logged so that the whole of it can be replayed.
+
+    Reads see this transaction's own writes. Only :meth:`put`, :meth:`delete` and
+    :meth:`delete_prefix` change data.
+    """
+
+    __slots__ = ("_after", "_log", "_replaying")
+
+    def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
+        super().__init__(env, txn)
+        self._replaying = False
+        self._log: list[tuple[bool, str, bytes, bytes]] = []
+        self._after: list[Callable[[], object]] = []
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        """Stores ``value`` under ``key`` in ``db`` (overwriting)."""
+        self._log.append((True, db, key, value))
+        handle = self._env._dbs.get(db)
+        if handle is None or self._replaying:
+            self._apply(True, db, key, value)
+            return
+        try:
+            self._txn.put(key, value, db=handle)
+        except lmdb.MapFullError:
+            self._txn.abort()
+            self._env._regrow(self)
+        except lmdb.Error as exc:
+            msg = f"metadata write to {db!r} key {key!r} failed: {exc}"
+            raise RefcacheError(msg) from exc
+
+    def delete(self, db: str, key: bytes) -> bool:
+        """Deletes ``key`` from ``db``; returns whether it existed."""
+        self._log.append((False, db, key, b""))
+        return self._apply(False, db, key, b"")
+
+    def delete_prefix(self, db: str, prefix: bytes) -> int:
+        """Deletes every key of ``db`` that starts with ``prefix``; returns how many."""
+        doomed = list(self.keys(db, prefix))
+        for key in doomed:
+            self.delete(db, key)
+        return len(doomed)
+
+    def after_commit(self, callback: Callable[[], object]) -> None:
+        """Runs ``callback`` once this transaction has committed (never if it rolls back).
+
+        Used for file deletions: the metadata forgets an object first, the files go last, so a
+        crash in between leaves only orphan files that ``open`` or ``check --fix`` removes.
+        """
+        self._after.append(callback)
+
+    def _apply(self, is_put: bool, db: str, key: bytes, value: bytes) -> bool:
+        handle = self._env.handle(db)
+        try:
+            if is_put:
+                return bool(self._txn.put(key, value, db=handle))
+            return bool(self._txn.delete(key, db=handle))
+        except lmdb.MapFullError:
+            if self._replaying:
+                raise
+            # Grow and replay the whole transaction so far (this write included), then go on:
+            # the caller's body never notices.
+            self._txn.abort()
+            return self._env._regrow(self)
+        except lmdb.Error as exc:
+            msg = f"metadata write to {db!r} key {key!r} failed: {exc}"
+            raise RefcacheError(msg) from exc
+
+    def _replay(self) -> bool:
+        self._replaying = True
+        result = False
+        try:
+            for is_put, db, key, value in self._log:
+                result = self._apply(is_put, db, key, value)
+        finally:
+            self._replaying = False
+        return result
+
+
+class MetaEnv:
+    """The LMDB environment of one cache root (``<root>/meta/``).
+
+    Thread-safe: any thread may open read transactions; write transactions are serialised by
+    LMDB's writer lock and by :attr:`_write_lock` (which also makes map growth safe).
+
+    Args:
+        path: Directory of the environment; created when missing (unless ``readonly``).
+        readonly: Open for reading only (another process may be writing).
+        map_size: Initial map size in bytes (grown on demand when writable).
+        max_map_size: Growth stops here; past it a write raises :class:`StoreFullError`.
+
+    Raises:
+        IncompatibleSchemaError: The stored schema version is newer or unknown.
+        NotFoundError-like RefcacheError: a read-only open of a missing environment.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        map_size: int = _DEFAULT_MAP_SIZE,
+        max_map_size: int = _MAX_MAP_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._max_map_size = max_map_size
+        self._write_lock = threading.RLock()
+        # Map growth needs every transaction of this process closed: readers register here.
+        self._gate = threading.Condition()
+        self._readers = 0
+        self._growing = False
+        if readonly:
+            if not (self.path / "data.mdb").exists():
+                msg = f"no refcache metadata at {self.path}"
+                raise RefcacheError(msg)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=_MAX_DBS,
+                max_readers=_MAX_READERS,
+                readonly=readonly,
+                sync=True,
+                metasync=True,
+                readahead=False,
+            )
+        except lmdb.Error as exc:
+            msg = f"cannot open metadata environment {self.path}: {exc}"
+            raise RefcacheError(msg) from exc
+        try:
+            self._open_dbs()
+            self._check_schema()
+        except BaseException:
+            # LMDB allows one open handle per environment and process: never leak one.
+            self._env.close()
+            raise
+
+    def _open_dbs(self) -> None:
+        self._dbs: dict[str, Any] = {}
+        if self.readonly:
+            # Without a txn argument py-lmdb opens each handle in its own committed read
+            # transaction: a handle opened in an aborted read transaction would be invalid.
+            for name in DB_NAMES:
+                try:
+                    self._dbs[name] = self._env.open_db(name.encode(), create=False)
+                except lmdb.NotFoundError:
+                    self._dbs[name] = None
+        else:
+            with self._env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    self._dbs[name] = self._env.open_db(name.encode(), txn=txn)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the environment. Safe to call twice."""
+        self._env.close()
+
+    def __enter__(self) -> MetaEnv:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def handle(self, db: str) -> Any:
+        """Returns the LMDB handle of the named database."""
+        try:
+            handle = self._dbs[db]
+        except KeyError:
+            msg = f"unknown metadata database {db!r}; known: {', '.join(DB_NAMES)}"
+            raise RefcacheError(msg) from None
+        if handle is None:
+            msg = f"metadata database {db!r} does not exist yet in read-only {self.path}"
+            raise RefcacheError(msg)
+        return handle
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _check_schema(self) -> None:
+        with self.read_txn() as txn:
+            raw = txn.get(DB_INFO, _SCHEMA_KEY) if self._dbs.get(DB_INFO) is not None else None
+            has_records = (
+                self._dbs.get(DB_RECORDS) is not None and txn.count(DB_RECORDS) > 0
+            )
+        if raw is None:
+            if has_records:
+                msg = f"metadata at {self.path} has records but no schema version; not guessing"
+                raise IncompatibleSchemaError(msg)
+            if not self.readonly:
+                with self.write_txn() as wtxn:
+                    wtxn.put(DB_INFO, _SCHEMA_KEY, msgpack.packb(SCHEMA_VERSION))
+            return
+        try:
+            version = msgpack.unpackb(raw)
+        except (ValueError, msgpack.UnpackException) as exc:
+            msg = f"metadata at {self.path} has an unreadable schema version {raw!r}"
+            raise IncompatibleSchemaError(msg) from exc
+        if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
+            msg = (
+                f"metadata at {self.path} has schema version {version!r}; this refcache "
+                f"understands version {SCHEMA_VERSION} only (newer data needs a newer refcache)"
+            )
+            raise IncompatibleSchemaError(msg)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    @contextmanager
+    def read_txn(self) -> Iterator[ReadTxn]:
+        """Yields a consistent read-only view; keep it short (it pins old pages)."""
+        with self._gate:
+            while self._growing:
+                self._gate.wait()
+            self._readers += 1
+        try:
+            txn = self._begin(write=False)
+            try:
+                yield ReadTxn(self, txn)
+            finally:
+                txn.abort()
+        finally:
+            with self._gate:
+                self._readers -= 1
+                self._gate.notify_all()
+
+    @contextmanager
+    def write_txn(self) -> Iterator[WriteTxn]:
+        """Yields a write transaction; commits on a clean exit, rolls back on any exception.
+
+        Callbacks registered with :meth:`WriteTxn.after_commit` run after the commit, in order;
+        a failing callback is logged and does not undo the commit.
+
+        Raises:
+            StoreFullError: The map could not grow enough for this transaction.
+        """
+        if self.readonly:
+            msg = f"metadata environment {self.path} is open read-only"
+            raise RefcacheError(msg)
+        with self._write_lock:
+            wtxn = WriteTxn(self, self._begin(write=True))
+            try:
+                yield wtxn
+            except BaseException:
+                wtxn._txn.abort()
+                raise
+            self._commit(wtxn)
+            for callback in wtxn._after:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("after-commit callback %r failed", callback)
+
+    def _commit(self, wtxn: WriteTxn) -> None:
+        try:
+            wtxn._txn.commit()
+        except lmdb.MapFullError:
+            wtxn._txn.abort()
+            self._regrow(wtxn)
+            self._commit(wtxn)
+        except lmdb.Error as exc:
+            wtxn._txn.abort()
+            msg = f"metadata commit in {self.path} failed: {exc}"
+            raise _wrap_disk_error(msg, exc) from exc
+
+    def _regrow(self, wtxn: WriteTxn) -> bool:
+        """Grows the map and replays every logged write of ``wtxn`` in a new transaction.
+
+        Runs with :attr:`_write_lock` held and ``wtxn``'s old transaction aborted, so no other
+        writer of this process saw or changed anything in between: the replay is exact.
+        Returns the result of the last replayed write.
+        """
+        while True:
+            self._grow()
+            wtxn._txn = self._begin(write=True)
+            try:
+                return wtxn._replay()
+            except lmdb.MapFullError:
+                wtxn._txn.abort()
+
+    def _grow(self) -> None:
+        current = int(self._env.info()["map_size"])
+        new = current * 2
+        if new > self._max_map_size:
+            msg = (
+                f"metadata map in {self.path} is full at {current} bytes and may not grow past "
+                f"{self._max_map_size}"
+            )
+            raise StoreFullError(msg)
+        with self._gate:
+            self._growing = True
+            try:
+                while self._readers:
+                    self._gate.wait()
+                self._env.set_mapsize(new)
+            finally:
+                self._growing = False
+                self._gate.notify_all()
+        logger.info("metadata map in %s grown from %d to %d bytes", self.path, current, new)
+
+    def _begin(self, *, write: bool) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size (LMDB's documented remedy).
+            self._env.set_mapsize(0)
+            return self._env.begin(write=write)
+        except lmdb.Error as exc:
+            msg = f"cannot begin a metadata transaction in {self.path}: {exc}"
+            raise RefcacheError(msg) from exc
+
+    # -- facts ----------------------------------------------------------------------------
+
+    def map_info(self) -> tuple[int, int]:
+        """Returns ``(map_size, used_bytes)`` of the environment (for metrics)."""
+        info = self._env.info()
+        stat = self._env.stat()
+        used = (int(info["last_pgno"]) + 1) * int(stat["psize"])
+        return int(info["map_size"]), used
+
+
+def _wrap_disk_error(message: str, exc: lmdb.Error) -> RefcacheError:
+    if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
+        return StoreFullError(message)
+    return RefcacheError(message)
