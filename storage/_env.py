@@ -137,13 +137,14 @@ class WriteTxn(ReadTxn):
     :meth:`delete_prefix` change data.
     """
 
-    __slots__ = ("_after", "_log", "_replaying")
+    __slots__ = ("_after", "_log", "_replaying", "_rollback")
 
     def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
         super().__init__(env, txn)
         self._replaying = False
         self._log: list[tuple[bool, str, bytes, bytes]] = []
         self._after: list[Callable[[], object]] = []
+        self._rollback: list[Callable[[], object]] = []
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         """Stores ``value`` under ``key`` in ``db`` (overwriting)."""
@@ -180,6 +181,20 @@ class WriteTxn(ReadTxn):
         crash in between leaves only orphan files that ``open`` or ``check --fix`` removes.
         """
         self._after.append(callback)
+
+    def after_rollback(self, callback: Callable[[], object]) -> None:
+        """Runs ``callback`` if this transaction rolls back (never if it commits).
+
+        Used to remove files staged for a transaction that did not happen.
+        """
+        self._rollback.append(callback)
+
+    def _rolled_back(self) -> None:
+        for callback in self._rollback:
+            try:
+                callback()
+            except Exception:
+                logger.exception("after-rollback callback %r failed", callback)
 
     def _apply(self, is_put: bool, db: str, key: bytes, value: bytes) -> bool:
         handle = self._env.handle(db)
@@ -376,8 +391,13 @@ class MetaEnv:
                 yield wtxn
             except BaseException:
                 wtxn._txn.abort()
+                wtxn._rolled_back()
                 raise
-            self._commit(wtxn)
+            try:
+                self._commit(wtxn)
+            except BaseException:
+                wtxn._rolled_back()
+                raise
             for callback in wtxn._after:
                 try:
                     callback()

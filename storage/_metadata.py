@@ -427,8 +427,8 @@ class StorageItem:
             # A new record (the common case when a batch creates records): no old indexes.
             stored_fields = {n: v for n, (v, _) in queue.items() if v is not None}
             stored_indexes = {n: i for n, (_, i) in queue.items() if i is not None}
-            for index in stored_indexes.values():
-                txn.put(DB_INDEX, _index_key(index, rid), b"")
+            for new_index in stored_indexes.values():
+                txn.put(DB_INDEX, _index_key(new_index, rid), b"")
         else:
             stored_fields, stored_indexes = _decode(rid, raw)
             for name, (value, index) in queue.items():
