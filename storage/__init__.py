@@ -3,6 +3,11 @@
 Never imports pykka or ``actors``: everything here is plain, synchronous and thread-safe.
 """
 
+from storage._applier import Applier, TarApplier
+from storage._archive import ApplyResult, apply_tar, detect_compression, write_diff
+from storage._check import check, repair
+from storage._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
+from storage._differ import Differ, WalkingDiffer
 from storage._env import (
     DB_CONTENT,
     DB_EXTERNAL,
@@ -29,6 +34,9 @@ from storage._errors import (
     RefcacheError,
     StoreFullError,
 )
+from storage._filters import Filter, parse_filters
+from storage._gc import GCStats, collect
+from storage._leases import Lease, LeaseManager, LmdbLeaseManager, Resource
 from storage._metadata import (
     EXTERNAL_FILELIST,
     INDEX_BLOB_CHAIN,
@@ -62,6 +70,10 @@ from storage._metadata import (
     StorageItem,
     validate_record_id,
 )
+from storage._mount import local_mount, probe_overlay, readonly_mounts
+from storage._native import NativeSnapshotter
+from storage._overlay import OverlaySnapshotter, make_snapshotter
+from storage._snapshotter import Snapshotter
 from storage._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,
@@ -149,4 +161,34 @@ __all__ = [
     "MEDIA_TYPE_OCI_LAYER_GZIP",
     "MEDIA_TYPE_OCI_LAYER_ZSTD",
     "MEDIA_TYPE_DOCKER_LAYER_GZIP",
+    # backends
+    "ContentStore",
+    "ContentWriter",
+    "ContentStatus",
+    "LocalContentStore",
+    "Snapshotter",
+    "NativeSnapshotter",
+    "OverlaySnapshotter",
+    "make_snapshotter",
+    "local_mount",
+    "readonly_mounts",
+    "probe_overlay",
+    "LeaseManager",
+    "LmdbLeaseManager",
+    "Lease",
+    "Resource",
+    "Applier",
+    "TarApplier",
+    "Differ",
+    "WalkingDiffer",
+    "ApplyResult",
+    "apply_tar",
+    "write_diff",
+    "detect_compression",
+    "Filter",
+    "parse_filters",
+    "GCStats",
+    "collect",
+    "check",
+    "repair",
 ]

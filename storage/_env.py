@@ -31,10 +31,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lmdb
 import msgpack
@@ -241,6 +242,19 @@ class MetaEnv:
         NotFoundError-like RefcacheError: a read-only open of a missing environment.
     """
 
+    #: Environments open in this process, by real path (LMDB allows one handle per process).
+    _open: ClassVar[weakref.WeakValueDictionary[str, MetaEnv]] = weakref.WeakValueDictionary()
+    _open_lock = threading.Lock()
+
+    @classmethod
+    def lookup(cls, path: str | os.PathLike[str]) -> MetaEnv | None:
+        """The environment at ``path`` if this process has it open, else ``None``."""
+        with cls._open_lock:
+            env = cls._open.get(os.path.realpath(path))
+        if env is None or env._closed:
+            return None
+        return env
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -277,6 +291,7 @@ class MetaEnv:
         except lmdb.Error as exc:
             msg = f"cannot open metadata environment {self.path}: {exc}"
             raise RefcacheError(msg) from exc
+        self._closed = False
         try:
             self._open_dbs()
             self._check_schema()
@@ -284,6 +299,8 @@ class MetaEnv:
             # LMDB allows one open handle per environment and process: never leak one.
             self._env.close()
             raise
+        with MetaEnv._open_lock:
+            MetaEnv._open[os.path.realpath(self.path)] = self
 
     def _open_dbs(self) -> None:
         self._dbs: dict[str, Any] = {}
@@ -304,6 +321,11 @@ class MetaEnv:
 
     def close(self) -> None:
         """Closes the environment. Safe to call twice."""
+        self._closed = True
+        with MetaEnv._open_lock:
+            key = os.path.realpath(self.path)
+            if MetaEnv._open.get(key) is self:
+                del MetaEnv._open[key]
         self._env.close()
 
     def __enter__(self) -> MetaEnv:
@@ -329,9 +351,7 @@ class MetaEnv:
     def _check_schema(self) -> None:
         with self.read_txn() as txn:
             raw = txn.get(DB_INFO, _SCHEMA_KEY) if self._dbs.get(DB_INFO) is not None else None
-            has_records = (
-                self._dbs.get(DB_RECORDS) is not None and txn.count(DB_RECORDS) > 0
-            )
+            has_records = self._dbs.get(DB_RECORDS) is not None and txn.count(DB_RECORDS) > 0
         if raw is None:
             if has_records:
                 msg = f"metadata at {self.path} has records but no schema version; not guessing"

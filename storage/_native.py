@@ -56,8 +56,8 @@ class NativeSnapshotter(BaseSnapshotter):
 
     name = "native"
 
-    def __init__(self, root: str | os.PathLike[str], env: MetaEnv) -> None:
-        super().__init__(root, env)
+    def __init__(self, root: str | os.PathLike[str], env: MetaEnv, *, clean: bool = True) -> None:
+        super().__init__(root, env, clean=clean)
 
     def _owns_dir(self, kind: Kind, has_parent: bool) -> bool:
         # containerd native: a view of a parent mounts the parent's directory, nothing new.

@@ -78,9 +78,9 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     name = "overlayfs"
 
-    def __init__(self, root: str | os.PathLike[str], env: MetaEnv) -> None:
+    def __init__(self, root: str | os.PathLike[str], env: MetaEnv, *, clean: bool = True) -> None:
         self._options = overlay_options()
-        super().__init__(root, env)
+        super().__init__(root, env, clean=clean)
 
     def _owns_dir(self, kind: Kind, has_parent: bool) -> bool:
         return True

@@ -991,6 +991,8 @@ class BaseSnapshotter:
         root: The snapshotter root (``<cache root>/snapshots``); snapshot directories live in
             ``root/snapshots``.
         env: The cache's metadata environment.
+        clean: Record the backend name and remove leftovers at open (``False`` for an
+            inspecting view of a cache that is open elsewhere).
 
     Raises:
         FailedPreconditionError: The cache was created with another snapshotter.
@@ -998,7 +1000,7 @@ class BaseSnapshotter:
 
     name: str = ""
 
-    def __init__(self, root: str | os.PathLike[str], env: MetaEnv) -> None:
+    def __init__(self, root: str | os.PathLike[str], env: MetaEnv, *, clean: bool = True) -> None:
         if not isinstance(env, MetaEnv):
             msg = f"env must be a MetaEnv, got {env!r}"
             raise InvalidError(msg)
@@ -1019,7 +1021,9 @@ class BaseSnapshotter:
             raise FailedPreconditionError(msg)
         #: What :meth:`cleanup` removed when the snapshotter was opened.
         self.cleaned: list[Path] = []
-        if not env.readonly:
+        # clean=False: an inspecting view of a cache that another object may be writing
+        # (``storage.check``); it must neither record a name nor remove anything.
+        if clean and not env.readonly:
             self._dirs.mkdir(parents=True, exist_ok=True)
             if stored is None:
                 with env.write_txn() as txn:

@@ -221,3 +221,24 @@ def test_a_second_process_reads_consistent_snapshots_while_the_first_writes(
     env.close()
     assert reader.returncode == 0, err
     assert out.strip() == "consistent 20"
+
+
+def test_after_rollback_callbacks_run_only_when_the_transaction_rolls_back(
+    env: MetaEnv,
+) -> None:
+    events: list[str] = []
+    with env.write_txn() as txn:
+        txn.after_rollback(lambda: events.append("rolled back 1"))
+    assert events == []
+    with pytest.raises(ValueError, match="no"), env.write_txn() as txn:
+        txn.after_rollback(lambda: events.append("rolled back 2"))
+        raise ValueError("no")
+    assert events == ["rolled back 2"]
+
+
+def test_lookup_finds_only_environments_open_in_this_process(tmp_path: Path) -> None:
+    assert MetaEnv.lookup(tmp_path / "meta") is None
+    env = MetaEnv(tmp_path / "meta")
+    assert MetaEnv.lookup(tmp_path / "meta") is env
+    env.close()
+    assert MetaEnv.lookup(tmp_path / "meta") is None
