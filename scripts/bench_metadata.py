@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage._env import MetaEnv  # noqa: E402
-from storage._metadata import (  # noqa: E402
+from storage._env import MetaEnv
+from storage._metadata import (
     INDEX_BLOB_CHAIN,
     INDEX_CHAIN,
     KEY_BLOB,

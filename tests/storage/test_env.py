@@ -134,7 +134,10 @@ def test_a_read_only_environment_refuses_writes(tmp_path: Path) -> None:
 
 
 def test_unknown_database_names_are_a_clear_error(env: MetaEnv) -> None:
-    with pytest.raises(RefcacheError, match="unknown metadata database 'nope'"), env.read_txn() as txn:
+    with (
+        pytest.raises(RefcacheError, match="unknown metadata database 'nope'"),
+        env.read_txn() as txn,
+    ):
         txn.get("nope", b"k")
 
 

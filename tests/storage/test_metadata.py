@@ -193,7 +193,7 @@ def test_value_of_the_wrong_type_names_record_and_key(store: MetadataStore) -> N
     with pytest.raises(CorruptMetadataError, match=r"'snapshot\.size' of record 'rec'") as info:
         item.get_int(KEY_SIZE)
     assert (info.value.record_id, info.value.key) == ("rec", KEY_SIZE)
-    with pytest.raises(CorruptMetadataError, match="cache.createdAt"):
+    with pytest.raises(CorruptMetadataError, match=r"cache\.createdAt"):
         item.get_int(KEY_CREATED_AT)  # a bool is not an integer here
 
 
