@@ -1,8 +1,20 @@
-"""The actor layer of refcache: manager and record actors, ref handles, the CLI.
+"""The actor layer of refcache: manager and record actors, ref handles, ``open_cache``.
 
 Re-exports every error class of :mod:`storage`, so that callers catch one hierarchy.
 """
 
+from actors._cache import Cache, open_cache
+from actors._manager import CacheManager, CacheManagerProxy
+from actors._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
+from actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
+from actors._types import (
+    CacheStatistics,
+    DescHandler,
+    PrunePolicy,
+    RecordInfo,
+    Remote,
+    UsageInfo,
+)
 from storage import (
     AlreadyExistsError,
     CorruptMetadataError,
@@ -19,6 +31,33 @@ from storage import (
 )
 
 __all__ = [
+    # opening
+    "open_cache",
+    "Cache",
+    "CacheManager",
+    "CacheManagerProxy",
+    # handles
+    "ImmutableRef",
+    "MutableRef",
+    "RefList",
+    "RefMetadata",
+    "Mountable",
+    # values
+    "Descriptor",
+    "DescHandler",
+    "Mount",
+    "RecordInfo",
+    "UsageInfo",
+    "PrunePolicy",
+    "Remote",
+    "CacheStatistics",
+    # runtime
+    "ActorPool",
+    "PooledActor",
+    "PoolStats",
+    "current_pool",
+    "default_pool",
+    # errors
     "RefcacheError",
     "NotFoundError",
     "LockedError",
@@ -29,6 +68,4 @@ __all__ = [
     "CorruptMetadataError",
     "NeedsRemoteProviderError",
     "StoreFullError",
-    "Descriptor",
-    "Mount",
 ]

@@ -1,0 +1,203 @@
+"""``open_cache``: the one wiring function (ordered start, reverse stop in ``finally``).
+
+Open order: lock file -> metadata environment -> snapshotter -> content store -> leases
+(temporary leases from an earlier run deleted) -> load the record table -> record actor pool
+-> manager actor -> ping. :meth:`Cache.close` stops them in reverse and stops only this
+cache's actors.
+
+One process writes a cache at a time: ``open_cache`` takes an exclusive ``flock`` on
+``<root>/lock`` (a second writer gets :class:`LockedError` at once). Read-only tools (``refcache
+du``/``inspect``/``check``) open the metadata read-only and need no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any, Self, cast
+
+import pykka
+
+from actors._core import CacheCore, get_result
+from actors._load import LoadReport, load_records
+from actors._manager import CacheManager, CacheManagerProxy
+from actors._runtime import ActorPool
+from storage import LockedError, MetadataStore, MetaEnv, RefcacheError
+from storage._content import LocalContentStore
+from storage._leases import LmdbLeaseManager
+from storage._overlay import make_snapshotter
+from storage._snapshotter import Snapshotter
+
+__all__ = ["Cache", "open_cache"]
+
+logger = logging.getLogger(__name__)
+
+
+class Cache:
+    """An open cache: the manager proxy and the backends it was opened with.
+
+    Attributes:
+        root: The cache root directory.
+        manager: Typed Pykka proxy of the manager actor (methods return futures).
+        metadata: Record metadata store.
+        content: Content store.
+        snapshotter: Snapshotter.
+        leases: Lease manager.
+        load_report: What loading repaired at open.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        core: CacheCore,
+        manager_ref: pykka.ActorRef[CacheManager],
+        lock_fd: int,
+        load_report: LoadReport,
+        owns_pool: bool,
+    ) -> None:
+        self.root = root
+        self._core = core
+        self._manager_ref = manager_ref
+        self.manager = cast(CacheManagerProxy, manager_ref.proxy())
+        self.metadata = core.store
+        self.content = core.content
+        self.snapshotter = core.snapshotter
+        self.leases = core.leases
+        self.env = core.env
+        self.load_report = load_report
+        self._lock_fd = lock_fd
+        self._owns_pool = owns_pool
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r}{', closed' if self._closed else ''})"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stops this cache's actors and closes its stores (reverse of open). Idempotent.
+
+        Handles still open are reported (log + count in the returned log line), not leaked
+        silently: their records stay on disk as they are and load again at the next open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        core = self._core
+        try:
+            with contextlib.suppress(Exception):
+                stats = self.manager.statistics().get(timeout=core.timeout)
+                if stats.open_handles:
+                    logger.warning(
+                        "closing cache %s with %d open handles", self.root, stats.open_handles
+                    )
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._manager_ref.stop(timeout=core.timeout)
+        finally:
+            core.closed = True
+            core.executor.shutdown(wait=True, cancel_futures=True)
+            core.writer.close()
+            if self._owns_pool:
+                core.pool.shutdown(timeout=core.timeout)
+            with contextlib.suppress(Exception):
+                core.snapshotter.close()
+            core.env.close()
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+
+
+def open_cache(
+    root: str | os.PathLike[str],
+    *,
+    snapshotter: str = "auto",
+    pool: ActorPool | None = None,
+    pool_workers: int = 2,
+    io_workers: int = 4,
+    timeout: float = 300.0,
+    map_size: int = 1 << 30,
+    **options: Any,
+) -> Cache:
+    """Opens (creating if needed) the embedded cache under ``root``.
+
+    Args:
+        root: Cache directory: ``meta/`` (LMDB), ``content/``, ``snapshots/``.
+        snapshotter: ``"auto"`` (overlay when a probe mount works, else native),
+            ``"native"`` or ``"overlay"``.
+        pool: Record actor pool to share with other caches (default: one of its own).
+        pool_workers: Worker threads of the cache's own pool.
+        io_workers: Threads of the I/O executor (snapshot copies, merges, sizes, prune).
+        timeout: Seconds any internal wait may take before it is reported as an error.
+        map_size: Initial LMDB map size (it grows on demand).
+        **options: Reserved for future options; unknown ones are rejected.
+
+    Raises:
+        LockedError: another process has the cache open for writing.
+        InvalidError / RefcacheError: bad arguments or unreadable stores.
+    """
+    if options:
+        msg = f"unknown open_cache options: {', '.join(sorted(options))}"
+        raise RefcacheError(msg)
+    root_path = Path(root)
+    root_path.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(root_path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(lock_fd)
+        msg = f"cache {root_path} is open in another process"
+        raise LockedError(msg) from exc
+    stack = contextlib.ExitStack()
+    try:
+        env = MetaEnv(root_path / "meta", map_size=map_size)
+        stack.callback(env.close)
+        sn: Snapshotter = make_snapshotter(snapshotter, root_path, env)
+        stack.callback(sn.close)
+        content = LocalContentStore(root_path / "content", env)
+        leases = LmdbLeaseManager(env)
+        removed = leases.delete_temporary()
+        if removed:
+            logger.info("deleted %d temporary leases left from the last run", removed)
+        entries, report = load_records(env, MetadataStore(env), sn, leases)
+        own_pool = pool is None
+        actor_pool = (
+            pool if pool is not None else ActorPool(workers=pool_workers, name="refcache-records")
+        )
+        if own_pool:
+            stack.callback(actor_pool.shutdown)
+        core = CacheCore(
+            root=root_path,
+            env=env,
+            snapshotter=sn,
+            content=content,
+            leases=leases,
+            pool=actor_pool,
+            io_workers=io_workers,
+            timeout=timeout,
+        )
+        stack.callback(core.writer.close)
+        stack.callback(core.executor.shutdown)
+        manager_ref = CacheManager.start(core, entries)
+        core.manager = manager_ref
+        get_result(manager_ref.ask(("ping",), block=False), timeout, "cache manager start")
+        cache = Cache(root_path, core, manager_ref, lock_fd, report, own_pool)
+    except BaseException:
+        stack.close()
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+        raise
+    stack.pop_all()
+    return cache

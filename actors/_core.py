@@ -1,0 +1,238 @@
+"""Services shared by the manager, the record actors and the ref handles of one cache.
+
+A :class:`CacheCore` holds no record state: only the stores (thread-safe), the record actor
+pool, the I/O executor, the statistics writer, single-flight groups and a few counters. The
+counters are the only mutable state here and each is guarded by its own lock (they live
+outside every actor, as Pykka's ``ActorRegistry`` does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pykka
+
+from actors._runtime import ActorPool
+from actors._writer import MetadataWriter
+from storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
+
+if TYPE_CHECKING:
+    from storage._content import LocalContentStore
+    from storage._leases import LmdbLeaseManager
+    from storage._snapshotter import Snapshotter
+
+__all__ = ["LATENCY_BUCKETS", "CacheCore", "SingleFlight", "ask", "get_result"]
+
+T = TypeVar("T")
+
+#: Upper bounds (seconds) of the operation latency histogram buckets (Prometheus style).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+def get_result(future: Any, timeout: float, what: str) -> Any:
+    """Waits for a Pykka or concurrent future, unwrapping nested futures.
+
+    Raises:
+        RefcacheError: the answer did not come within ``timeout`` (naming ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    value = future
+    while isinstance(value, pykka.Future | Future):
+        remaining = max(deadline - time.monotonic(), 0.0)
+        try:
+            if isinstance(value, pykka.Future):
+                value = value.get(timeout=remaining)
+            else:
+                value = value.result(timeout=remaining)
+        except (pykka.Timeout, TimeoutError) as exc:
+            msg = f"{what} did not finish within {timeout:g} s"
+            raise RefcacheError(msg) from exc
+    return value
+
+
+def ask(actor: pykka.ActorRef[Any], message: tuple[Any, ...], timeout: float, what: str) -> Any:
+    """Asks ``actor`` and waits (with a timeout) for the answer, unwrapping nested futures."""
+    return get_result(actor.ask(message, block=False), timeout, what)
+
+
+class SingleFlight:
+    """Concurrent calls with the same key share one computation (BuildKit ``flightcontrol``).
+
+    The computation runs in the thread of the first caller; the others wait for its result.
+    The table lives outside every actor and is guarded by a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, Future[Any]] = {}
+
+    def do(self, key: str, fn: Callable[[], T], *, timeout: float = 3600.0) -> T:
+        """Runs ``fn`` once for all concurrent callers with ``key``; returns its result."""
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if call is None:
+                call = Future()
+                self._calls[key] = call
+        if not leader:
+            return get_result(call, timeout, f"waiting for {key}")
+        try:
+            result = fn()
+        except BaseException as exc:
+            with self._lock:
+                self._calls.pop(key, None)
+            call.set_exception(exc)
+            raise
+        with self._lock:
+            self._calls.pop(key, None)
+        call.set_result(result)
+        return result
+
+
+@dataclass
+class _Counters:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    double_releases: int = 0
+    operations: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency_sum: dict[str, float] = field(default_factory=dict)
+    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
+
+
+class CacheCore:
+    """The services of one open cache (see the module docstring).
+
+    Args:
+        root: The cache root directory.
+        env: The metadata environment.
+        snapshotter: The snapshotter.
+        content: The content store.
+        leases: The lease manager.
+        pool: Record actor pool (owned by the cache).
+        io_workers: Threads of the I/O executor.
+        timeout: Default timeout of every wait on an actor or a job.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        env: MetaEnv,
+        snapshotter: Snapshotter,
+        content: LocalContentStore,
+        leases: LmdbLeaseManager,
+        pool: ActorPool,
+        io_workers: int = 4,
+        timeout: float = 300.0,
+    ) -> None:
+        self.root = root
+        self.env = env
+        self.store = MetadataStore(env)
+        self.snapshotter = snapshotter
+        self.content = content
+        self.leases = leases
+        self.pool = pool
+        self.timeout = timeout
+        self.writer = MetadataWriter(self.store)
+        self.executor = ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="refcache-io")
+        self.flights = SingleFlight()
+        self.manager: pykka.ActorRef[Any] | None = None
+        self.closed = False
+        self._handle_ids = itertools.count(1)
+        self._counters = _Counters()
+        self.token = object()  # identifies handles of this cache
+
+    # -- ids and counters --------------------------------------------------------------------
+
+    def next_handle_id(self) -> int:
+        """A process-unique handle id (``itertools.count`` is atomic under the GIL)."""
+        return next(self._handle_ids)
+
+    def count_double_release(self) -> None:
+        """Counts a release of an already released (or consumed) handle."""
+        with self._counters.lock:
+            self._counters.double_releases += 1
+
+    def observe(self, operation: str, result: str, seconds: float) -> None:
+        """Records one operation outcome and its latency for :class:`CacheStatistics`."""
+        c = self._counters
+        with c.lock:
+            key = (operation, result)
+            c.operations[key] = c.operations.get(key, 0) + 1
+            c.latency_sum[operation] = c.latency_sum.get(operation, 0.0) + seconds
+            buckets = c.latency_buckets.get(operation)
+            if buckets is None:
+                buckets = c.latency_buckets[operation] = [0] * len(LATENCY_BUCKETS)
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+
+    @contextmanager
+    def timed(self, operation: str) -> Iterator[None]:
+        """Times the block as ``operation`` with result ``ok`` or the error class name."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            self.observe(operation, type(exc).__name__, time.perf_counter() - start)
+            raise
+        self.observe(operation, "ok", time.perf_counter() - start)
+
+    def counters(
+        self,
+    ) -> tuple[int, dict[tuple[str, str], int], dict[str, float], dict[str, tuple[int, ...]]]:
+        """Returns copies of (double releases, operations, latency sums, latency buckets)."""
+        c = self._counters
+        with c.lock:
+            return (
+                c.double_releases,
+                dict(c.operations),
+                dict(c.latency_sum),
+                {k: tuple(v) for k, v in c.latency_buckets.items()},
+            )
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def manager_ref(self) -> pykka.ActorRef[Any]:
+        """The manager actor, or a clear error once the cache is closed."""
+        if self.manager is None or self.closed:
+            msg = f"cache at {self.root} is closed"
+            raise RefcacheError(msg)
+        return self.manager
+
+    def ask_manager(self, message: tuple[Any, ...]) -> Any:
+        """Asks the manager actor (with this cache's timeout)."""
+        ref = self.manager_ref()
+        try:
+            return ask(ref, message, self.timeout, f"cache manager {message[0]!r}")
+        except pykka.ActorDeadError as exc:
+            msg = f"cache at {self.root} is closed"
+            raise RefcacheError(msg) from exc
+
+    def check_owner(self, token: object, what: str) -> None:
+        """Raises :class:`InvalidError` when a handle belongs to another cache."""
+        if token is not self.token:
+            msg = f"{what} belongs to another cache than {self.root}"
+            raise InvalidError(msg)

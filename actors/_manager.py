@@ -1,0 +1,1265 @@
+"""The cache manager actor: the record table and every operation on more than one record.
+
+BuildKit's ``cm.mu`` made into a mailbox. The :class:`CacheManager` (a ``ThreadingActor``, its
+own thread) owns the record table (``id -> RecordEntry``), record creation and removal, the
+counted holds that child records keep on their parents, equal-pair links, and the global
+operations: ``get``, ``get_mutable``, ``new``, ``merge``, ``diff``, ``search``,
+``disk_usage``, ``prune``, ``statistics``.
+
+Records at rest are data: a compact :class:`RecordEntry` here plus their LMDB metadata. A
+record's *actor* (:mod:`actors._record`) exists only while something needs it (handles, a
+mount, a size computation) and is passivated when idle (a small LRU of idle actors is kept
+to make get+release of unreferenced records cheap).
+
+Message discipline (DESIGN.md): the manager asks record actors (records never ask back);
+slow work — snapshot copies, merges, size walks, prune deletions, GC — runs on the I/O
+executor or in the calling thread, and the manager finishes with a follow-up message. A
+public method that needs such work returns a future; the manager's futures flatten nested
+futures, so ``manager.new().get()`` returns the ref itself.
+
+Refcount model: a record's refcount is its user handles (held in the record actor) plus
+``holders``, the counted handles that child records hold on it (BuildKit's ``parentRefs``:
+every record owns one handle per parent slot; ``Diff(a, a)`` holds ``a`` twice). The holds of
+records at rest are kept here, so a parent does not need an actor while its children rest.
+Removal releases a record's holds one parent at a time, by the manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import string
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from datetime import timedelta
+from typing import Any
+
+import pykka
+from pykka import ThreadingFuture
+
+from actors._core import CacheCore, ask, get_result
+from actors._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
+from actors._refs import ImmutableRef, MutableRef, finalize_record, snapshot_usage
+from actors._types import CacheStatistics, PrunePolicy, RecordInfo, RecordKind, UsageInfo
+from storage import (
+    KEY_BLOB,
+    KEY_BLOB_CHAIN_ID,
+    KEY_BLOB_ONLY,
+    KEY_CACHE_POLICY,
+    KEY_CHAIN_ID,
+    KEY_COMMITTED,
+    KEY_CREATED_AT,
+    KEY_DELETED,
+    KEY_DESCRIPTION,
+    KEY_DIFF_ID,
+    KEY_EQUAL_MUTABLE,
+    KEY_LAST_USED_AT,
+    KEY_LOWER_DIFF_PARENT,
+    KEY_MEDIA_TYPE,
+    KEY_MERGE_PARENTS,
+    KEY_PARENT,
+    KEY_RECORD_TYPE,
+    KEY_SIZE,
+    KEY_SNAPSHOT,
+    KEY_UPPER_DIFF_PARENT,
+    KEY_USAGE_COUNT,
+    FailedPreconditionError,
+    InvalidError,
+    LockedError,
+    NotFoundError,
+    RefcacheError,
+    StorageItem,
+    WriteTxn,
+)
+from storage._filters import parse_filters
+from storage._gc import collect
+from storage._leases import Resource
+
+__all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry", "new_id"]
+
+logger = logging.getLogger(__name__)
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+IDLE_ACTORS = 256  #: idle record actors kept activated (LRU) before passivation
+PRUNE_BATCH = 256  #: records marked dead per prune message (bounds the manager's pause)
+
+
+def new_id() -> str:
+    """A random 25-character record id, as BuildKit's ``identity.NewID``."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+
+
+class FlatteningFuture(ThreadingFuture[Any]):
+    """A reply future that unwraps futures returned by a handler (for deferred replies)."""
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        """Returns the final value, waiting for nested futures within ``timeout`` overall."""
+        value = super().get(timeout=timeout)
+        if isinstance(value, pykka.Future | Future):
+            try:
+                return get_result(value, 1e9 if timeout is None else timeout, "deferred reply")
+            except RefcacheError as exc:
+                if isinstance(exc.__cause__, pykka.Timeout | TimeoutError):
+                    raise pykka.Timeout(str(exc)) from exc
+                raise
+        return value
+
+
+class RecordEntry:
+    """One record of the table (manager-owned; records at rest are only this and LMDB)."""
+
+    __slots__ = (
+        "actor",
+        "blob",
+        "blob_chain_id",
+        "blob_only",
+        "chain_id",
+        "created_at",
+        "dead",
+        "description",
+        "diff_id",
+        "equal_immutable",
+        "equal_mutable",
+        "finalizing",
+        "holders",
+        "id",
+        "kind",
+        "last_used_at",
+        "media_type",
+        "mutable",
+        "parents",
+        "record_type",
+        "retain",
+        "size",
+        "snapshot_id",
+        "usage_count",
+    )
+
+    def __init__(self, record_id: str, kind: RecordKind, parents: tuple[str, ...]) -> None:
+        self.id = record_id
+        self.kind: RecordKind = kind
+        self.parents = parents  # layer: (p,); merge: inputs; diff: (lower or "", upper or "")
+        self.mutable = False
+        self.holders = 0
+        self.equal_mutable: str | None = None
+        self.equal_immutable: str | None = None
+        self.dead = False
+        self.retain = False
+        self.snapshot_id = record_id
+        self.description = ""
+        self.created_at = 0
+        self.last_used_at: int | None = None
+        self.usage_count = 0
+        self.record_type = ""
+        self.size = SIZE_UNKNOWN
+        self.blob = ""
+        self.blob_only = False
+        self.diff_id = ""
+        self.chain_id = ""
+        self.blob_chain_id = ""
+        self.media_type = ""
+        self.actor: pykka.ActorRef[Any] | None = None
+        self.finalizing: ThreadingFuture[Any] | None = None
+
+    def parent_ids(self) -> tuple[str, ...]:
+        """Parent ids without empty diff slots (for display and walks)."""
+        return tuple(p for p in self.parents if p)
+
+    @classmethod
+    def from_item(cls, item: StorageItem) -> RecordEntry:
+        """Builds an entry from stored metadata (typed reads: corrupt values raise)."""
+        merge = item.get_str_list(KEY_MERGE_PARENTS)
+        lower = item.get_str(KEY_LOWER_DIFF_PARENT)
+        upper = item.get_str(KEY_UPPER_DIFF_PARENT)
+        parent = item.get_str(KEY_PARENT)
+        kind: RecordKind
+        if merge:
+            kind, parents = "merge", tuple(merge)
+        elif lower or upper:
+            kind, parents = "diff", (lower, upper)
+        elif parent:
+            kind, parents = "layer", (parent,)
+        else:
+            kind, parents = "base", ()
+        e = cls(item.id, kind, parents)
+        # Merge and diff records are always immutable (BuildKit #2740 workaround).
+        e.mutable = not item.get_bool(KEY_COMMITTED) and kind in ("base", "layer")
+        e.equal_mutable = item.get_str(KEY_EQUAL_MUTABLE) or None
+        e.retain = item.get_int(KEY_CACHE_POLICY) == 1
+        e.snapshot_id = item.get_str(KEY_SNAPSHOT) or item.id
+        e.description = item.get_str(KEY_DESCRIPTION)
+        e.created_at = item.get_int(KEY_CREATED_AT)
+        e.last_used_at = item.get_int(KEY_LAST_USED_AT) or None
+        e.usage_count = item.get_int(KEY_USAGE_COUNT)
+        e.record_type = item.get_str(KEY_RECORD_TYPE)
+        e.size = item.get_int(KEY_SIZE, SIZE_UNKNOWN)
+        e.blob = item.get_str(KEY_BLOB)
+        e.blob_only = item.get_bool(KEY_BLOB_ONLY)
+        e.diff_id = item.get_str(KEY_DIFF_ID)
+        e.chain_id = item.get_str(KEY_CHAIN_ID)
+        e.blob_chain_id = item.get_str(KEY_BLOB_CHAIN_ID)
+        e.media_type = item.get_str(KEY_MEDIA_TYPE)
+        return e
+
+
+def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:
+    """The metadata keys that store ``parents`` for a record of ``kind``."""
+    if kind == "merge":
+        return {KEY_MERGE_PARENTS: list(parents)}
+    if kind == "diff":
+        return {
+            KEY_LOWER_DIFF_PARENT: parents[0] or None,
+            KEY_UPPER_DIFF_PARENT: parents[1] or None,
+        }
+    if kind == "layer":
+        return {KEY_PARENT: parents[0]}
+    return {}
+
+
+class CacheManager(pykka.ThreadingActor):
+    """The manager actor (see the module docstring). Every method runs on its own thread."""
+
+    use_daemon_thread = True
+
+    def __init__(self, core: CacheCore, entries: dict[str, RecordEntry]) -> None:
+        super().__init__()
+        self.core = core
+        self.entries = entries
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._prune_running = False
+        self._prune_stats = [0, 0, 0.0]  # records, bytes, seconds
+        self._gc_stats = [0, 0]  # runs, bytes
+
+    @staticmethod
+    def _create_future() -> ThreadingFuture[Any]:
+        # Pykka's reply-future hook: replies that are futures are flattened for the caller.
+        return FlatteningFuture()
+
+    # -- message dispatch for handles and jobs -------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """Dispatches ``(operation, *args)`` tuples from handles and jobs to ``_op_<name>``."""
+        handler = getattr(self, "_op_" + message[0], None)
+        if handler is None:
+            msg = f"the cache manager does not understand {message[0]!r}"
+            raise InvalidError(msg)
+        return handler(*message[1:])
+
+    def on_stop(self) -> None:
+        """Stops the record actors of this cache (and only these)."""
+        futures = []
+        for e in self.entries.values():
+            if e.actor is not None:
+                futures.append(e.actor.stop(block=False))
+                e.actor = None
+        for f in futures:
+            with contextlib.suppress(Exception):
+                f.get(timeout=self.core.timeout)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _entry(self, record_id: object) -> RecordEntry:
+        if not isinstance(record_id, str):
+            msg = f"record id must be a string, not {type(record_id).__name__} {record_id!r}"
+            raise InvalidError(msg)
+        e = self.entries.get(record_id)
+        if e is None or e.dead:
+            msg = f"record {record_id!r} not found"
+            raise NotFoundError(msg)
+        return e
+
+    def _ref_entry(self, ref: object, what: str) -> RecordEntry:
+        if not isinstance(ref, ImmutableRef):
+            msg = f"{what} must be an ImmutableRef, not {type(ref).__name__}"
+            raise InvalidError(msg)
+        self.core.check_owner(ref._token, f"{what} {ref.id!r}")
+        if ref._consumed:
+            msg = f"{what} {ref.id!r} was consumed"
+            raise InvalidError(msg)
+        return self._entry(ref.id)
+
+    def _ask(self, actor: pykka.ActorRef[Any], message: tuple[Any, ...]) -> Any:
+        return ask(actor, message, self.core.timeout, f"record {message[0]!r}")
+
+    def _activate(self, e: RecordEntry) -> pykka.ActorRef[Any]:
+        self._idle.pop(e.id, None)
+        if e.actor is None:
+            mount_sid = e.snapshot_id
+            if e.equal_mutable is not None:
+                m = self.entries.get(e.equal_mutable)
+                if m is not None:
+                    mount_sid = m.snapshot_id
+            state = RecordState(
+                e.id, e.mutable, e.snapshot_id, mount_sid, e.usage_count, e.last_used_at, e.size
+            )
+            e.actor = CacheRecord.start_on(self.core.pool, self.core, state)
+        return e.actor
+
+    def _handles(self, e: RecordEntry) -> int:
+        if e.actor is None:
+            return 0
+        return int(self._ask(e.actor, ("count",)))
+
+    def _handle_counts(self) -> dict[str, int]:
+        """Open handles of every active record (asks all first, then collects)."""
+        futures = {
+            rid: e.actor.ask(("count",), block=False)
+            for rid, e in self.entries.items()
+            if e.actor is not None
+        }
+        counts = {}
+        for rid, f in futures.items():
+            try:
+                counts[rid] = int(f.get(timeout=self.core.timeout))
+            except pykka.ActorDeadError:
+                counts[rid] = 0
+        return counts
+
+    def _acquire(self, e: RecordEntry, trigger: bool) -> tuple[str, int, pykka.ActorRef[Any]]:
+        actor = self._activate(e)
+        try:
+            hid = self._ask(actor, ("acquire", trigger))
+        except pykka.ActorDeadError:
+            e.actor = None
+            actor = self._activate(e)
+            hid = self._ask(actor, ("acquire", trigger))
+        return e.id, hid, actor
+
+    def _settle(self, e: RecordEntry) -> Settled | None:
+        """Takes an idle record back from its actor; keeps the actor in the idle LRU."""
+        if e.actor is None:
+            return None
+        try:
+            settled: Settled | None = self._ask(e.actor, ("settle",))
+        except pykka.ActorDeadError:
+            e.actor = None
+            return None
+        if settled is None:
+            return None
+        e.usage_count, e.last_used_at = settled.usage_count, settled.last_used_at
+        if not e.mutable:
+            e.size = settled.size
+        self._idle[e.id] = None
+        while len(self._idle) > IDLE_ACTORS:
+            old_id, _ = self._idle.popitem(last=False)
+            old = self.entries.get(old_id)
+            if old is not None and old.actor is not None:
+                old.actor.stop(block=False)
+                old.actor = None
+        return settled
+
+    def _mutable_locked(self, m: RecordEntry) -> bool:
+        if self._handles(m) > 0:
+            return True
+        if m.equal_immutable is not None:
+            i = self.entries.get(m.equal_immutable)
+            if i is not None and self._handles(i) > 0:
+                return True
+        return False
+
+    def _delete_leases(self, txn: WriteTxn, ids: Iterable[str]) -> None:
+        for lease_id in ids:
+            with contextlib.suppress(NotFoundError):
+                self.core.leases.delete(lease_id, txn=txn)
+
+    def _remove(self, e: RecordEntry, *, remove_snapshot: bool) -> None:
+        """Forgets a record: metadata, leases, actor; releases its holds on its parents."""
+        if self.entries.get(e.id) is not e:
+            return
+        e.dead = True
+        del self.entries[e.id]
+        self._idle.pop(e.id, None)
+        if e.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                e.actor.tell(("kill",))
+            e.actor.stop(block=False)
+            e.actor = None
+        self.core.writer.discard(e.id)
+        with self.core.env.write_txn() as txn:
+            self.core.store.clear(e.id, txn=txn)
+            leases = [e.id + "-view"]
+            if remove_snapshot:
+                leases += [e.id, e.id + "-variants"]
+            self._delete_leases(txn, leases)
+        for parent_id in e.parents:
+            parent = self.entries.get(parent_id) if parent_id else None
+            if parent is not None:
+                parent.holders -= 1
+        if e.equal_mutable is not None:
+            m = self.entries.get(e.equal_mutable)
+            if m is not None and m.equal_immutable == e.id:
+                m.equal_immutable = None
+        if e.equal_immutable is not None:
+            i = self.entries.get(e.equal_immutable)
+            if i is not None and i.equal_mutable == e.id:
+                i.equal_mutable = None
+
+    def _hold(self, ids: Iterable[str]) -> None:
+        for rid in ids:
+            if rid:
+                self.entries[rid].holders += 1
+
+    def _unhold(self, ids: Iterable[str]) -> None:
+        for rid in ids:
+            e = self.entries.get(rid) if rid else None
+            if e is not None:
+                e.holders -= 1
+
+    def _new_entry(
+        self,
+        record_id: str,
+        kind: RecordKind,
+        parents: tuple[str, ...],
+        values: Mapping[str, Any],
+    ) -> RecordEntry:
+        e = RecordEntry(record_id, kind, parents)
+        e.mutable = not values.get(KEY_COMMITTED, False)
+        e.equal_mutable = values.get(KEY_EQUAL_MUTABLE)
+        e.retain = values.get(KEY_CACHE_POLICY) == 1
+        e.snapshot_id = values.get(KEY_SNAPSHOT) or record_id
+        e.description = values.get(KEY_DESCRIPTION) or ""
+        e.created_at = values.get(KEY_CREATED_AT, 0)
+        e.record_type = values.get(KEY_RECORD_TYPE) or ""
+        e.size = values.get(KEY_SIZE, SIZE_UNKNOWN)
+        self.entries[record_id] = e
+        return e
+
+    def _size_snapshot(self, e: RecordEntry) -> str:
+        """The snapshot whose usage is the record's size (an equal mutable's, until finalize)."""
+        if e.equal_mutable is not None and e.equal_mutable in self.entries:
+            return self.entries[e.equal_mutable].snapshot_id
+        return e.snapshot_id
+
+    def _info(self, e: RecordEntry) -> RecordInfo:
+        if e.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                usage_count, last_used_at, size = self._ask(e.actor, ("summary",))
+                e.usage_count, e.last_used_at = usage_count, last_used_at
+                if not e.mutable:
+                    e.size = size
+        return RecordInfo(
+            id=e.id,
+            kind=e.kind,
+            mutable=e.mutable,
+            description=e.description,
+            created_at=e.created_at,
+            last_used_at=e.last_used_at,
+            usage_count=e.usage_count,
+            record_type=e.record_type or "regular",
+            cache_policy="retain" if e.retain else "default",
+            parents=e.parent_ids(),
+            blob=e.blob,
+            blob_only=e.blob_only,
+            diff_id=e.diff_id,
+            chain_id=e.chain_id,
+            blob_chain_id=e.blob_chain_id,
+            snapshot_id=e.snapshot_id,
+            media_type=e.media_type,
+            size=e.size,
+            equal_mutable=e.equal_mutable,
+        )
+
+    # -- public API (proxy methods) -------------------------------------------------------------
+
+    def get(
+        self,
+        id: str,
+        *,
+        update_last_used: bool = True,
+        desc_handlers: Mapping[str, Any] | None = None,
+    ) -> ImmutableRef:
+        """Returns a new handle on an immutable record (see API.md).
+
+        A mutable record that nobody holds is committed implicitly (a handle on its equal
+        immutable, whose id differs, is returned).
+
+        Raises:
+            NotFoundError: unknown or removed id.
+            LockedError: the record is a mutable that is held.
+        """
+        del desc_handlers
+        with self.core.timed("get"):
+            e = self._entry(id)
+            if e.mutable:
+                if self._mutable_locked(e):
+                    msg = f"record {id!r} is locked: a mutable ref on it is open"
+                    raise LockedError(msg)
+                if e.equal_immutable is not None and e.equal_immutable in self.entries:
+                    e = self.entries[e.equal_immutable]
+                else:
+                    e = self._commit_entry(e)
+            rid, hid, actor = self._acquire(e, update_last_used)
+            return ImmutableRef(self.core, rid, hid, actor)
+
+    def get_mutable(self, id: str) -> MutableRef:
+        """Returns the exclusive handle on a mutable record.
+
+        An unreferenced equal immutable is dropped (its id becomes not found).
+
+        Raises:
+            NotFoundError: unknown or removed id.
+            InvalidError: the record is not mutable.
+            LockedError: the mutable, or its equal immutable, is held.
+        """
+        with self.core.timed("get_mutable"):
+            e = self._entry(id)
+            if not e.mutable:
+                msg = f"record {id!r} is not mutable"
+                raise InvalidError(msg)
+            if self._mutable_locked(e):
+                msg = f"record {id!r} is locked: a ref on it or its committed twin is open"
+                raise LockedError(msg)
+            if e.equal_immutable is not None:
+                i = self.entries.get(e.equal_immutable)
+                if i is not None:
+                    self._remove(i, remove_snapshot=False)
+                e.equal_immutable = None
+            rid, hid, actor = self._acquire(e, True)
+            return MutableRef(self.core, rid, hid, actor)
+
+    def new(
+        self,
+        parent: ImmutableRef | None = None,
+        *,
+        retain: bool = False,
+        description: str | None = None,
+        record_type: str | None = None,
+        created_at: int | None = None,
+    ) -> Future[MutableRef]:
+        """Creates a mutable record on ``parent`` (not consumed: the record holds its own).
+
+        The snapshot is prepared off the manager's thread; the reply completes when it is.
+        """
+        if not isinstance(retain, bool):
+            msg = f"retain must be a bool, not {retain!r}"
+            raise InvalidError(msg)
+        for name, value in (("description", description), ("record_type", record_type)):
+            if value is not None and not isinstance(value, str):
+                msg = f"{name} must be a string, not {value!r}"
+                raise InvalidError(msg)
+        if created_at is not None and (
+            not isinstance(created_at, int) or isinstance(created_at, bool) or created_at < 0
+        ):
+            msg = f"created_at must be nanoseconds since the epoch, not {created_at!r}"
+            raise InvalidError(msg)
+        parent_entry = self._ref_entry(parent, "parent") if parent is not None else None
+        record_id = new_id()
+        values: dict[str, Any] = {
+            KEY_CREATED_AT: created_at if created_at is not None else time.time_ns(),
+            KEY_SNAPSHOT: record_id,
+            KEY_CACHE_POLICY: 1 if retain else None,
+            KEY_DESCRIPTION: description or None,
+            KEY_RECORD_TYPE: record_type or None,
+        }
+        parents: tuple[str, ...] = ()
+        if parent_entry is not None:
+            parents = (parent_entry.id,)
+            values[KEY_PARENT] = parent_entry.id
+            self._hold(parents)  # BuildKit clones the parent: the new record holds its own
+        return self.core.executor.submit(self._new_job, record_id, parents, values)
+
+    def _new_job(
+        self, record_id: str, parents: tuple[str, ...], values: dict[str, Any]
+    ) -> MutableRef:
+        # Runs on the I/O executor: finalize the parent, then lease + metadata in one
+        # transaction (a crash after it leaves a mutable without snapshot, which loading
+        # removes), then the snapshot copy outside any transaction.
+        core = self.core
+        try:
+            with core.timed("new"):
+                parent_sid = ""
+                if parents:
+                    finalize_record(core, parents[0])
+                    parent_sid = core.ask_manager(("snapshot_of", parents[0]))
+                sn = core.snapshotter
+                with core.env.write_txn() as txn:
+                    core.leases.create(record_id, flat=True, txn=txn)
+                    core.leases.add_resource(
+                        record_id, Resource(record_id, f"snapshots/{sn.name}"), txn=txn
+                    )
+                    item = core.store.get(record_id)
+                    item.queue_many({k: v for k, v in values.items() if v is not None})
+                    item.commit(txn=txn)
+                try:
+                    sn.prepare(record_id, parent_sid)
+                except BaseException:
+                    with core.env.write_txn() as txn:
+                        core.store.clear(record_id, txn=txn)
+                        with contextlib.suppress(NotFoundError):
+                            core.leases.delete(record_id, txn=txn)
+                    raise
+        except BaseException:
+            with contextlib.suppress(RefcacheError):
+                core.ask_manager(("unhold", parents))
+            raise
+        rid, hid, actor = core.ask_manager(
+            ("register", record_id, "layer" if parents else "base", parents, values)
+        )
+        return MutableRef(core, rid, hid, actor)
+
+    def merge(
+        self, parents: Sequence[ImmutableRef | None]
+    ) -> Future[ImmutableRef | None] | ImmutableRef | None:
+        """Merges refs (``None``s skipped; merge inputs flattened); inputs are not consumed."""
+        if isinstance(parents, ImmutableRef) or not isinstance(parents, Sequence):
+            msg = f"merge takes a sequence of ImmutableRef, not {type(parents).__name__}"
+            raise InvalidError(msg)
+        refs = [p for p in parents if p is not None]
+        entries = [self._ref_entry(p, "merge input") for p in refs]
+        if not entries:
+            return None
+        if len(entries) == 1:
+            rid, hid, actor = self._acquire(entries[0], False)
+            return ImmutableRef(self.core, rid, hid, actor)
+        ids: list[str] = []
+        for e in entries:
+            ids.extend(e.parents if e.kind == "merge" else (e.id,))
+        self._hold(ids)
+        return self.core.executor.submit(self._merge_job, tuple(ids))
+
+    def _merge_job(self, ids: tuple[str, ...]) -> ImmutableRef:
+        core = self.core
+        try:
+            with core.timed("merge"):
+                for rid in dict.fromkeys(ids):
+                    finalize_record(core, rid)
+        except BaseException:
+            with contextlib.suppress(RefcacheError):
+                core.ask_manager(("unhold", ids))
+            raise
+        return self._register_immutable_job("merge", ids, {})
+
+    def _register_immutable_job(
+        self, kind: RecordKind, parents: tuple[str, ...], extra: dict[str, Any]
+    ) -> ImmutableRef:
+        # Runs on the I/O executor: lease + metadata in one transaction, then registration.
+        core = self.core
+        record_id = new_id()
+        values: dict[str, Any] = {
+            KEY_COMMITTED: True,
+            KEY_CREATED_AT: time.time_ns(),
+            KEY_SNAPSHOT: record_id,
+            KEY_SIZE: SIZE_UNKNOWN,
+            **parent_fields(kind, parents),
+            **extra,
+        }
+        try:
+            with core.env.write_txn() as txn:
+                core.leases.create(record_id, flat=True, txn=txn)
+                core.leases.add_resource(
+                    record_id, Resource(record_id, f"snapshots/{core.snapshotter.name}"), txn=txn
+                )
+                item = core.store.get(record_id)
+                item.queue_many({k: v for k, v in values.items() if v is not None})
+                item.commit(txn=txn)
+        except BaseException:
+            with contextlib.suppress(RefcacheError):
+                core.ask_manager(("unhold", parents))
+            raise
+        rid, hid, actor = core.ask_manager(("register", record_id, kind, parents, values))
+        return ImmutableRef(core, rid, hid, actor)
+
+    def diff(self, lower: ImmutableRef | None, upper: ImmutableRef | None) -> Future[ImmutableRef]:
+        """The changes from ``lower`` to ``upper`` (``None``: nothing), as a record.
+
+        When ``lower``'s layer chain is a strict prefix of ``upper``'s and ``upper`` has more
+        than one extra layer, the result is a merge of per-layer diffs (BuildKit).
+
+        Raises:
+            InvalidError: ``lower`` is ``None``.
+        """
+        if lower is None:
+            msg = "lower ref for diff cannot be None"
+            raise InvalidError(msg)
+        low = self._ref_entry(lower, "diff lower")
+        up = self._ref_entry(upper, "diff upper") if upper is not None else None
+        if up is not None:
+            low_chain = self._layer_walk(low)
+            up_chain = self._layer_walk(up)
+            n = len(low_chain)
+            if len(up_chain) > n + 1 and [x.id for x in up_chain[:n]] == [x.id for x in low_chain]:
+                pieces = up_chain[n:]
+                plan: list[tuple[str, str, str]] = []  # (kind, lower, upper) per piece
+                for layer in pieces:
+                    if layer.kind == "layer":
+                        plan.append(("diff", layer.parents[0], layer.id))
+                        self._hold((layer.parents[0], layer.id))
+                    else:
+                        plan.append(("self", "", layer.id))
+                        self._hold((layer.id,))
+                return self.core.executor.submit(self._diff_merge_job, tuple(plan))
+        parents = (low.id, up.id if up is not None else "")
+        self._hold(parents)
+        return self.core.executor.submit(self._diff_job, parents, "")
+
+    def _diff_job(self, parents: tuple[str, str], description: str) -> ImmutableRef:
+        core = self.core
+        try:
+            with core.timed("diff"):
+                for rid in dict.fromkeys(p for p in parents if p):
+                    finalize_record(core, rid)
+        except BaseException:
+            with contextlib.suppress(RefcacheError):
+                core.ask_manager(("unhold", parents))
+            raise
+        extra = {KEY_DESCRIPTION: description} if description else {}
+        return self._register_immutable_job("diff", parents, extra)
+
+    def _diff_merge_job(self, plan: tuple[tuple[str, str, str], ...]) -> ImmutableRef:
+        core = self.core
+        pieces: list[ImmutableRef] = []
+        try:
+            for i, (kind, low, up) in enumerate(plan):
+                if kind == "diff":
+                    pieces.append(self._diff_job((low, up), f'diff "{low}" -> "{up}"'))
+                else:
+                    rid, hid, actor = core.ask_manager(("clone", up))
+                    core.ask_manager(("unhold", (up,)))
+                    pieces.append(ImmutableRef(core, rid, hid, actor))
+                del i
+            ids = tuple(p.id for p in pieces)
+            core.ask_manager(("hold", ids))
+            merged = self._merge_job(ids)
+        except BaseException:
+            done = len(pieces)
+            for kind, low, up in plan[done:]:
+                with contextlib.suppress(RefcacheError):
+                    core.ask_manager(("unhold", (low, up) if kind == "diff" else (up,)))
+            raise
+        finally:
+            for piece in pieces:
+                with contextlib.suppress(RefcacheError):
+                    piece.release()
+        return merged
+
+    def search(self, index: str, *, prefix: bool = False) -> list[RecordInfo]:
+        """Records in the metadata index ``index`` (exact, or every index with that prefix)."""
+        items = self.core.store.search(index, prefix=prefix)
+        out = []
+        for item in items:
+            e = self.entries.get(item.id)
+            if e is not None and not e.dead:
+                out.append(self._info(e))
+        return out
+
+    def statistics(self) -> CacheStatistics:
+        """One consistent snapshot of the cache for metrics (see :class:`CacheStatistics`)."""
+        counts = self._handle_counts()
+        by_kind: dict[str, int] = dict.fromkeys(("base", "layer", "merge", "diff"), 0)
+        bytes_by_kind: dict[str, int] = dict.fromkeys(("base", "layer", "merge", "diff"), 0)
+        mutable = lazy = in_use = handles = reclaimable = 0
+        detail = []
+        for e in self.entries.values():
+            by_kind[e.kind] += 1
+            mutable += e.mutable
+            lazy += e.blob_only
+            n = counts.get(e.id, 0)
+            handles += n
+            refs = n + e.holders
+            in_use += n > 0
+            size = max(e.size, 0)
+            bytes_by_kind[e.kind] += size
+            if refs == 0:
+                reclaimable += size
+            detail.append((e.id, n, size))
+        detail.sort(key=lambda d: (d[1] == 0, d[0]))
+        doubles, ops, lat_sum, lat_buckets = self.core.counters()
+        map_size, used = self.core.env.map_info()
+        total = len(self.entries)
+        return CacheStatistics(
+            records=total,
+            records_by_kind=by_kind,
+            mutable=mutable,
+            immutable=total - mutable,
+            lazy=lazy,
+            in_use=in_use,
+            dead=0,
+            open_handles=handles,
+            bytes_by_kind=bytes_by_kind,
+            reclaimable_bytes=reclaimable,
+            active_actors=sum(1 for e in self.entries.values() if e.actor is not None),
+            pool_workers=self.core.pool.workers,
+            operations=ops,
+            latency_sum_seconds=lat_sum,
+            latency_buckets=lat_buckets,
+            prune_records_total=int(self._prune_stats[0]),
+            prune_bytes_total=int(self._prune_stats[1]),
+            prune_seconds_total=float(self._prune_stats[2]),
+            gc_runs_total=self._gc_stats[0],
+            gc_bytes_total=self._gc_stats[1],
+            double_releases_total=doubles,
+            lmdb_map_size_bytes=map_size,
+            lmdb_used_bytes=used,
+            records_detail=tuple(detail),
+        )
+
+    # -- disk usage and prune ---------------------------------------------------------------
+
+    def disk_usage(
+        self, filters: Sequence[str] = (), *, age_limit: timedelta | None = None
+    ) -> list[UsageInfo] | Future[list[UsageInfo]]:
+        """One row per visible record (BuildKit ``DiskUsage``); unknown sizes computed off-thread.
+
+        Raises:
+            InvalidError: a malformed filter.
+        """
+        if isinstance(filters, str):
+            filters = (filters,)
+        flt = parse_filters(*filters)
+        rows = self._usage_rows()
+        cutoff = time.time_ns() - int(age_limit.total_seconds() * 1e9) if age_limit else None
+        selected = []
+        for row in rows:
+            if not flt.match(_usage_adaptor(row)):
+                continue
+            if cutoff is not None and row.last_used_at is not None and row.last_used_at > cutoff:
+                continue
+            selected.append(row)
+        unknown = [r.id for r in selected if r.size == SIZE_UNKNOWN]
+        if not unknown:
+            return selected
+        sids = {rid: self._size_snapshot(self.entries[rid]) for rid in unknown}
+        return self.core.executor.submit(self._usage_sizes_job, selected, sids)
+
+    def _usage_sizes_job(self, rows: list[UsageInfo], sids: dict[str, str]) -> list[UsageInfo]:
+        sizes = {rid: snapshot_usage(self.core, sid) for rid, sid in sids.items()}
+        self.core.ask_manager(("sizes", sizes))
+        out = []
+        for r in rows:
+            if r.id in sizes:
+                r = UsageInfo(**{**_row_dict(r), "size": sizes[r.id]})  # noqa: PLW2901
+            out.append(r)
+        return out
+
+    def _usage_rows(self) -> list[UsageInfo]:
+        counts = self._handle_counts()
+        refs = {rid: counts.get(rid, 0) + e.holders for rid, e in self.entries.items()}
+        visible: dict[str, RecordEntry] = {}
+        for rid, e in self.entries.items():
+            if e.equal_immutable is not None and refs.get(e.equal_immutable, 0) > 0:
+                continue
+            if e.equal_mutable is not None and refs[rid] == 0:
+                continue
+            visible[rid] = e
+        # In use: propagate from unreferenced children (a chain held only by unreferenced
+        # records is reclaimable). Parents missing from the table are skipped (#7154).
+        adjusted = {rid: refs[rid] for rid in visible}
+        work = list(visible)
+        while work:
+            rid = work.pop()
+            if adjusted.get(rid, 1) != 0:
+                continue
+            e = visible[rid]
+            adjusted[rid] = -1  # processed
+            step = 2 if e.equal_immutable is not None else 1
+            for p in e.parents:
+                if p in adjusted and adjusted[p] > 0:
+                    adjusted[p] = max(adjusted[p] - step, 0)
+                    if adjusted[p] == 0:
+                        work.append(p)
+        rows = []
+        for rid, e in visible.items():
+            in_use = adjusted[rid] > 0
+            size = e.size
+            if e.mutable and counts.get(rid, 0) > 0:
+                size = 0  # still changing
+            elif e.mutable and e.size == SIZE_UNKNOWN:
+                size = SIZE_UNKNOWN
+            rows.append(
+                UsageInfo(
+                    id=rid,
+                    mutable=e.mutable,
+                    in_use=in_use,
+                    size=size,
+                    created_at=e.created_at,
+                    last_used_at=e.last_used_at,
+                    usage_count=e.usage_count,
+                    parents=e.parent_ids(),
+                    description=e.description,
+                    record_type=e.record_type or "regular",
+                    shared=False,
+                )
+            )
+        return rows
+
+    def prune(self, *policies: PrunePolicy) -> Future[list[UsageInfo]]:
+        """Deletes unreferenced records by each policy in turn, then collects garbage.
+
+        No policy means one that deletes everything unreferenced. Records are marked dead and
+        ``cache.deleted`` is persisted before any file work; deletions and GC run off the
+        manager's thread, in batches, so other operations keep being served.
+
+        Raises:
+            InvalidError: a malformed policy or filter.
+        """
+        if not policies:
+            policies = (PrunePolicy(all=True),)
+        for p in policies:
+            if not isinstance(p, PrunePolicy):
+                msg = f"prune takes PrunePolicy values, not {type(p).__name__}"
+                raise InvalidError(msg)
+            parse_filters(*p.filters)
+        if self._prune_running:
+            msg = "a prune is already running on this cache"
+            raise FailedPreconditionError(msg)
+        self._prune_running = True
+        return self.core.executor.submit(self._prune_job, policies)
+
+    def _prune_job(self, policies: tuple[PrunePolicy, ...]) -> list[UsageInfo]:
+        core = self.core
+        start = time.perf_counter()
+        deleted: list[UsageInfo] = []
+        try:
+            with core.timed("prune"):
+                for policy in policies:
+                    while True:
+                        batch = core.ask_manager(("prune_select", policy))
+                        if not batch:
+                            break
+                        deleted.extend(batch)
+                stats = collect(
+                    core.env, content=core.content, snapshotter=core.snapshotter, leases=core.leases
+                )
+                core.ask_manager(("gc_done", stats.bytes_freed))
+        finally:
+            core.ask_manager(
+                (
+                    "prune_done",
+                    len(deleted),
+                    sum(max(r.size, 0) for r in deleted),
+                    time.perf_counter() - start,
+                )
+            )
+        return deleted
+
+    # -- internal operations (from handles and jobs) --------------------------------------
+
+    def _op_ping(self) -> bool:
+        return True
+
+    def _op_register(
+        self, record_id: str, kind: RecordKind, parents: tuple[str, ...], values: dict[str, Any]
+    ) -> tuple[str, int, pykka.ActorRef[Any]]:
+        e = self._new_entry(record_id, kind, parents, values)
+        return self._acquire(e, True)
+
+    def _op_hold(self, ids: tuple[str, ...]) -> None:
+        self._hold(ids)
+
+    def _op_unhold(self, ids: tuple[str, ...]) -> None:
+        self._unhold(ids)
+
+    def _op_snapshot_of(self, record_id: str) -> str:
+        return self._entry(record_id).snapshot_id
+
+    def _op_actor_of(self, record_id: str) -> pykka.ActorRef[Any]:
+        return self._activate(self._entry(record_id))
+
+    def _op_clone(self, record_id: str) -> tuple[str, int, pykka.ActorRef[Any]]:
+        return self._acquire(self._entry(record_id), False)
+
+    def _op_info(self, record_id: str) -> RecordInfo:
+        return self._info(self._entry(record_id))
+
+    def _op_set_policy(self, record_id: str, retain: bool) -> None:
+        e = self._entry(record_id)
+        self.core.store.get(record_id).set(KEY_CACHE_POLICY, 1 if retain else None)
+        e.retain = retain
+
+    def _op_sizes(self, sizes: dict[str, int]) -> None:
+        for rid, size in sizes.items():
+            e = self.entries.get(rid)
+            if e is not None and not e.mutable and e.actor is None:
+                e.size = size
+                self.core.writer.submit(rid, {KEY_SIZE: size})
+
+    def _op_unreferenced(self, record_id: str) -> None:
+        """A last handle went: decide, as BuildKit's release does, what happens to the record."""
+        e = self.entries.get(record_id)
+        if e is None or e.dead:
+            return
+        settled = self._settle(e)
+        if settled is None:
+            return
+        if e.mutable:
+            self._mutable_released(e)
+            return
+        if e.equal_mutable is not None:
+            m = self.entries.get(e.equal_mutable)
+            if m is not None and not m.dead and self._handles(m) == 0:
+                self._mutable_released(m)
+            return
+        if settled.had_view:
+            with self.core.env.write_txn() as txn:
+                self._delete_leases(txn, [e.id + "-view"])
+
+    def _mutable_released(self, m: RecordEntry) -> None:
+        if m.retain:
+            return
+        i = self.entries.get(m.equal_immutable) if m.equal_immutable else None
+        if i is not None and i.retain:
+            return
+        if i is not None:
+            self._remove(i, remove_snapshot=False)
+        self._remove(m, remove_snapshot=True)
+
+    def _commit_entry(self, m: RecordEntry) -> RecordEntry:
+        """Creates the equal immutable of ``m`` (lazy commit: no snapshot work)."""
+        record_id = new_id()
+        values: dict[str, Any] = {
+            KEY_COMMITTED: True,
+            KEY_CREATED_AT: time.time_ns(),
+            KEY_SNAPSHOT: record_id,
+            KEY_SIZE: SIZE_UNKNOWN,
+            KEY_EQUAL_MUTABLE: m.id,
+            KEY_DESCRIPTION: m.description or None,
+            **parent_fields(m.kind, m.parents),
+        }
+        item = self.core.store.get(record_id)
+        item.queue_many({k: v for k, v in values.items() if v is not None})
+        item.commit()
+        i = self._new_entry(record_id, m.kind, m.parents, values)
+        self._hold(m.parents)  # the twin holds its parents too (BuildKit cloneParentRefs)
+        m.equal_immutable = record_id
+        return i
+
+    def _op_commit(self, record_id: str, hid: int) -> tuple[str, int, pykka.ActorRef[Any]]:
+        m = self.entries.get(record_id)
+        if m is None or m.dead or not m.mutable or m.actor is None:
+            msg = f"invalid mutable ref {record_id!r}: not an open mutable record"
+            raise InvalidError(msg)
+        if not self._ask(m.actor, ("consume", hid)):
+            msg = f"invalid mutable ref {record_id!r}: the handle was released"
+            raise InvalidError(msg)
+        if m.equal_immutable is not None:
+            old = self.entries.get(m.equal_immutable)
+            if old is not None:
+                self._remove(old, remove_snapshot=False)
+        i = self._commit_entry(m)
+        self._settle(m)
+        return self._acquire(i, True)
+
+    def _op_finalize_begin(self, record_id: str) -> tuple[Any, ...] | None:
+        i = self._entry(record_id)
+        if i.equal_mutable is None:
+            return None
+        if i.finalizing is not None:
+            return ("wait", i.finalizing)
+        m = self.entries.get(i.equal_mutable)
+        if m is None:
+            i.equal_mutable = None
+            return None
+        m.dead = True  # nobody may take the mutable while its snapshot is committed
+        i.finalizing = ThreadingFuture()
+        return ("do", i.snapshot_id, m.snapshot_id)
+
+    def _op_finalize_end(self, record_id: str, error: BaseException | None) -> None:
+        i = self.entries.get(record_id)
+        if i is None:
+            return
+        flight, i.finalizing = i.finalizing, None
+        m = self.entries.get(i.equal_mutable) if i.equal_mutable else None
+        if error is not None:
+            if m is not None:
+                m.dead = False
+            if flight is not None:
+                flight.set_exception(exc_info=(type(error), error, error.__traceback__))
+            return
+        i.equal_mutable = None
+        if m is not None:
+            m.equal_immutable = None
+            m.dead = False
+            self._remove(m, remove_snapshot=True)
+        if i.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                i.actor.tell(("set_mount_snapshot", i.snapshot_id))
+        if flight is not None:
+            flight.set(None)
+
+    def _layer_walk(self, top: RecordEntry) -> list[RecordEntry]:
+        """The layers as they would appear in an image, root first (BuildKit ``layerWalk``)."""
+        out: list[RecordEntry] = []
+        stack: list[tuple[RecordEntry, bool]] = [(top, False)]
+        while stack:
+            e, expanded = stack.pop()
+            if expanded:
+                out.append(e)
+                continue
+            if e.kind == "merge":
+                for p in reversed(e.parents):
+                    stack.append((self.entries[p], False))
+            elif e.kind == "diff":
+                low = self.entries.get(e.parents[0]) if e.parents[0] else None
+                up = self.entries.get(e.parents[1]) if e.parents[1] else None
+                if (up is not None and low is None and up.kind == "base") or (
+                    up is not None
+                    and low is not None
+                    and up.kind == "layer"
+                    and up.parents[0] == low.id
+                ):
+                    out.append(up)
+                else:
+                    out.append(e)
+            elif e.kind == "layer":
+                stack.append((e, True))
+                stack.append((self.entries[e.parents[0]], False))
+            else:
+                out.append(e)
+        return out
+
+    def _op_layer_chain(self, record_id: str) -> list[str]:
+        return [e.id for e in self._layer_walk(self._entry(record_id))]
+
+    def _op_ancestors(self, record_id: str) -> list[str]:
+        out: list[str] = []
+        stack = [self._entry(record_id)]
+        while stack:
+            e = stack.pop()
+            out.append(e.id)
+            stack.extend(self.entries[p] for p in e.parents if p and p in self.entries)
+        return out
+
+    def _op_extract_plan(
+        self, record_id: str
+    ) -> tuple[str, list[str], list[tuple[str, str]]] | None:
+        e = self._entry(record_id)
+        if e.kind not in ("merge", "diff"):
+            return None
+        diffs: list[tuple[str, str]] = []
+        deps: list[str] = []
+
+        def sid(rid: str) -> str:
+            return self.entries[rid].snapshot_id if rid else ""
+
+        for layer in self._layer_walk(e):
+            if layer.kind == "diff":
+                low, up = layer.parents
+                diffs.append((sid(low), sid(up)))
+                deps.extend(x for x in (low, up) if x)
+            elif layer.kind == "layer":
+                diffs.append((sid(layer.parents[0]), layer.snapshot_id))
+                deps.append(layer.id)
+            else:
+                diffs.append(("", layer.snapshot_id))
+                deps.append(layer.id)
+        return e.snapshot_id, list(dict.fromkeys(deps)), diffs
+
+    def _op_prune_select(self, policy: PrunePolicy) -> list[UsageInfo]:
+        """One prune pass: mark a batch dead, persist ``cache.deleted``, remove them."""
+        counts = self._handle_counts()
+        flt = parse_filters(*policy.filters)
+        cutoff = None
+        if policy.keep_duration:
+            cutoff = time.time_ns() - int(policy.keep_duration.total_seconds() * 1e9)
+        refs = {rid: counts.get(rid, 0) + e.holders for rid, e in self.entries.items()}
+        batch: list[RecordEntry] = []
+        for rid, e in self.entries.items():
+            if e.dead or refs[rid] > 0 or e.finalizing is not None:
+                continue
+            if e.equal_immutable is not None and refs.get(e.equal_immutable, 0) > 0:
+                continue
+            if e.equal_mutable is not None:
+                continue  # pruned together with its mutable
+            if not policy.all and e.record_type in ("internal", "frontend"):
+                continue
+            if cutoff is not None and e.last_used_at is not None and e.last_used_at > cutoff:
+                continue
+            row = UsageInfo(
+                id=rid,
+                mutable=e.mutable,
+                in_use=False,
+                size=e.size,
+                created_at=e.created_at,
+                last_used_at=e.last_used_at,
+                usage_count=e.usage_count,
+                parents=(),
+                description=e.description,
+                record_type=e.record_type or "regular",
+                shared=False,
+            )
+            if not flt.match(_usage_adaptor(row)):
+                continue
+            batch.append(e)
+            if len(batch) >= PRUNE_BATCH:
+                break
+        if not batch:
+            return []
+        with self.core.env.write_txn() as txn:
+            for e in batch:
+                e.dead = True
+                item = self.core.store.get(e.id)
+                if item.exists:
+                    item.queue(KEY_DELETED, True)
+                    item.commit(txn=txn)
+        out = []
+        for e in batch:
+            out.append(
+                UsageInfo(
+                    id=e.id,
+                    mutable=e.mutable,
+                    in_use=False,
+                    size=max(e.size, 0),
+                    created_at=e.created_at,
+                    last_used_at=e.last_used_at,
+                    usage_count=e.usage_count,
+                    parents=e.parent_ids(),
+                    description=e.description,
+                    record_type=e.record_type or "regular",
+                    shared=False,
+                )
+            )
+            if e.equal_immutable is not None and e.equal_immutable in self.entries:
+                self._remove(self.entries[e.equal_immutable], remove_snapshot=False)
+            e.dead = False
+            self._remove(e, remove_snapshot=True)
+        return out
+
+    def _op_prune_done(self, records: int, size: int, seconds: float) -> None:
+        self._prune_running = False
+        self._prune_stats[0] += records
+        self._prune_stats[1] += size
+        self._prune_stats[2] += seconds
+
+    def _op_gc_done(self, freed: int) -> None:
+        self._gc_stats[0] += 1
+        self._gc_stats[1] += freed
+
+
+def _row_dict(row: UsageInfo) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in UsageInfo.__slots__}
+
+
+def _usage_adaptor(row: UsageInfo) -> Any:
+    """containerd filter fields of a usage row (BuildKit ``adaptUsageInfo``)."""
+
+    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        if not fieldpath:
+            return "", False
+        name = fieldpath[0]
+        if name == "id":
+            return row.id, bool(row.id)
+        if name == "parents":
+            return ";".join(row.parents), bool(row.parents)
+        if name == "description":
+            return row.description, bool(row.description)
+        if name == "type":
+            return row.record_type, bool(row.record_type)
+        flags = {
+            "inuse": row.in_use,
+            "mutable": row.mutable,
+            "immutable": not row.mutable,
+            "shared": row.shared,
+            "private": not row.shared,
+        }
+        if name in flags:
+            return "", flags[name]
+        return "", False
+
+    return adapt
+
+
+class CacheManagerProxy(pykka.ActorProxy[CacheManager]):
+    """Typed proxy of :class:`CacheManager`; each method returns a ``pykka.Future``."""

@@ -1,0 +1,263 @@
+"""The record actor: one cache record's handle set and per-record state.
+
+A :class:`CacheRecord` runs on the pooled runtime (:mod:`actors._runtime`). It is *virtual*:
+the manager activates it when a handle is taken and passivates it when it is idle, so a record
+at rest is a compact entry in the manager's table and costs no thread and no actor.
+
+It owns, and serialises every change of:
+
+* the handle set (BuildKit's ``cr.refs``: the refcount of user handles) with each handle's
+  ``triggerLastUsed`` flag, and the last-used/usage-count statistics;
+* the mount cache and the cached size, each computed at most once at a time (single flight:
+  the first asker gets a *plan*, does the slow work in its own thread, and reports back; the
+  others wait for the same future);
+* its metadata view (``RefMetadata`` reads and writes).
+
+Rules (DESIGN.md): every handler is short and never blocks — slow work is done by the caller
+that received a plan, or by the I/O executor; a record never asks the manager or another
+record (it has no reference to them). Messages are plain tuples, answered through Pykka asks.
+Runs on a pool worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pykka import ThreadingFuture
+
+from actors._core import CacheCore
+from actors._runtime import PooledActor
+from storage import (
+    KEY_LAST_USED_AT,
+    KEY_SIZE,
+    KEY_USAGE_COUNT,
+    InvalidError,
+    Mount,
+    NotFoundError,
+    StorageItem,
+)
+
+__all__ = ["CacheRecord", "RecordState", "Settled"]
+
+logger = logging.getLogger(__name__)
+
+SIZE_UNKNOWN = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RecordState:
+    """What the manager hands a record actor when it activates it."""
+
+    id: str
+    mutable: bool
+    snapshot_id: str
+    mount_snapshot_id: str  #: the equal mutable's snapshot for an unfinalized immutable
+    usage_count: int
+    last_used_at: int | None
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The record's statistics when its last handle went (handed back to the manager)."""
+
+    usage_count: int
+    last_used_at: int | None
+    size: int
+    had_view: bool
+
+
+class CacheRecord(PooledActor):
+    """One record's actor (see the module docstring). Runs on the record actor pool."""
+
+    def __init__(self, core: CacheCore, state: RecordState) -> None:
+        super().__init__()
+        self.core = core
+        self.id = state.id
+        self.mutable = state.mutable
+        self.snapshot_id = state.snapshot_id
+        self.mount_snapshot_id = state.mount_snapshot_id
+        self.usage_count = state.usage_count
+        self.last_used_at = state.last_used_at
+        self.size = state.size
+        self.handles: dict[int, bool] = {}  # handle id -> triggers last-used
+        self.settled = True  # no handles; the manager decides what happens next
+        self.dead = False
+        self.mounts: tuple[Mount, ...] | None = None
+        self.had_view = False
+        self.mount_flight: ThreadingFuture[Any] | None = None
+        self.size_flight: ThreadingFuture[Any] | None = None
+        self.item: StorageItem | None = None
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """Dispatches ``(operation, *args)`` tuples to ``_on_<operation>``."""
+        handler = getattr(self, "_on_" + message[0], None)
+        if handler is None:
+            msg = f"record {self.id!r} does not understand {message[0]!r}"
+            raise InvalidError(msg)
+        return handler(*message[1:])
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            msg = f"record {self.id!r} not found (it is being removed)"
+            raise NotFoundError(msg)
+
+    # -- handles ----------------------------------------------------------------------------
+
+    def _on_acquire(self, trigger: bool) -> int:
+        self._check_alive()
+        hid = self.core.next_handle_id()
+        self.handles[hid] = trigger
+        self.settled = False
+        return hid
+
+    def _on_clone(self, hid: int) -> int | None:
+        # BuildKit's Clone does not check that the source handle is live: a released handle
+        # can be cloned while its record is alive. Once settled, the manager decides whether
+        # the record still exists, so the caller goes through it (None).
+        if self.dead or self.settled:
+            return None
+        new = self.core.next_handle_id()
+        self.handles[new] = False
+        return new
+
+    def _on_release(self, hid: int) -> tuple[bool, bool]:
+        """Returns ``(found, last)``: whether ``hid`` was held, and whether it was the last."""
+        trigger = self.handles.pop(hid, None)
+        if trigger is None:
+            return False, False
+        if trigger and not any(self.handles.values()):
+            # Several concurrent user handles count as one use, when the last of them goes.
+            self._touch()
+        return True, not self.handles
+
+    def _on_consume(self, hid: int) -> bool:
+        """Removes ``hid`` without counting a use (a mutable handle given to its commit)."""
+        return self.handles.pop(hid, None) is not None
+
+    def _on_has(self, hid: int) -> bool:
+        return hid in self.handles and not self.dead
+
+    def _on_count(self) -> int:
+        return len(self.handles)
+
+    def _on_settle(self) -> Settled | None:
+        """Called by the manager after a last release: hands the record back if still idle."""
+        if self.handles:
+            return None
+        self.settled = True
+        had_view, self.had_view = self.had_view, False
+        self.mounts = None
+        return Settled(self.usage_count, self.last_used_at, self.size, had_view)
+
+    def _on_kill(self) -> int:
+        """Marks the record dead (removal or finalized mutable); returns open handles."""
+        self.dead = True
+        self.settled = True
+        return len(self.handles)
+
+    def _on_summary(self) -> tuple[int, int | None, int]:
+        return self.usage_count, self.last_used_at, self.size
+
+    def _on_touch(self) -> None:
+        self._touch()
+
+    def _touch(self) -> None:
+        self.usage_count += 1
+        self.last_used_at = time.time_ns()
+        self.core.writer.submit(
+            self.id, {KEY_USAGE_COUNT: self.usage_count, KEY_LAST_USED_AT: self.last_used_at}
+        )
+
+    # -- mounts -----------------------------------------------------------------------------
+
+    def _on_set_mount_snapshot(self, snapshot_id: str) -> None:
+        """After finalize: mount the record's own snapshot from now on."""
+        self.mount_snapshot_id = snapshot_id
+        self.mounts = None
+
+    def _on_mount_begin(self) -> tuple[Any, ...]:
+        """Returns ``("cached", mounts)``, ``("wait", future)`` or ``("do", snapshot, view)``."""
+        self._check_alive()
+        if self.mounts is not None:
+            return ("cached", self.mounts)
+        if self.mount_flight is not None:
+            return ("wait", self.mount_flight)
+        self.mount_flight = ThreadingFuture()
+        own = self.mount_snapshot_id == self.snapshot_id
+        view = not self.mutable and own
+        return ("do", self.mount_snapshot_id, view)
+
+    def _on_mount_end(self, mounts: tuple[Mount, ...] | None, error: BaseException | None) -> None:
+        flight, self.mount_flight = self.mount_flight, None
+        if error is None and mounts is not None:
+            if not self.mutable and self.mount_snapshot_id == self.snapshot_id:
+                self.had_view = True
+            if not self.settled or self.mutable:
+                self.mounts = mounts
+        if flight is not None:
+            if error is not None:
+                flight.set_exception(exc_info=(type(error), error, error.__traceback__))
+            else:
+                flight.set(mounts)
+
+    # -- size -------------------------------------------------------------------------------
+
+    def _on_size_begin(self) -> tuple[Any, ...]:
+        """Returns ``("known", size)``, ``("wait", future)`` or ``("do", snapshot)``."""
+        if self.size != SIZE_UNKNOWN and not self.mutable:
+            return ("known", self.size)
+        if self.size_flight is not None:
+            return ("wait", self.size_flight)
+        self.size_flight = ThreadingFuture()
+        return ("do", self.mount_snapshot_id)
+
+    def _on_size_end(self, size: int | None, error: BaseException | None) -> None:
+        flight, self.size_flight = self.size_flight, None
+        if error is None and size is not None:
+            if self.dead and size < 0:
+                size = 0
+            if not self.mutable:
+                self.size = size
+                self.core.writer.submit(self.id, {KEY_SIZE: size})
+        if flight is not None:
+            if error is not None:
+                flight.set_exception(exc_info=(type(error), error, error.__traceback__))
+            else:
+                flight.set(size)
+
+    def _on_size_reset(self) -> None:
+        self.size = SIZE_UNKNOWN
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _item(self) -> StorageItem:
+        if self.item is None:
+            self.item = self.core.store.get(self.id)
+        return self.item
+
+    def _on_md_get(self, key: str) -> Any:
+        return self._item().get(key)
+
+    def _on_md_set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None) -> Any:
+        """Stages ``values`` and returns a future that completes once they are durable."""
+        self._check_alive()
+        item = self._item()
+        item.queue_many(values, indexes)  # validates first: bad input changes nothing
+        # Write synchronously through a fresh item in the writer's next batch.
+        return self.core.executor.submit(self._persist, dict(values), dict(indexes or {}))
+
+    def _persist(self, values: dict[str, Any], indexes: dict[str, str]) -> None:
+        # Runs on the I/O executor, not on the record actor: only the store is touched.
+        item = self.core.store.get(self.id)
+        if not item.exists:
+            msg = f"record {self.id!r} not found (removed while writing metadata)"
+            raise NotFoundError(msg)
+        item.queue_many(values, indexes)
+        item.commit()

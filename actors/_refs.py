@@ -1,0 +1,526 @@
+"""Ref handles: ``ImmutableRef``, ``MutableRef``, ``RefList``, ``RefMetadata``, ``Mountable``.
+
+A handle is one counted reference (BuildKit's ``immutableRef``/``mutableRef``): the record
+actor holds its id in the record's handle set. Handles are plain thread-safe objects owned by
+callers; their methods block and return values. They talk to their record actor directly for
+per-record work (clone, release of a non-last handle, mounts, size, metadata) and to the
+manager for anything that touches the record table (the last release, commit, finalize).
+
+Slow work a method needs (creating a view, computing a size, committing a snapshot at
+finalize) runs in the *caller's* thread after the actor handed out a plan, never inside an
+actor handler (DESIGN.md rule 3). Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import pykka
+
+from actors._core import CacheCore, ask, get_result
+from storage import (
+    KEY_CACHE_POLICY,
+    KEY_CREATED_AT,
+    KEY_DESCRIPTION,
+    KEY_EQUAL_MUTABLE,
+    KEY_LAYER_TYPE,
+    KEY_RECORD_TYPE,
+    AlreadyExistsError,
+    InvalidError,
+    Mount,
+    NotFoundError,
+    RefcacheError,
+)
+from storage._leases import Resource
+from storage._mount import local_mount, readonly_mounts
+
+if TYPE_CHECKING:
+    from actors._types import RecordInfo
+
+__all__ = ["ImmutableRef", "Mountable", "MutableRef", "RefList", "RefMetadata"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Mountable:
+    """The mounts of a ref, containerd style, and a way to get a local directory for them."""
+
+    readonly: bool
+    mounts: tuple[Mount, ...]
+
+    @contextmanager
+    def local(self) -> Iterator[Path]:
+        """Yields a local directory: a bind source directly, an overlay really mounted."""
+        with local_mount(list(self.mounts)) as path:
+            yield Path(path)
+
+
+class RefMetadata:
+    """Metadata of one record (BuildKit ``RefMetadata``); writes are durable on return."""
+
+    def __init__(self, ref: _Ref) -> None:
+        self._ref = ref
+
+    @property
+    def id(self) -> str:
+        """The record id."""
+        return self._ref.id
+
+    def _get(self, key: str) -> Any:
+        return self._ref._ask_record(("md_get", key), "read metadata")
+
+    def _set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None = None) -> None:
+        result = self._ref._ask_record(("md_set", dict(values), indexes), "write metadata")
+        get_result(result, self._ref._core.timeout, f"metadata write of {self._ref.id!r}")
+
+    def get_string(self, key: str) -> str:
+        """Returns the string stored under ``key`` (``""`` when unset)."""
+        value = self._get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            msg = f"metadata {key!r} of record {self._ref.id!r} is not a string: {value!r}"
+            raise InvalidError(msg)
+        return value
+
+    def set_string(self, key: str, value: str, index: str | None = None) -> None:
+        """Stores ``value`` under ``key``; ``index`` adds the record to that search index."""
+        if not isinstance(value, str):
+            msg = f"metadata {key!r} of record {self._ref.id!r} must be a string, not {value!r}"
+            raise InvalidError(msg)
+        self._set({key: value}, {key: index} if index else None)
+
+    def clear(self, key: str, index_prefix: str | None = None) -> None:
+        """Removes ``key`` and its index entry (BuildKit ``ClearValueAndIndex``)."""
+        del index_prefix  # the index entry always goes with its value here
+        self._set({key: None})
+
+    def get_external(self, key: str) -> bytes:
+        """Returns the external (large) value ``key``.
+
+        Raises:
+            NotFoundError: there is none.
+        """
+        self._ref._check_usable("read external metadata")
+        return self._ref._core.store.get(self._ref.id).get_external(key)
+
+    def set_external(self, key: str, data: bytes) -> None:
+        """Stores the external (large) value ``key``."""
+        self._ref._check_usable("write external metadata")
+        self._ref._core.store.get(self._ref.id).set_external(key, data)
+
+    @property
+    def description(self) -> str:
+        """Human description."""
+        return self.get_string(KEY_DESCRIPTION)
+
+    @description.setter
+    def description(self, value: str) -> None:
+        self.set_string(KEY_DESCRIPTION, value)
+
+    @property
+    def record_type(self) -> str:
+        """Record type (``regular`` when unset)."""
+        return self.get_string(KEY_RECORD_TYPE) or "regular"
+
+    @record_type.setter
+    def record_type(self, value: str) -> None:
+        self.set_string(KEY_RECORD_TYPE, value)
+
+    @property
+    def layer_type(self) -> str:
+        """Layer type (``"windows"`` for Windows layers)."""
+        return self.get_string(KEY_LAYER_TYPE)
+
+    @layer_type.setter
+    def layer_type(self, value: str) -> None:
+        self.set_string(KEY_LAYER_TYPE, value)
+
+    @property
+    def created_at(self) -> int:
+        """Creation time, nanoseconds since the epoch."""
+        value = self._get(KEY_CREATED_AT)
+        return int(value or 0)
+
+    @created_at.setter
+    def created_at(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            msg = f"created_at of record {self._ref.id!r} must be nanoseconds, not {value!r}"
+            raise InvalidError(msg)
+        self._set({KEY_CREATED_AT: value})
+
+    @property
+    def cache_policy(self) -> str:
+        """``"default"`` or ``"retain"``."""
+        return "retain" if self._get(KEY_CACHE_POLICY) == 1 else "default"
+
+    @cache_policy.setter
+    def cache_policy(self, value: str) -> None:
+        if value not in ("default", "retain"):
+            msg = f"cache policy of record {self._ref.id!r} must be 'default' or 'retain'"
+            raise InvalidError(msg)
+        self._ref._core.ask_manager(("set_policy", self._ref.id, value == "retain"))
+
+
+class _Ref:
+    """Common part of both handle kinds (thread-safe: local flags under a lock)."""
+
+    _kind = "ref"
+
+    def __init__(
+        self, core: CacheCore, record_id: str, handle_id: int, actor: pykka.ActorRef[Any]
+    ) -> None:
+        self._core = core
+        self._id = record_id
+        self._hid = handle_id
+        self._actor = actor
+        self._lock = threading.Lock()
+        self._released = False
+        self._consumed = False
+        self._token = core.token
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "consumed" if self._consumed else "open"
+        return f"{type(self).__name__}({self._id!r}, {state})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    @property
+    def id(self) -> str:
+        """The record id."""
+        return self._id
+
+    @property
+    def released(self) -> bool:
+        """Whether this handle was released (or consumed by a commit)."""
+        return self._released or self._consumed
+
+    @property
+    def metadata(self) -> RefMetadata:
+        """The record's metadata."""
+        return RefMetadata(self)
+
+    def _check_usable(self, what: str) -> None:
+        if self._consumed:
+            msg = f"cannot {what}: mutable ref {self._id!r} was consumed by commit()"
+            raise InvalidError(msg)
+        if self._released:
+            msg = f"cannot {what}: ref {self._id!r} was released"
+            raise InvalidError(msg)
+
+    def _ask_record(self, message: tuple[Any, ...], what: str) -> Any:
+        self._check_usable(what)
+        return self._ask_actor(message, what)
+
+    def _ask_actor(self, message: tuple[Any, ...], what: str) -> Any:
+        try:
+            return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+        except pykka.ActorDeadError:
+            # Passivated: the manager reactivates the record and tells us its new actor.
+            self._actor = self._core.ask_manager(("actor_of", self._id))
+            return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+
+    def release(self) -> None:
+        """Releases this handle. Releasing twice is a counted no-op.
+
+        A mutable handle consumed by :meth:`MutableRef.commit` belongs to the new immutable
+        record: releasing it is a logged, counted no-op.
+        """
+        with self._lock:
+            if self._released or self._consumed:
+                what = "consumed" if self._consumed else "released"
+                logger.debug("release of %s %s ref %s ignored", what, self._kind, self._id)
+                self._core.count_double_release()
+                return
+            self._released = True
+        with self._core.timed("release"):
+            found, last = self._ask_actor(("release", self._hid), "release")
+            if not found:
+                self._core.count_double_release()
+                return
+            if last:
+                self._core.ask_manager(("unreferenced", self._id))
+
+    def info(self) -> RecordInfo:
+        """Everything known about the record."""
+        self._check_usable("read info")
+        return self._core.ask_manager(("info", self._id))
+
+    def mount(self, readonly: bool = True) -> Mountable:
+        """The record's mounts (see :class:`Mountable`)."""
+        raise NotImplementedError
+
+    def _mounts(self, what: str) -> tuple[Mount, ...]:
+        """Mount cache with single flight: the first caller does the work in its thread."""
+        plan = self._ask_record(("mount_begin",), what)
+        if plan[0] == "cached":
+            return plan[1]
+        if plan[0] == "wait":
+            return get_result(plan[1], self._core.timeout, f"mount of {self._id!r}")
+        _, snapshot_id, view = plan
+        try:
+            mounts = tuple(self._make_mounts(snapshot_id, view))
+        except BaseException as exc:
+            self._ask_actor(("mount_end", None, exc), what)
+            raise
+        self._ask_actor(("mount_end", mounts, None), what)
+        return mounts
+
+    def _make_mounts(self, snapshot_id: str, view: bool) -> list[Mount]:
+        core = self._core
+        if not view:
+            return core.snapshotter.mounts(snapshot_id)
+        # BuildKit: a temporary flat lease <id>-view holds a read-only view <sid>-view, dropped
+        # when the record's refcount reaches 0.
+        view_id = snapshot_id + "-view"
+        lease_id = self._id + "-view"
+        with core.env.write_txn() as txn:
+            with contextlib.suppress(AlreadyExistsError):
+                core.leases.create(lease_id, flat=True, temporary=True, txn=txn)
+            with contextlib.suppress(AlreadyExistsError):
+                core.leases.add_resource(
+                    lease_id, Resource(view_id, f"snapshots/{core.snapshotter.name}"), txn=txn
+                )
+        try:
+            return core.snapshotter.view(view_id, snapshot_id)
+        except AlreadyExistsError:
+            return core.snapshotter.mounts(view_id)
+
+
+class ImmutableRef(_Ref):
+    """A counted handle on an immutable record (see API.md)."""
+
+    _kind = "immutable"
+
+    def clone(self) -> ImmutableRef:
+        """A new handle on the same record (works on a released handle while it lives).
+
+        Raises:
+            NotFoundError: the record is gone.
+        """
+        if self._consumed:
+            self._check_usable("clone")
+        with self._core.timed("clone"):
+            try:
+                hid = ask(self._actor, ("clone", self._hid), self._core.timeout, "clone")
+            except pykka.ActorDeadError:
+                hid = None
+            if hid is not None:
+                return ImmutableRef(self._core, self._id, hid, self._actor)
+            record_id, hid, actor = self._core.ask_manager(("clone", self._id))
+            return ImmutableRef(self._core, record_id, hid, actor)
+
+    def finalize(self) -> None:
+        """Commits the snapshot of an equal pair (lazy commit); a no-op otherwise."""
+        self._check_usable("finalize")
+        finalize_record(self._core, self._id)
+
+    def mount(self, readonly: bool = True) -> Mountable:
+        """Mounts the record read-only (an immutable mount is always read-only).
+
+        BuildKit: a writable mount request first finalizes an equal pair; the mount itself is
+        read-only anyway.
+        """
+        self._check_usable("mount")
+        with self._core.timed("mount"):
+            if not readonly:
+                finalize_record(self._core, self._id)
+            extract_record(self._core, self._id)
+            mounts = self._mounts("mount")
+        return Mountable(True, tuple(readonly_mounts(list(mounts))))
+
+    def extract(self, desc_handlers: Mapping[str, Any] | None = None) -> None:
+        """Materialises the snapshot of a lazy, merge or diff record."""
+        self._check_usable("extract")
+        del desc_handlers
+        extract_record(self._core, self._id)
+
+    def size(self) -> int:
+        """Disk usage in bytes (computed once and cached; concurrent callers share it)."""
+        self._check_usable("size")
+        with self._core.timed("size"):
+            return compute_size(self, self._core)
+
+    def layer_chain(self) -> RefList:
+        """Clones of the refs forming the layer chain, root first; release the list."""
+        self._check_usable("layer_chain")
+        ids: list[str] = self._core.ask_manager(("layer_chain", self._id))
+        refs = RefList()
+        try:
+            for record_id in ids:
+                if record_id == self._id:
+                    refs.append(self.clone())
+                else:
+                    rid, hid, actor = self._core.ask_manager(("clone", record_id))
+                    refs.append(ImmutableRef(self._core, rid, hid, actor))
+        except BaseException:
+            refs.release()
+            raise
+        return refs
+
+    def walk_ancestors(self) -> list[str]:
+        """Ids of the record and every ancestor, depth first (BuildKit ``walkAncestors``)."""
+        self._check_usable("walk ancestors")
+        return self._core.ask_manager(("ancestors", self._id))
+
+
+class MutableRef(_Ref):
+    """The exclusive handle on a mutable record (see API.md)."""
+
+    _kind = "mutable"
+
+    def commit(self) -> ImmutableRef:
+        """Creates the equal immutable record (lazy commit) and consumes this handle.
+
+        Raises:
+            InvalidError: the handle was released or already committed.
+        """
+        with self._lock:
+            self._check_usable("commit")
+            self._consumed = True
+        try:
+            with self._core.timed("commit"):
+                record_id, hid, actor = self._core.ask_manager(("commit", self._id, self._hid))
+        except BaseException:
+            with self._lock:
+                self._consumed = False
+            raise
+        return ImmutableRef(self._core, record_id, hid, actor)
+
+    def mount(self, readonly: bool = False) -> Mountable:
+        """Mounts the active snapshot (read-only when asked)."""
+        self._check_usable("mount")
+        with self._core.timed("mount"):
+            mounts = list(self._mounts("mount"))
+        if readonly:
+            mounts = readonly_mounts(mounts)
+        return Mountable(readonly, tuple(mounts))
+
+
+class RefList(list[ImmutableRef]):
+    """A list of immutable refs whose :meth:`release` releases each (idempotent)."""
+
+    def __init__(self, refs: Iterable[ImmutableRef] = ()) -> None:
+        super().__init__(refs)
+
+    def release(self) -> None:
+        """Releases every ref; already released ones are skipped silently."""
+        errors: list[BaseException] = []
+        for ref in self:
+            if ref.released:
+                continue
+            try:
+                ref.release()
+            except RefcacheError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+# -- slow work in the caller's thread ------------------------------------------------------
+
+
+def finalize_record(core: CacheCore, record_id: str) -> None:
+    """Finalizes an equal pair: commit the mutable's snapshot to the immutable's (BuildKit).
+
+    The manager marks the mutable dead first (so nobody can take it meanwhile) and hands out
+    a plan; the snapshot commit and the lease run here; the manager then removes the mutable.
+    Concurrent callers share one finalize (the manager returns the same future).
+    """
+    plan = core.ask_manager(("finalize_begin", record_id))
+    if plan is None:
+        return
+    if plan[0] == "wait":
+        get_result(plan[1], core.timeout, f"finalize of {record_id!r}")
+        return
+    _, snapshot_id, mutable_snapshot_id = plan
+    error: BaseException | None = None
+    try:
+        # BuildKit's order: lease first (GC must never see the snapshot unheld), then the
+        # snapshot commit (outside any metadata transaction: it walks the tree for usage),
+        # then the metadata. A crash between the last two is the half-finalized pair that
+        # loading recovers (TestLoadHalfFinalizedRef).
+        with core.env.write_txn() as txn:
+            with contextlib.suppress(AlreadyExistsError):
+                core.leases.create(record_id, flat=True, txn=txn)
+            with contextlib.suppress(AlreadyExistsError):
+                core.leases.add_resource(
+                    record_id,
+                    Resource(snapshot_id, f"snapshots/{core.snapshotter.name}"),
+                    txn=txn,
+                )
+        core.snapshotter.commit(snapshot_id, mutable_snapshot_id)
+        core.store.get(record_id).set(KEY_EQUAL_MUTABLE, None)
+    except BaseException as exc:
+        error = exc
+    core.ask_manager(("finalize_end", record_id, error))
+    if error is not None:
+        raise error
+
+
+def extract_record(core: CacheCore, record_id: str) -> None:
+    """Materialises a merge or diff snapshot (inputs first), single-flighted per record."""
+
+    def run() -> None:
+        plan = core.ask_manager(("extract_plan", record_id))
+        if plan is None:
+            return
+        snapshot_id, deps, diffs = plan
+        if _snapshot_exists(core, snapshot_id):
+            return
+        for dep in deps:
+            extract_record(core, dep)
+        core.snapshotter.merge(snapshot_id, diffs)
+
+    core.flights.do(record_id + "-unlazy", run, timeout=core.timeout)
+
+
+def _snapshot_exists(core: CacheCore, snapshot_id: str) -> bool:
+    try:
+        core.snapshotter.stat(snapshot_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def compute_size(ref: _Ref, core: CacheCore) -> int:
+    """The record's size: snapshot usage plus blobs (computed here, cached by the record)."""
+    plan = ref._ask_record(("size_begin",), "size")
+    if plan[0] == "known":
+        return int(plan[1])
+    if plan[0] == "wait":
+        return int(get_result(plan[1], core.timeout, f"size of {ref.id!r}"))
+    snapshot_id = plan[1]
+    try:
+        size = snapshot_usage(core, snapshot_id)
+    except BaseException as exc:
+        ref._ask_actor(("size_end", None, exc), "size")
+        raise
+    ref._ask_actor(("size_end", size, None), "size")
+    return size
+
+
+def snapshot_usage(core: CacheCore, snapshot_id: str) -> int:
+    """Usage of one snapshot in bytes; a missing snapshot counts 0 (BuildKit)."""
+    try:
+        return int(core.snapshotter.usage(snapshot_id).size)
+    except NotFoundError:
+        return 0

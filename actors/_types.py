@@ -1,0 +1,186 @@
+"""Immutable value types of the public API (API.md "Value types").
+
+Every type here is a frozen, slotted dataclass: values cross actor mailboxes unchanged
+(DESIGN.md rule 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import BinaryIO, Literal
+
+from storage import Descriptor, InvalidError
+from storage._types import frozen_map
+
+__all__ = [
+    "CacheStatistics",
+    "DescHandler",
+    "PrunePolicy",
+    "RecordInfo",
+    "RecordKind",
+    "Remote",
+    "UsageInfo",
+]
+
+RecordKind = Literal["base", "layer", "merge", "diff"]
+
+
+@dataclass(frozen=True, slots=True)
+class DescHandler:
+    """How to fetch a lazy blob: ``provider(desc)`` returns a binary file with the blob."""
+
+    provider: Callable[[Descriptor], BinaryIO]
+    annotations: Mapping[str, str] = field(default_factory=lambda: frozen_map(None))
+    snapshot_labels: Mapping[str, str] = field(default_factory=lambda: frozen_map(None))
+    ref: str = ""
+
+    def __hash__(self) -> int:
+        return hash((id(self.provider), self.ref))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordInfo:
+    """Everything known about one record (``ImmutableRef.info()``, ``search``).
+
+    Times are nanoseconds since the epoch; ``last_used_at`` is ``None`` when never used;
+    ``size`` is -1 while unknown.
+    """
+
+    id: str
+    kind: RecordKind
+    mutable: bool
+    description: str
+    created_at: int
+    last_used_at: int | None
+    usage_count: int
+    record_type: str
+    cache_policy: Literal["default", "retain"]
+    parents: tuple[str, ...]
+    blob: str
+    blob_only: bool
+    diff_id: str
+    chain_id: str
+    blob_chain_id: str
+    snapshot_id: str
+    media_type: str
+    size: int
+    equal_mutable: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    """One ``disk_usage``/``prune`` row (BuildKit ``client.UsageInfo``)."""
+
+    id: str
+    mutable: bool
+    in_use: bool
+    size: int
+    created_at: int
+    last_used_at: int | None
+    usage_count: int
+    parents: tuple[str, ...]
+    description: str
+    record_type: str
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePolicy:
+    """One prune pass (BuildKit ``client.PruneInfo``).
+
+    Sizes are bytes; ``keep_duration`` protects records used more recently than that.
+    ``filters`` are containerd filter strings (OR'ed; each a comma-separated AND).
+    """
+
+    all: bool = False
+    filters: tuple[str, ...] = ()
+    keep_duration: timedelta | None = None
+    reserved_space: int = 0
+    max_used_space: int = 0
+    min_free_space: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.filters, str):
+            object.__setattr__(self, "filters", (self.filters,))
+        elif not isinstance(self.filters, tuple):
+            object.__setattr__(self, "filters", tuple(self.filters))
+        for name in ("reserved_space", "max_used_space", "min_free_space"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                msg = f"invalid prune policy {name}={value!r}: expected bytes >= 0"
+                raise InvalidError(msg)
+        if self.keep_duration is not None and (
+            not isinstance(self.keep_duration, timedelta) or self.keep_duration < timedelta(0)
+        ):
+            msg = f"invalid prune policy keep_duration={self.keep_duration!r}"
+            raise InvalidError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Layer descriptors of a ref plus a provider that reads them from the content store."""
+
+    descriptors: tuple[Descriptor, ...]
+    provider: Callable[[Descriptor], BinaryIO]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    """One consistent snapshot of the cache, taken by the manager actor (for metrics).
+
+    Attributes:
+        records: Loaded records (dead ones excluded).
+        records_by_kind: Count per kind (base, layer, merge, diff).
+        mutable: Mutable records.
+        immutable: Immutable records.
+        lazy: Blob-only records.
+        in_use: Records with at least one open handle.
+        dead: Records being removed.
+        open_handles: Open user handles over all records.
+        bytes_by_kind: Known sizes summed per kind (unknown sizes count 0).
+        reclaimable_bytes: Known sizes of records nobody holds.
+        active_actors: Record actors currently activated.
+        pool_workers: Worker threads of the record actor pool.
+        operations: Count per ``(operation, result)``.
+        latency_sum_seconds: Summed latency per operation.
+        latency_buckets: Cumulative histogram counts per operation (``LATENCY_BUCKETS``).
+        prune_records_total: Records deleted by prune since open.
+        prune_bytes_total: Bytes released by prune since open.
+        prune_seconds_total: Time spent pruning.
+        gc_runs_total: Garbage collections run.
+        gc_bytes_total: Bytes freed by garbage collection.
+        double_releases_total: Releases of an already released handle (no-ops).
+        lmdb_map_size_bytes: LMDB map size.
+        lmdb_used_bytes: LMDB pages in use.
+        records_detail: ``(id, refs, size)`` per record, in-use first (for per-record series).
+    """
+
+    records: int = 0
+    records_by_kind: Mapping[str, int] = field(default_factory=lambda: frozen_map(None))
+    mutable: int = 0
+    immutable: int = 0
+    lazy: int = 0
+    in_use: int = 0
+    dead: int = 0
+    open_handles: int = 0
+    bytes_by_kind: Mapping[str, int] = field(default_factory=lambda: frozen_map(None))
+    reclaimable_bytes: int = 0
+    active_actors: int = 0
+    pool_workers: int = 0
+    operations: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    latency_sum_seconds: Mapping[str, float] = field(default_factory=lambda: frozen_map(None))
+    latency_buckets: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: frozen_map(None))
+    prune_records_total: int = 0
+    prune_bytes_total: int = 0
+    prune_seconds_total: float = 0.0
+    gc_runs_total: int = 0
+    gc_bytes_total: int = 0
+    double_releases_total: int = 0
+    lmdb_map_size_bytes: int = 0
+    lmdb_used_bytes: int = 0
+    records_detail: tuple[tuple[str, int, int], ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((self.records, self.open_handles))
