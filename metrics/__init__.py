@@ -1,3 +1,12 @@
 """Prometheus exposition of refcache (reads the manager's statistics; never mutates)."""
 
-__all__: list[str] = []
+from metrics._collector import LATENCY_BUCKETS, CacheCollector
+from metrics._exposition import MetricsServer, serve, wsgi_app
+
+__all__ = [
+    "CacheCollector",
+    "LATENCY_BUCKETS",
+    "serve",
+    "wsgi_app",
+    "MetricsServer",
+]

@@ -1,0 +1,521 @@
+"""The Prometheus collector: one ``statistics()`` snapshot of the manager per scrape.
+
+This follows client_python's custom-collector pattern (and Trio's ``statistics()``): the
+collector owns no metric objects and no mutable state. Each ``collect()`` asks the manager
+actor once for a frozen :class:`~actors._types.CacheStatistics` and turns it into metric
+families. The scrape thread never reads an actor's attributes: everything it exposes was
+copied by the manager, on the manager's thread, into that one immutable value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import pykka
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from actors._types import CacheStatistics
+from storage import AlreadyExistsError, InvalidError
+
+__all__ = [
+    "CacheCollector",
+    "LATENCY_BUCKETS",
+    "RECORD_KINDS",
+    "RECORD_STATES",
+    "StatisticsSource",
+]
+
+logger = logging.getLogger(__name__)
+
+# The manager fills ``CacheStatistics.latency_buckets`` against these bounds, so both sides
+# must use one tuple, and it lives in actors (metrics imports actors, never the reverse).
+# This copy only covers a core that does not define it (yet).
+_DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Where the core may define LATENCY_BUCKETS, most public first.
+_LATENCY_BUCKETS_HOMES = ("actors._types", "actors._core")
+
+
+def _manager_latency_buckets() -> tuple[float, ...]:
+    """The manager's histogram bounds: the core's ``LATENCY_BUCKETS``, else the default."""
+    for home in _LATENCY_BUCKETS_HOMES:
+        try:
+            module = importlib.import_module(home)
+        except ModuleNotFoundError:
+            continue
+        bounds = getattr(module, "LATENCY_BUCKETS", None)
+        if bounds is not None:
+            return tuple(float(bound) for bound in bounds)
+    return _DEFAULT_LATENCY_BUCKETS
+
+
+#: Upper bounds (seconds) of ``<namespace>_operation_duration_seconds``: the manager's own
+#: ``LATENCY_BUCKETS`` (``actors._types``, else ``actors._core``), or the default above.
+LATENCY_BUCKETS: tuple[float, ...] = _manager_latency_buckets()
+
+#: Kinds always exposed (zero when absent) so that dashboards see a stable label set.
+RECORD_KINDS: tuple[str, ...] = ("base", "layer", "merge", "diff")
+#: States exposed by ``<ns>_records_by_state``, each backed by a ``CacheStatistics`` field.
+RECORD_STATES: tuple[str, ...] = ("mutable", "immutable", "lazy", "in_use", "dead")
+
+_NAMESPACE_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Bucket bounds rendered once, the way client_python renders its own histograms' ``le``.
+_LE_LABELS: tuple[str, ...] = tuple(floatToGoString(bound) for bound in LATENCY_BUCKETS)
+
+
+class StatisticsSource(Protocol):
+    """What the collector needs from the manager: its typed Pykka proxy satisfies this."""
+
+    def statistics(self) -> pykka.Future[CacheStatistics]:
+        """Returns a future of one consistent snapshot, taken on the manager's thread."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """The static description of one metric family (name without the namespace)."""
+
+    suffix: str
+    type: Literal["gauge", "counter", "histogram"]
+    doc: str
+    labels: tuple[str, ...] = ()
+
+    def name(self, namespace: str) -> str:
+        """Returns the family name (counters get ``_total`` from client_python)."""
+        return f"{namespace}_{self.suffix}"
+
+    def gauge(self, namespace: str) -> GaugeMetricFamily:
+        """Returns this gauge family, empty."""
+        return GaugeMetricFamily(self.name(namespace), self.doc, labels=list(self.labels))
+
+    def counter(self, namespace: str) -> CounterMetricFamily:
+        """Returns this counter family, empty (CounterMetricFamily appends ``_total``)."""
+        return CounterMetricFamily(self.name(namespace), self.doc, labels=list(self.labels))
+
+    def histogram(self, namespace: str) -> HistogramMetricFamily:
+        """Returns this histogram family, empty."""
+        return HistogramMetricFamily(self.name(namespace), self.doc, labels=list(self.labels))
+
+    def empty(self, namespace: str) -> Metric:
+        """Returns the family with no samples (what ``describe()`` hands the registry)."""
+        if self.type == "counter":
+            return self.counter(namespace)
+        if self.type == "histogram":
+            return self.histogram(namespace)
+        return self.gauge(namespace)
+
+
+_UP = _Family(
+    "up",
+    "gauge",
+    "1 when the cache manager answered statistics() for this scrape; 0 when it did not "
+    "(timeout, error, stopped), in which case no other refcache series is exposed.",
+)
+_STATISTICS_DURATION = _Family(
+    "statistics_duration_seconds",
+    "gauge",
+    "Time the manager took to answer statistics() for this scrape.",
+)
+_RECORDS = _Family("records", "gauge", "Loaded records (records being removed excluded).")
+_RECORDS_BY_KIND = _Family("records_by_kind", "gauge", "Loaded records per kind.", ("kind",))
+_RECORDS_BY_STATE = _Family(
+    "records_by_state",
+    "gauge",
+    "Records per state. States overlap (an in-use record is also mutable or immutable): "
+    "do not sum across states.",
+    ("state",),
+)
+_OPEN_HANDLES = _Family(
+    "open_handles", "gauge", "Open user ref handles over all records (the total refcount)."
+)
+_USAGE_BYTES = _Family(
+    "usage_bytes",
+    "gauge",
+    "Known record sizes summed per kind (records of unknown size count 0).",
+    ("kind",),
+)
+_RECLAIMABLE_BYTES = _Family(
+    "reclaimable_bytes", "gauge", "Known sizes of records nobody holds (what prune could free)."
+)
+_ACTIVE_ACTORS = _Family(
+    "active_record_actors", "gauge", "Record actors currently activated (not passivated)."
+)
+_POOL_WORKERS = _Family(
+    "record_pool_workers", "gauge", "Worker threads of the pooled record actor runtime."
+)
+_OPERATIONS = _Family(
+    "operations",
+    "counter",
+    "Manager operations finished since open, per operation and result.",
+    ("operation", "result"),
+)
+_OPERATION_DURATION = _Family(
+    "operation_duration_seconds",
+    "histogram",
+    "Latency of manager operations since open.",
+    ("operation",),
+)
+_PRUNE_RECORDS = _Family("prune_records", "counter", "Records deleted by prune since open.")
+_PRUNE_BYTES = _Family("prune_bytes", "counter", "Bytes released by prune since open.")
+_PRUNE_SECONDS = _Family("prune_seconds", "counter", "Time spent pruning since open.")
+_GC_RUNS = _Family("gc_runs", "counter", "Garbage collections run since open.")
+_GC_BYTES = _Family("gc_bytes", "counter", "Bytes freed by garbage collection since open.")
+_DOUBLE_RELEASES = _Family(
+    "double_releases",
+    "counter",
+    "Releases of an already released handle since open (logged no-ops).",
+)
+_LMDB_MAP_SIZE = _Family("lmdb_map_size_bytes", "gauge", "Size of the LMDB memory map.")
+_LMDB_USED = _Family("lmdb_used_bytes", "gauge", "Bytes of LMDB pages in use.")
+_RECORD_REFS = _Family(
+    "record_refs",
+    "gauge",
+    "Open handles of one record (bounded: in-use records first, at most max_record_series).",
+    ("record_id",),
+)
+_RECORD_SIZE = _Family(
+    "record_size_bytes",
+    "gauge",
+    "Size of one record (records of record_refs whose size is known).",
+    ("record_id",),
+)
+_RECORD_SERIES_OMITTED = _Family(
+    "record_series_omitted",
+    "gauge",
+    "Records left out of record_refs and record_size_bytes by max_record_series.",
+)
+
+#: Every family a successful scrape yields, in exposition order.
+_FAMILIES: tuple[_Family, ...] = (
+    _UP,
+    _STATISTICS_DURATION,
+    _RECORDS,
+    _RECORDS_BY_KIND,
+    _RECORDS_BY_STATE,
+    _OPEN_HANDLES,
+    _USAGE_BYTES,
+    _RECLAIMABLE_BYTES,
+    _ACTIVE_ACTORS,
+    _POOL_WORKERS,
+    _PRUNE_RECORDS,
+    _PRUNE_BYTES,
+    _PRUNE_SECONDS,
+    _GC_RUNS,
+    _GC_BYTES,
+    _DOUBLE_RELEASES,
+    _LMDB_MAP_SIZE,
+    _LMDB_USED,
+    _OPERATIONS,
+    _OPERATION_DURATION,
+    _RECORD_REFS,
+    _RECORD_SIZE,
+    _RECORD_SERIES_OMITTED,
+)
+
+
+class CacheCollector:
+    """A custom Prometheus collector over one cache manager.
+
+    Each scrape takes exactly one ``manager.statistics()`` snapshot (waiting at most
+    ``timeout`` seconds) and exposes it. When the manager does not answer in time, raises,
+    or is stopped, the scrape yields ``<namespace>_up 0`` and nothing else, so stale or
+    partial numbers never look current.
+
+    Per-record series (``<namespace>_record_refs`` and ``<namespace>_record_size_bytes``,
+    label ``record_id``) are the one high-cardinality exception and are bounded: records with
+    open handles come first, at most ``max_record_series`` of each are exposed, and
+    ``<namespace>_record_series_omitted`` says how many records were left out.
+
+    The collector holds no mutable state, so concurrent scrapes are safe.
+
+    Args:
+        manager: The manager proxy (``cache.manager``), or anything whose ``statistics()``
+            returns a Pykka future of :class:`~actors._types.CacheStatistics`.
+        namespace: Prefix of every metric name.
+        registry: Registry to register with; ``None`` registers nowhere. The default is
+            client_python's global ``REGISTRY``, like its built-in collectors; two caches
+            in one process then need different namespaces (or their own registries, which
+            is what :func:`metrics.serve` and :func:`metrics.wsgi_app` use).
+        max_record_series: Cap on the per-record series of each family (0 disables them).
+        timeout: Seconds to wait for the manager's snapshot per scrape.
+
+    Raises:
+        InvalidError: A bad argument (nothing is registered).
+        AlreadyExistsError: ``registry`` already exposes series with these names.
+    """
+
+    def __init__(
+        self,
+        manager: StatisticsSource,
+        *,
+        namespace: str = "refcache",
+        registry: CollectorRegistry | None = REGISTRY,
+        max_record_series: int = 1000,
+        timeout: float = 2.0,
+    ) -> None:
+        if not callable(getattr(manager, "statistics", None)):
+            msg = f"metrics source {manager!r} has no statistics() method"
+            raise InvalidError(msg)
+        if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+            msg = f"invalid metrics namespace {namespace!r}: expected [a-zA-Z_][a-zA-Z0-9_]*"
+            raise InvalidError(msg)
+        if (
+            not isinstance(max_record_series, int)
+            or isinstance(max_record_series, bool)
+            or max_record_series < 0
+        ):
+            msg = f"invalid max_record_series {max_record_series!r}: expected an int >= 0"
+            raise InvalidError(msg)
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            msg = f"invalid metrics timeout {timeout!r}: expected seconds > 0"
+            raise InvalidError(msg)
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
+            raise InvalidError(msg)
+        self._manager = manager
+        self._namespace = namespace
+        self._max_record_series = max_record_series
+        self._timeout = float(timeout)
+        if registry is not None:
+            try:
+                registry.register(self)
+            except ValueError as exc:
+                msg = f"metrics namespace {namespace!r} is already registered: {exc}"
+                raise AlreadyExistsError(msg) from exc
+
+    @property
+    def namespace(self) -> str:
+        """Prefix of every metric name."""
+        return self._namespace
+
+    @property
+    def max_record_series(self) -> int:
+        """Cap on the per-record series of each per-record family."""
+        return self._max_record_series
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a scrape waits for the manager's snapshot."""
+        return self._timeout
+
+    def describe(self) -> list[Metric]:
+        """Returns the static family list, without asking the manager.
+
+        The registry calls this at registration to detect name clashes; it must not block
+        on (or even require) a running manager.
+        """
+        return [family.empty(self._namespace) for family in _FAMILIES]
+
+    def collect(self) -> Iterator[Metric]:
+        """Yields the metric families of one snapshot (runs on the scrape thread).
+
+        Yields:
+            Every family of :meth:`describe` from one snapshot, or only ``up`` = 0 when no
+            snapshot could be had.
+        """
+        started = time.perf_counter()
+        stats = self._snapshot()
+        up = _UP.gauge(self._namespace)
+        if stats is None:
+            up.add_metric([], 0)
+            yield up
+            return
+        elapsed = time.perf_counter() - started
+        up.add_metric([], 1)
+        yield up
+        yield self._gauge(_STATISTICS_DURATION, elapsed)
+        yield from self._aggregates(stats)
+        yield from self._operations(stats)
+        yield from self._records(stats)
+
+    def _snapshot(self) -> CacheStatistics | None:
+        """Asks the manager for one snapshot; ``None`` when there is none to expose."""
+        try:
+            stats = self._manager.statistics().get(timeout=self._timeout)
+        except pykka.Timeout:
+            # The ask stays queued and its late answer is dropped: Pykka cannot cancel an
+            # ask, and the next scrape asks afresh (DESIGN.md: every get() has a timeout).
+            logger.warning(
+                "refcache metrics: manager did not answer statistics() within %.3f s",
+                self._timeout,
+            )
+            return None
+        except pykka.ActorDeadError:
+            logger.warning("refcache metrics: manager actor is not running")
+            return None
+        except Exception:
+            # Whatever the handler raised, a scrape reports up=0 rather than failing with a
+            # half-written exposition; the traceback goes to the log.
+            logger.exception("refcache metrics: statistics() failed")
+            return None
+        if not isinstance(stats, CacheStatistics):
+            logger.error(
+                "refcache metrics: statistics() returned %s, not CacheStatistics",
+                type(stats).__name__,
+            )
+            return None
+        return stats
+
+    def _gauge(self, family: _Family, value: float) -> GaugeMetricFamily:
+        """Returns an unlabelled gauge family with one sample."""
+        return GaugeMetricFamily(family.name(self._namespace), family.doc, value=value)
+
+    def _counter(self, family: _Family, value: float) -> CounterMetricFamily:
+        """Returns an unlabelled counter family with one sample."""
+        return CounterMetricFamily(family.name(self._namespace), family.doc, value=value)
+
+    def _labelled_gauge(
+        self, family: _Family, values: Iterable[tuple[Sequence[str], float]]
+    ) -> GaugeMetricFamily:
+        """Returns a labelled gauge family with one sample per ``(labels, value)``."""
+        metric = family.gauge(self._namespace)
+        for labels, value in values:
+            metric.add_metric(labels, value)
+        return metric
+
+    def _aggregates(self, stats: CacheStatistics) -> Iterator[Metric]:
+        """Yields the record, handle, size, actor, prune, GC and LMDB families."""
+        yield self._gauge(_RECORDS, stats.records)
+        yield self._labelled_gauge(
+            _RECORDS_BY_KIND,
+            (([kind], stats.records_by_kind.get(kind, 0)) for kind in _kinds(stats)),
+        )
+        yield self._labelled_gauge(
+            _RECORDS_BY_STATE, (([state], getattr(stats, state)) for state in RECORD_STATES)
+        )
+        yield self._gauge(_OPEN_HANDLES, stats.open_handles)
+        yield self._labelled_gauge(
+            _USAGE_BYTES,
+            (([kind], stats.bytes_by_kind.get(kind, 0)) for kind in _kinds(stats)),
+        )
+        yield self._gauge(_RECLAIMABLE_BYTES, stats.reclaimable_bytes)
+        yield self._gauge(_ACTIVE_ACTORS, stats.active_actors)
+        yield self._gauge(_POOL_WORKERS, stats.pool_workers)
+        yield self._counter(_PRUNE_RECORDS, stats.prune_records_total)
+        yield self._counter(_PRUNE_BYTES, stats.prune_bytes_total)
+        yield self._counter(_PRUNE_SECONDS, stats.prune_seconds_total)
+        yield self._counter(_GC_RUNS, stats.gc_runs_total)
+        yield self._counter(_GC_BYTES, stats.gc_bytes_total)
+        yield self._counter(_DOUBLE_RELEASES, stats.double_releases_total)
+        yield self._gauge(_LMDB_MAP_SIZE, stats.lmdb_map_size_bytes)
+        yield self._gauge(_LMDB_USED, stats.lmdb_used_bytes)
+
+    def _operations(self, stats: CacheStatistics) -> Iterator[Metric]:
+        """Yields the operation counter and the latency histogram."""
+        counter = _OPERATIONS.counter(self._namespace)
+        finished: dict[str, int] = {}
+        for (operation, result), count in sorted(stats.operations.items()):
+            counter.add_metric([operation, result], count)
+            finished[operation] = finished.get(operation, 0) + count
+        yield counter
+
+        histogram = _OPERATION_DURATION.histogram(self._namespace)
+        for operation, counts in sorted(stats.latency_buckets.items()):
+            buckets = _histogram_buckets(operation, counts, finished.get(operation, 0))
+            if buckets is not None:
+                total = stats.latency_sum_seconds.get(operation, 0.0)
+                histogram.add_metric([operation], buckets, total)
+        yield histogram
+
+    def _records(self, stats: CacheStatistics) -> Iterator[Metric]:
+        """Yields the bounded per-record families and the omitted-series gauge."""
+        chosen = _select_records(stats.records_detail, self._max_record_series)
+        yield self._labelled_gauge(
+            _RECORD_REFS, (([record_id], refs) for record_id, refs, _ in chosen)
+        )
+        # A size of -1 means "not computed yet" (RecordInfo.size): no sample rather than a
+        # negative number that would corrupt every sum() over the family.
+        yield self._labelled_gauge(
+            _RECORD_SIZE,
+            (([record_id], size) for record_id, _, size in chosen if size >= 0),
+        )
+        yield self._gauge(_RECORD_SERIES_OMITTED, len(stats.records_detail) - len(chosen))
+
+
+def _kinds(stats: CacheStatistics) -> list[str]:
+    """The fixed kinds, then any other kind the snapshot reports (sorted)."""
+    extra = (set(stats.records_by_kind) | set(stats.bytes_by_kind)) - set(RECORD_KINDS)
+    return [*RECORD_KINDS, *sorted(extra)]
+
+
+def _histogram_buckets(
+    operation: str, counts: Sequence[int], finished: int
+) -> list[tuple[str, float]] | None:
+    """Turns the manager's cumulative counts into client_python histogram buckets.
+
+    ``counts`` holds one cumulative count per bound of ``LATENCY_BUCKETS``, optionally
+    followed by the ``+Inf`` count (the number of observations). Without it, the ``+Inf``
+    count is the number of finished operations (never less than the last bucket).
+
+    Returns:
+        The ``(le, count)`` pairs ending with ``+Inf``, or ``None`` (logged) when the
+        counts do not match ``LATENCY_BUCKETS``: wrong buckets are worse than none.
+    """
+    bounds = len(LATENCY_BUCKETS)
+    if len(counts) == bounds + 1:
+        finite, infinite = counts[:bounds], counts[bounds]
+    elif len(counts) == bounds:
+        finite = counts
+        infinite = max(counts[-1] if counts else 0, finished)
+    else:
+        logger.error(
+            "refcache metrics: %d latency buckets for operation %r, expected %d "
+            "(actors._types.LATENCY_BUCKETS and metrics disagree); histogram skipped",
+            len(counts),
+            operation,
+            bounds,
+        )
+        return None
+    buckets: list[tuple[str, float]] = list(zip(_LE_LABELS, finite, strict=True))
+    buckets.append(("+Inf", infinite))
+    return buckets
+
+
+def _select_records(
+    detail: Sequence[tuple[str, int, int]], cap: int
+) -> Sequence[tuple[str, int, int]]:
+    """Picks at most ``cap`` records for the per-record series: in-use records first.
+
+    The manager already orders ``records_detail`` in-use first; this does not rely on it
+    (one pass over the refcounts), but keeps the manager's order within each group. Cost is
+    O(N) comparisons plus O(cap) copies: ~3 ms at 100k records.
+    """
+    in_use = [record for record in detail if record[1] > 0]
+    if len(in_use) >= cap:
+        return in_use[:cap]
+    idle = itertools.islice((record for record in detail if record[1] <= 0), cap - len(in_use))
+    return in_use + list(idle)
