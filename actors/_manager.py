@@ -22,6 +22,12 @@ Refcount model: a record's refcount is its user handles (held in the record acto
 every record owns one handle per parent slot; ``Diff(a, a)`` holds ``a`` twice). The holds of
 records at rest are kept here, so a parent does not need an actor while its children rest.
 Removal releases a record's holds one parent at a time, by the manager.
+
+A release is two steps where BuildKit has one critical section under ``cm.mu``: the record
+actor drops the handle, then the manager's ``unreferenced`` step decides the record's fate.
+Other messages can come in between, so that step re-checks: a pair taken again meanwhile is
+kept (its next last release decides), and before removing a record the manager settles its
+actor (``_quiesce``), after which a released handle can only clone through the manager.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ from pykka import ThreadingFuture
 
 from actors._core import CacheCore, ask, get_result
 from actors._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
-from actors._refs import ImmutableRef, MutableRef, finalize_record, snapshot_usage
+from actors._refs import (
+    ImmutableRef,
+    MutableRef,
+    extract_record,
+    finalize_record,
+    snapshot_usage,
+)
 from actors._types import CacheStatistics, PrunePolicy, RecordInfo, RecordKind, UsageInfo
 from storage import (
     KEY_BLOB,
@@ -66,7 +78,6 @@ from storage import (
     KEY_SNAPSHOT,
     KEY_UPPER_DIFF_PARENT,
     KEY_USAGE_COUNT,
-    FailedPreconditionError,
     InvalidError,
     LockedError,
     NotFoundError,
@@ -230,6 +241,7 @@ class CacheManager(pykka.ThreadingActor):
         self.entries = entries
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._prune_running = False
+        self._prune_queue: list[tuple[tuple[PrunePolicy, ...], Future[list[UsageInfo]]]] = []
         self._prune_stats = [0, 0, 0.0]  # records, bytes, seconds
         self._gc_stats = [0, 0]  # runs, bytes
 
@@ -249,7 +261,11 @@ class CacheManager(pykka.ThreadingActor):
         return handler(*message[1:])
 
     def on_stop(self) -> None:
-        """Stops the record actors of this cache (and only these)."""
+        """Stops the record actors of this cache (and only these); fails queued prunes."""
+        queued, self._prune_queue = self._prune_queue, []
+        for _, waiter in queued:
+            msg = f"cache at {self.core.root} closed before a queued prune ran"
+            waiter.set_exception(RefcacheError(msg))
         futures = []
         for e in self.entries.values():
             if e.actor is not None:
@@ -351,12 +367,27 @@ class CacheManager(pykka.ThreadingActor):
                 old.actor = None
         return settled
 
+    def _quiesce(self, e: RecordEntry) -> bool:
+        """Whether ``e`` has no handles, settling its actor if so (before removing ``e``).
+
+        Between a last release and the manager's ``unreferenced`` step, a released handle can
+        still clone through the record actor. Settling the actor closes that window: from
+        then on such a clone goes through the manager, which sees the removal.
+        """
+        if e.actor is None:
+            return True
+        # _settle forgets an actor that died (no handles can live there either).
+        return self._settle(e) is not None or e.actor is None
+
     def _mutable_locked(self, m: RecordEntry) -> bool:
         if self._handles(m) > 0:
             return True
         if m.equal_immutable is not None:
             i = self.entries.get(m.equal_immutable)
-            if i is not None and self._handles(i) > 0:
+            # A hold on the twin is a child being created on it (new/merge/diff parent):
+            # it is in use, and the child's job finalizes it (BuildKit holds the parent ref
+            # for the whole synchronous New, so the pair cannot be dropped meanwhile).
+            if i is not None and (i.holders > 0 or self._handles(i) > 0):
                 return True
         return False
 
@@ -515,6 +546,9 @@ class CacheManager(pykka.ThreadingActor):
             if e.equal_immutable is not None:
                 i = self.entries.get(e.equal_immutable)
                 if i is not None:
+                    if not self._quiesce(i):
+                        msg = f"record {id!r} is locked: its committed twin {i.id!r} is held"
+                        raise LockedError(msg)
                     self._remove(i, remove_snapshot=False)
                 e.equal_immutable = None
             rid, hid, actor = self._acquire(e, True)
@@ -572,7 +606,10 @@ class CacheManager(pykka.ThreadingActor):
             with core.timed("new"):
                 parent_sid = ""
                 if parents:
+                    # BuildKit New: finalize the parent, then extract it (a merge or diff
+                    # has no snapshot until then), and use its snapshot as the parent.
                     finalize_record(core, parents[0])
+                    extract_record(core, parents[0])
                     parent_sid = core.ask_manager(("snapshot_of", parents[0]))
                 sn = core.snapshotter
                 with core.env.write_txn() as txn:
@@ -711,21 +748,22 @@ class CacheManager(pykka.ThreadingActor):
     def _diff_merge_job(self, plan: tuple[tuple[str, str, str], ...]) -> ImmutableRef:
         core = self.core
         pieces: list[ImmutableRef] = []
+        handed = 0  # plan entries whose holds were handed over (to a piece or released)
         try:
-            for i, (kind, low, up) in enumerate(plan):
+            for kind, low, up in plan:
                 if kind == "diff":
+                    handed += 1  # _diff_job owns these holds now and drops them on failure
                     pieces.append(self._diff_job((low, up), f'diff "{low}" -> "{up}"'))
                 else:
                     rid, hid, actor = core.ask_manager(("clone", up))
-                    core.ask_manager(("unhold", (up,)))
                     pieces.append(ImmutableRef(core, rid, hid, actor))
-                del i
+                    handed += 1
+                    core.ask_manager(("unhold", (up,)))
             ids = tuple(p.id for p in pieces)
             core.ask_manager(("hold", ids))
             merged = self._merge_job(ids)
         except BaseException:
-            done = len(pieces)
-            for kind, low, up in plan[done:]:
+            for kind, low, up in plan[handed:]:
                 with contextlib.suppress(RefcacheError):
                     core.ask_manager(("unhold", (low, up) if kind == "diff" else (up,)))
             raise
@@ -808,6 +846,14 @@ class CacheManager(pykka.ThreadingActor):
         """
         if isinstance(filters, str):
             filters = (filters,)
+        if not isinstance(filters, list | tuple):
+            msg = f"disk usage filters must be a sequence of strings, not {filters!r}"
+            raise InvalidError(msg)
+        if age_limit is not None and (
+            not isinstance(age_limit, timedelta) or age_limit < timedelta(0)
+        ):
+            msg = f"disk usage age_limit must be a timedelta >= 0, not {age_limit!r}"
+            raise InvalidError(msg)
         flt = parse_filters(*filters)
         rows = self._usage_rows()
         cutoff = time.time_ns() - int(age_limit.total_seconds() * 1e9) if age_limit else None
@@ -825,12 +871,16 @@ class CacheManager(pykka.ThreadingActor):
         return self.core.executor.submit(self._usage_sizes_job, selected, sids)
 
     def _usage_sizes_job(self, rows: list[UsageInfo], sids: dict[str, str]) -> list[UsageInfo]:
-        sizes = {rid: snapshot_usage(self.core, sid) for rid, sid in sids.items()}
-        self.core.ask_manager(("sizes", sizes))
+        measured = {rid: snapshot_usage(self.core, sid) for rid, sid in sids.items()}
+        # Only sizes of existing snapshots are cached; a missing one shows 0 for now.
+        self.core.ask_manager(
+            ("sizes", {rid: size for rid, size in measured.items() if size is not None})
+        )
         out = []
         for r in rows:
-            if r.id in sizes:
-                r = UsageInfo(**{**_row_dict(r), "size": sizes[r.id]})  # noqa: PLW2901
+            if r.id in measured:
+                size = measured[r.id] or 0
+                r = UsageInfo(**{**_row_dict(r), "size": size})  # noqa: PLW2901
             out.append(r)
         return out
 
@@ -903,8 +953,10 @@ class CacheManager(pykka.ThreadingActor):
                 raise InvalidError(msg)
             parse_filters(*p.filters)
         if self._prune_running:
-            msg = "a prune is already running on this cache"
-            raise FailedPreconditionError(msg)
+            # BuildKit's muPrune: one prune at a time; later ones wait their turn.
+            waiter: Future[list[UsageInfo]] = Future()
+            self._prune_queue.append((policies, waiter))
+            return waiter
         self._prune_running = True
         return self.core.executor.submit(self._prune_job, policies)
 
@@ -969,6 +1021,18 @@ class CacheManager(pykka.ThreadingActor):
         self.core.store.get(record_id).set(KEY_CACHE_POLICY, 1 if retain else None)
         e.retain = retain
 
+    def _op_md_changed(self, record_id: str, values: dict[str, Any]) -> None:
+        """A handle wrote metadata: refresh the keys the table mirrors."""
+        e = self.entries.get(record_id)
+        if e is None:
+            return
+        if KEY_DESCRIPTION in values:
+            e.description = values[KEY_DESCRIPTION] or ""
+        if KEY_RECORD_TYPE in values:
+            e.record_type = values[KEY_RECORD_TYPE] or ""
+        if KEY_CREATED_AT in values:
+            e.created_at = values[KEY_CREATED_AT] or 0
+
     def _op_sizes(self, sizes: dict[str, int]) -> None:
         for rid, size in sizes.items():
             e = self.entries.get(rid)
@@ -990,21 +1054,44 @@ class CacheManager(pykka.ThreadingActor):
         if e.equal_mutable is not None:
             m = self.entries.get(e.equal_mutable)
             if m is not None and not m.dead and self._handles(m) == 0:
-                self._mutable_released(m)
+                # BuildKit: releasing a used immutable sets equalMutable.triggerLastUsed, so
+                # a kept mutable counts the use when the pair's last ref goes.
+                self._mutable_released(m, used=settled.used)
             return
         if settled.had_view:
             with self.core.env.write_txn() as txn:
                 self._delete_leases(txn, [e.id + "-view"])
 
-    def _mutable_released(self, m: RecordEntry) -> None:
-        if m.retain:
-            return
+    def _mutable_released(self, m: RecordEntry, *, used: bool = False) -> None:
         i = self.entries.get(m.equal_immutable) if m.equal_immutable else None
-        if i is not None and i.retain:
+        if m.retain or (i is not None and i.retain):
+            if used:
+                self._touch_entry(m)
+            return
+        if i is not None and (i.holders > 0 or not self._quiesce(i)):
+            # The pair was taken again after the release that sent us here (a get() made
+            # the twin, or a child being created holds it; its job finalizes the pair).
+            # BuildKit decides under cm.mu at release time; here the twin's own last
+            # release decides later. Removing it now would pull it from under its refs.
             return
         if i is not None:
             self._remove(i, remove_snapshot=False)
         self._remove(m, remove_snapshot=True)
+
+    def _touch_entry(self, e: RecordEntry) -> None:
+        """Counts one use of a record nobody holds (BuildKit ``updateLastUsed``)."""
+        if e.actor is not None:
+            try:
+                self._ask(e.actor, ("touch",))
+                e.usage_count, e.last_used_at, _ = self._ask(e.actor, ("summary",))
+                return
+            except pykka.ActorDeadError:
+                e.actor = None
+        e.usage_count += 1
+        e.last_used_at = time.time_ns()
+        self.core.writer.submit(
+            e.id, {KEY_USAGE_COUNT: e.usage_count, KEY_LAST_USED_AT: e.last_used_at}
+        )
 
     def _commit_entry(self, m: RecordEntry) -> RecordEntry:
         """Creates the equal immutable of ``m`` (lazy commit: no snapshot work)."""
@@ -1182,6 +1269,9 @@ class CacheManager(pykka.ThreadingActor):
             )
             if not flt.match(_usage_adaptor(row)):
                 continue
+            twin = self.entries.get(e.equal_immutable) if e.equal_immutable else None
+            if not self._quiesce(e) or (twin is not None and not self._quiesce(twin)):
+                continue  # a released handle cloned it since the counts were taken
             batch.append(e)
             if len(batch) >= PRUNE_BATCH:
                 break
@@ -1218,14 +1308,38 @@ class CacheManager(pykka.ThreadingActor):
         return out
 
     def _op_prune_done(self, records: int, size: int, seconds: float) -> None:
-        self._prune_running = False
         self._prune_stats[0] += records
         self._prune_stats[1] += size
         self._prune_stats[2] += seconds
+        if not self._prune_queue:
+            self._prune_running = False
+            return
+        policies, waiter = self._prune_queue.pop(0)
+        try:
+            job = self.core.executor.submit(self._prune_job, policies)
+        except RuntimeError as exc:  # the executor is shut down: the cache is closing
+            self._prune_running = False
+            msg = f"cache at {self.core.root} closed before a queued prune ran"
+            waiter.set_exception(RefcacheError(msg))
+            logger.debug("queued prune not started: %s", exc)
+            return
+        job.add_done_callback(lambda done: _chain(done, waiter))
 
     def _op_gc_done(self, freed: int) -> None:
         self._gc_stats[0] += 1
         self._gc_stats[1] += freed
+
+
+def _chain(done: Future[Any], waiter: Future[Any]) -> None:
+    """Copies the outcome of ``done`` to ``waiter`` (a queued prune's reply)."""
+    if done.cancelled():
+        waiter.set_exception(RefcacheError("the prune was cancelled: the cache is closing"))
+        return
+    exc = done.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(done.result())
 
 
 def _row_dict(row: UsageInfo) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class Settled:
     last_used_at: int | None
     size: int
     had_view: bool
+    used: bool = False  #: a use was counted since the record was last settled
 
 
 class CacheRecord(PooledActor):
@@ -89,9 +90,9 @@ class CacheRecord(PooledActor):
         self.dead = False
         self.mounts: tuple[Mount, ...] | None = None
         self.had_view = False
+        self.used = False
         self.mount_flight: ThreadingFuture[Any] | None = None
         self.size_flight: ThreadingFuture[Any] | None = None
-        self.item: StorageItem | None = None
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -153,8 +154,9 @@ class CacheRecord(PooledActor):
             return None
         self.settled = True
         had_view, self.had_view = self.had_view, False
+        used, self.used = self.used, False
         self.mounts = None
-        return Settled(self.usage_count, self.last_used_at, self.size, had_view)
+        return Settled(self.usage_count, self.last_used_at, self.size, had_view, used)
 
     def _on_kill(self) -> int:
         """Marks the record dead (removal or finalized mutable); returns open handles."""
@@ -169,6 +171,7 @@ class CacheRecord(PooledActor):
         self._touch()
 
     def _touch(self) -> None:
+        self.used = True
         self.usage_count += 1
         self.last_used_at = time.time_ns()
         self.core.writer.submit(
@@ -183,7 +186,8 @@ class CacheRecord(PooledActor):
         self.mounts = None
 
     def _on_mount_begin(self) -> tuple[Any, ...]:
-        """Returns ``("cached", mounts)``, ``("wait", future)`` or ``("do", snapshot, view)``."""
+        """Returns ``("cached", mounts)``, ``("wait", future)`` or
+        ``("do", snapshot, view, own snapshot)``."""
         self._check_alive()
         if self.mounts is not None:
             return ("cached", self.mounts)
@@ -192,7 +196,7 @@ class CacheRecord(PooledActor):
         self.mount_flight = ThreadingFuture()
         own = self.mount_snapshot_id == self.snapshot_id
         view = not self.mutable and own
-        return ("do", self.mount_snapshot_id, view)
+        return ("do", self.mount_snapshot_id, view, self.snapshot_id)
 
     def _on_mount_end(self, mounts: tuple[Mount, ...] | None, error: BaseException | None) -> None:
         flight, self.mount_flight = self.mount_flight, None
@@ -210,47 +214,43 @@ class CacheRecord(PooledActor):
     # -- size -------------------------------------------------------------------------------
 
     def _on_size_begin(self) -> tuple[Any, ...]:
-        """Returns ``("known", size)``, ``("wait", future)`` or ``("do", snapshot)``."""
+        """Returns ``("known", size)``, ``("wait", future)`` or ``("do", snapshot, own)``."""
         if self.size != SIZE_UNKNOWN and not self.mutable:
             return ("known", self.size)
         if self.size_flight is not None:
             return ("wait", self.size_flight)
         self.size_flight = ThreadingFuture()
-        return ("do", self.mount_snapshot_id)
+        return ("do", self.mount_snapshot_id, self.snapshot_id)
 
     def _on_size_end(self, size: int | None, error: BaseException | None) -> None:
+        """Ends a size flight; ``size`` is ``None`` when the snapshot does not exist (not
+        cached: a merge or diff that is extracted later gets measured then)."""
         flight, self.size_flight = self.size_flight, None
-        if error is None and size is not None:
-            if self.dead and size < 0:
-                size = 0
-            if not self.mutable:
-                self.size = size
-                self.core.writer.submit(self.id, {KEY_SIZE: size})
+        if error is None and size is not None and not self.mutable:
+            self.size = size
+            self.core.writer.submit(self.id, {KEY_SIZE: size})
         if flight is not None:
             if error is not None:
                 flight.set_exception(exc_info=(type(error), error, error.__traceback__))
             else:
-                flight.set(size)
+                flight.set(0 if size is None else size)
 
     def _on_size_reset(self) -> None:
         self.size = SIZE_UNKNOWN
 
     # -- metadata ---------------------------------------------------------------------------
 
-    def _item(self) -> StorageItem:
-        if self.item is None:
-            self.item = self.core.store.get(self.id)
-        return self.item
-
     def _on_md_get(self, key: str) -> Any:
-        return self._item().get(key)
+        # Read the stored value now: other writers (the manager's policy and finalize
+        # updates, the statistics writer, _persist) write through their own items, so a
+        # cached item would go stale (a setter followed by a getter read the old value).
+        return self.core.store.get(self.id).get(key)
 
     def _on_md_set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None) -> Any:
-        """Stages ``values`` and returns a future that completes once they are durable."""
+        """Validates ``values`` and returns a future that completes once they are durable."""
         self._check_alive()
-        item = self._item()
-        item.queue_many(values, indexes)  # validates first: bad input changes nothing
-        # Write synchronously through a fresh item in the writer's next batch.
+        # Validates first, without I/O: bad input changes nothing.
+        StorageItem(self.core.store, self.id, None).queue_many(values, indexes)
         return self.core.executor.submit(self._persist, dict(values), dict(indexes or {}))
 
     def _persist(self, values: dict[str, Any], indexes: dict[str, str]) -> None:

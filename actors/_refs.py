@@ -80,6 +80,10 @@ class RefMetadata:
     def _set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None = None) -> None:
         result = self._ref._ask_record(("md_set", dict(values), indexes), "write metadata")
         get_result(result, self._ref._core.timeout, f"metadata write of {self._ref.id!r}")
+        # The manager's table mirrors a few keys (description, record type, creation time)
+        # for disk usage, prune filters and info(): BuildKit's in-memory metadata sees a
+        # setter at once, so the table must too.
+        self._ref._core.ask_manager(("md_changed", self._ref.id, dict(values)))
 
     def get_string(self, key: str) -> str:
         """Returns the string stored under ``key`` (``""`` when unset)."""
@@ -167,6 +171,7 @@ class RefMetadata:
         if value not in ("default", "retain"):
             msg = f"cache policy of record {self._ref.id!r} must be 'default' or 'retain'"
             raise InvalidError(msg)
+        self._ref._check_usable("set the cache policy")
         self._ref._core.ask_manager(("set_policy", self._ref.id, value == "retain"))
 
 
@@ -269,9 +274,18 @@ class _Ref:
             return plan[1]
         if plan[0] == "wait":
             return get_result(plan[1], self._core.timeout, f"mount of {self._id!r}")
-        _, snapshot_id, view = plan
+        _, snapshot_id, view, own = plan
         try:
-            mounts = tuple(self._make_mounts(snapshot_id, view))
+            try:
+                mounts = tuple(self._make_mounts(snapshot_id, view))
+            except NotFoundError:
+                if snapshot_id == own:
+                    raise
+                # The equal mutable's snapshot was committed meanwhile by a concurrent
+                # finalize (BuildKit serialises mount and finalize on the pair's shared
+                # mutex): wait for that finalize, then view the record's own snapshot.
+                finalize_record(self._core, self._id)
+                mounts = tuple(self._make_mounts(own, True))
         except BaseException as exc:
             self._ask_actor(("mount_end", None, exc), what)
             raise
@@ -508,19 +522,29 @@ def compute_size(ref: _Ref, core: CacheCore) -> int:
         return int(plan[1])
     if plan[0] == "wait":
         return int(get_result(plan[1], core.timeout, f"size of {ref.id!r}"))
-    snapshot_id = plan[1]
+    _, snapshot_id, own = plan
     try:
         size = snapshot_usage(core, snapshot_id)
+        if size is None and snapshot_id != own:
+            # The equal mutable's snapshot was committed by a concurrent finalize: measure
+            # the record's own snapshot once that finalize is done.
+            finalize_record(core, ref.id)
+            size = snapshot_usage(core, own)
     except BaseException as exc:
         ref._ask_actor(("size_end", None, exc), "size")
         raise
+    # A missing snapshot (a merge or diff not extracted yet) counts 0 but is not cached:
+    # extraction would otherwise leave the record at size 0 for ever.
     ref._ask_actor(("size_end", size, None), "size")
-    return size
+    return 0 if size is None else size
 
 
-def snapshot_usage(core: CacheCore, snapshot_id: str) -> int:
-    """Usage of one snapshot in bytes; a missing snapshot counts 0 (BuildKit)."""
+def snapshot_usage(core: CacheCore, snapshot_id: str) -> int | None:
+    """Usage of one snapshot in bytes; ``None`` when it does not exist (yet).
+
+    Callers count a missing snapshot as 0 (BuildKit) without caching that size.
+    """
     try:
         return int(core.snapshotter.usage(snapshot_id).size)
     except NotFoundError:
-        return 0
+        return None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
 import pytest
+
+from actors import Cache, open_cache
 
 _STOP_TIMEOUT = 5.0
 
@@ -39,3 +42,39 @@ def _stop_actors_started_by_the_test() -> Iterator[None]:
     before = {ref.actor_urn for ref in pykka.ActorRegistry.get_all()}
     yield
     _stop([ref for ref in pykka.ActorRegistry.get_all() if ref.actor_urn not in before])
+
+
+# -- real caches -------------------------------------------------------------------------------
+
+#: Seconds any single wait in an actor test may take (a hang fails fast, with a message).
+WAIT = 30.0
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path) -> Path:
+    """The root directory of the test's cache (reopen it to simulate a restart)."""
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def open_cache_at(cache_root: Path) -> Iterator[Callable[[], Cache]]:
+    """Opens (or reopens, after ``close()``) the native cache at ``cache_root``.
+
+    Every cache opened through it is closed at teardown (closing twice is a no-op).
+    """
+    opened: list[Cache] = []
+
+    def _open() -> Cache:
+        cache = open_cache(cache_root, snapshotter="native", timeout=WAIT)
+        opened.append(cache)
+        return cache
+
+    yield _open
+    for cache in reversed(opened):
+        cache.close()
+
+
+@pytest.fixture
+def cache(open_cache_at: Callable[[], Cache]) -> Cache:
+    """A real cache (LMDB, content store, native snapshotter) in ``tmp_path``."""
+    return open_cache_at()

@@ -1,0 +1,516 @@
+"""Ref handles: bad input, released and consumed handles, metadata, layer chains.
+
+Bad input gets a clear error naming the offending value and changes nothing: every such test
+compares ``disk_usage`` and the handle statistics before and after.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors import (
+    Cache,
+    ImmutableRef,
+    InvalidError,
+    MutableRef,
+    NotFoundError,
+    PrunePolicy,
+    RefList,
+    UsageInfo,
+    open_cache,
+)
+
+WAIT = 30.0
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def new(cache: Cache, parent: ImmutableRef | None = None, **kwargs: Any) -> MutableRef:
+    ref: MutableRef = cache.manager.new(parent, **kwargs).get(timeout=WAIT)
+    return ref
+
+
+def committed(cache: Cache, parent: ImmutableRef | None = None, **kwargs: Any) -> ImmutableRef:
+    """New(parent) + Commit."""
+    return new(cache, parent, **kwargs).commit()
+
+
+def usage(cache: Cache) -> list[UsageInfo]:
+    rows: list[UsageInfo] = cache.manager.disk_usage().get(timeout=WAIT)
+    return sorted(rows, key=lambda r: r.id)
+
+
+def state(cache: Cache) -> tuple[list[UsageInfo], int, int, tuple[tuple[str, int, int], ...]]:
+    """Everything a failed call must leave unchanged."""
+    stats = cache.manager.statistics().get(timeout=WAIT)
+    return usage(cache), stats.records, stats.open_handles, stats.records_detail
+
+
+def double_releases(cache: Cache) -> int:
+    return int(cache.manager.statistics().get(timeout=WAIT).double_releases_total)
+
+
+def prune_all(cache: Cache) -> list[str]:
+    return [r.id for r in cache.manager.prune().get(timeout=WAIT)]
+
+
+def record_count(cache: Cache) -> int:
+    return int(cache.manager.statistics().get(timeout=WAIT).records)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+class TestBadInput:
+    """Unknown ids, wrong types and foreign handles: a clear error, nothing changed."""
+
+    def test_unknown_id_is_not_found_naming_the_id(self, cache: Cache) -> None:
+        kept = committed(cache)
+        before = state(cache)
+        with pytest.raises(NotFoundError, match="no-such-record"):
+            cache.manager.get("no-such-record").get(timeout=WAIT)
+        with pytest.raises(NotFoundError, match="no-such-mutable"):
+            cache.manager.get_mutable("no-such-mutable").get(timeout=WAIT)
+        assert state(cache) == before
+        kept.release()
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            pytest.param(lambda m: m.get(123), id="get-int"),
+            pytest.param(lambda m: m.get(None), id="get-none"),
+            pytest.param(lambda m: m.get_mutable(b"abc"), id="get_mutable-bytes"),
+            pytest.param(lambda m: m.new("parent-id"), id="new-str-parent"),
+            pytest.param(lambda m: m.new(retain="yes"), id="new-retain-str"),
+            pytest.param(lambda m: m.new(description=5), id="new-description-int"),
+            pytest.param(lambda m: m.new(record_type=b"x"), id="new-record-type-bytes"),
+            pytest.param(lambda m: m.new(created_at=-1), id="new-created-at-negative"),
+            pytest.param(lambda m: m.merge("abc"), id="merge-str"),
+            pytest.param(lambda m: m.merge([1, 2]), id="merge-ints"),
+            pytest.param(lambda m: m.merge(7), id="merge-int"),
+            pytest.param(lambda m: m.diff("a", None), id="diff-str"),
+            pytest.param(lambda m: m.diff(None, None), id="diff-no-lower"),
+            pytest.param(lambda m: m.prune("all"), id="prune-str"),
+            pytest.param(lambda m: m.prune(PrunePolicy(filters=("id~=(",))), id="prune-regex"),
+            pytest.param(lambda m: m.disk_usage(["id~=("]), id="du-filter-regex"),
+            pytest.param(lambda m: m.disk_usage([5]), id="du-filter-int"),
+            pytest.param(lambda m: m.disk_usage(5), id="du-filters-int"),
+            pytest.param(
+                lambda m: m.disk_usage(age_limit=timedelta(seconds=-1)), id="du-age-negative"
+            ),
+            pytest.param(lambda m: m.disk_usage(age_limit="1h"), id="du-age-limit-str"),
+            pytest.param(lambda m: m.search(5), id="search-int"),
+        ],
+    )
+    def test_wrong_types_are_invalid_and_change_nothing(
+        self, cache: Cache, call: Callable[[Any], Any]
+    ) -> None:
+        kept = committed(cache)
+        before = state(cache)
+        with pytest.raises(InvalidError):
+            call(cache.manager).get(timeout=WAIT)
+        assert state(cache) == before
+        kept.release()
+
+    def test_mutable_handle_as_parent_is_invalid(self, cache: Cache) -> None:
+        m = new(cache)
+        before = state(cache)
+        with pytest.raises(InvalidError, match="ImmutableRef"):
+            cache.manager.new(m).get(timeout=WAIT)
+        with pytest.raises(InvalidError, match="ImmutableRef"):
+            cache.manager.merge([m, m]).get(timeout=WAIT)
+        assert state(cache) == before
+        m.release()
+
+    def test_handle_of_another_cache_is_invalid_as_parent(
+        self, cache: Cache, tmp_path: Path
+    ) -> None:
+        other = open_cache(tmp_path / "other", snapshotter="native", timeout=WAIT)
+        try:
+            foreign = committed(other)
+            mine = committed(cache)
+            before = state(cache)
+            with pytest.raises(InvalidError, match="another cache"):
+                cache.manager.new(foreign).get(timeout=WAIT)
+            with pytest.raises(InvalidError, match="another cache"):
+                cache.manager.merge([mine, foreign]).get(timeout=WAIT)
+            with pytest.raises(InvalidError, match="another cache"):
+                cache.manager.diff(mine, foreign).get(timeout=WAIT)
+            with pytest.raises(InvalidError, match="another cache"):
+                cache.manager.diff(foreign, mine).get(timeout=WAIT)
+            assert state(cache) == before
+            foreign.release()
+            mine.release()
+        finally:
+            other.close()
+
+    def test_commit_twice_is_invalid(self, cache: Cache) -> None:
+        m = new(cache)
+        i = m.commit()
+        before = state(cache)
+        with pytest.raises(InvalidError, match=m.id):
+            m.commit()
+        assert state(cache) == before
+        i.release()
+
+    def test_commit_of_released_mutable_is_invalid(self, cache: Cache) -> None:
+        m = new(cache, retain=True)
+        m.release()
+        before = state(cache)
+        with pytest.raises(InvalidError, match=m.id):
+            m.commit()
+        assert state(cache) == before
+
+
+# -- released and consumed handles ----------------------------------------------------------------
+
+
+class TestReleasedHandles:
+    """Use of a released handle is invalid; releasing twice is a counted no-op."""
+
+    @pytest.mark.parametrize(
+        "use",
+        [
+            pytest.param(lambda r: r.mount(), id="mount"),
+            pytest.param(lambda r: r.size(), id="size"),
+            pytest.param(lambda r: r.info(), id="info"),
+            pytest.param(lambda r: r.finalize(), id="finalize"),
+            pytest.param(lambda r: r.extract(), id="extract"),
+            pytest.param(lambda r: r.layer_chain(), id="layer_chain"),
+            pytest.param(lambda r: r.metadata.description, id="metadata-read"),
+            pytest.param(lambda r: r.metadata.set_string("k", "v"), id="metadata-write"),
+            pytest.param(
+                lambda r: setattr(r.metadata, "cache_policy", "retain"), id="metadata-policy"
+            ),
+            pytest.param(lambda r: r.metadata.get_external("k"), id="metadata-external"),
+            pytest.param(lambda r: r.walk_ancestors(), id="walk_ancestors"),
+        ],
+    )
+    def test_released_immutable_handle_cannot_be_used(
+        self, cache: Cache, use: Callable[[ImmutableRef], Any]
+    ) -> None:
+        ref = committed(cache, retain=True)
+        keep = ref.clone()
+        ref.release()
+        before = state(cache)
+        with pytest.raises(InvalidError, match="released"):
+            use(ref)
+        assert state(cache) == before
+        keep.release()
+
+    @pytest.mark.parametrize(
+        "use",
+        [
+            pytest.param(lambda r: r.mount(), id="mount"),
+            pytest.param(lambda r: r.commit(), id="commit"),
+            pytest.param(lambda r: r.info(), id="info"),
+            pytest.param(lambda r: r.metadata.description, id="metadata-read"),
+        ],
+    )
+    def test_released_or_consumed_mutable_handle_cannot_be_used(
+        self, cache: Cache, use: Callable[[MutableRef], Any]
+    ) -> None:
+        released = new(cache, retain=True)
+        released.release()
+        consumed = new(cache, retain=True)
+        kept = consumed.commit()
+        before = state(cache)
+        for ref in (released, consumed):
+            with pytest.raises(InvalidError, match=ref.id):
+                use(ref)
+        assert state(cache) == before
+        kept.release()
+
+    def test_clone_of_released_handle_works_while_the_record_lives(self, cache: Cache) -> None:
+        ref = committed(cache)
+        ref.finalize()
+        ref.release()
+        again = ref.clone()  # BuildKit relies on this (TestPrune step 4)
+        assert again.id == ref.id
+        assert again.info().id == ref.id
+        again.release()
+        assert prune_all(cache) == [ref.id]
+        before = state(cache)
+        with pytest.raises(NotFoundError, match=ref.id):
+            ref.clone()
+        assert state(cache) == before
+
+    def test_clone_of_released_handle_while_other_handles_are_open(self, cache: Cache) -> None:
+        ref = committed(cache)
+        other = ref.clone()
+        ref.release()
+        again = ref.clone()
+        stats = cache.manager.statistics().get(timeout=WAIT)
+        assert stats.records_detail[0][:2] == (ref.id, 2)
+        other.release()
+        again.release()
+        stats = cache.manager.statistics().get(timeout=WAIT)
+        assert stats.open_handles == 0
+
+    def test_double_release_is_a_counted_no_op(self, cache: Cache) -> None:
+        ref = committed(cache)
+        other = ref.clone()
+        ref.release()
+        before, count = state(cache), double_releases(cache)
+        ref.release()
+        ref.release()
+        assert double_releases(cache) == count + 2
+        assert state(cache) == before
+        other.release()
+
+    def test_release_of_consumed_mutable_is_a_counted_no_op(self, cache: Cache) -> None:
+        m = new(cache)
+        i = m.commit()
+        before, count = state(cache), double_releases(cache)
+        m.release()
+        assert double_releases(cache) == count + 1
+        assert state(cache) == before
+        # The immutable still works: the mutable handle belongs to it now.
+        assert i.info().equal_mutable == m.id
+        i.release()
+
+    def test_with_block_around_commit_is_safe(self, cache: Cache) -> None:
+        with cache.manager.new(description="scratch").get(timeout=WAIT) as m:
+            i = m.commit()
+        assert m.released
+        rows = usage(cache)
+        assert [(r.id, r.in_use, r.mutable) for r in rows] == [(i.id, True, False)]
+        assert i.metadata.description == "scratch"
+        i.release()
+        assert [(r.id, r.in_use) for r in usage(cache)] == []  # default policy: pair gone
+
+    def test_ref_list_release_is_idempotent(self, cache: Cache) -> None:
+        a = committed(cache)
+        refs = RefList([a.clone(), a.clone()])
+        refs.release()
+        count = double_releases(cache)
+        refs.release()
+        assert double_releases(cache) == count  # released entries are skipped silently
+        a.release()
+
+
+# -- metadata -------------------------------------------------------------------------------------
+
+
+class TestRefMetadata:
+    """RefMetadata getters and setters round-trip, are seen at once, and persist."""
+
+    def test_properties_round_trip_and_persist(self, open_cache_at: Callable[[], Cache]) -> None:
+        cache = open_cache_at()
+        ref = committed(cache, description="first")
+        md = ref.metadata
+        assert md.id == ref.id
+        assert md.description == "first"
+        assert md.record_type == "regular"
+        assert md.cache_policy == "default"
+        md.description = "second"
+        md.record_type = "internal"
+        md.layer_type = "windows"
+        md.created_at = 1_000_000_000
+        md.cache_policy = "retain"
+        md.set_string("user.key", "value", index="user.index:abc")
+        md.set_external("filelist", b"\x00\x01data")
+        md.set_string("gone", "soon")
+        md.clear("gone")
+        expected = {
+            "description": "second",
+            "record_type": "internal",
+            "layer_type": "windows",
+            "created_at": 1_000_000_000,
+            "cache_policy": "retain",
+        }
+        assert {k: getattr(md, k) for k in expected} == expected
+        assert md.get_string("user.key") == "value"
+        assert md.get_string("gone") == ""
+        assert md.get_external("filelist") == b"\x00\x01data"
+        ref_id = ref.id
+        ref.release()
+        cache.close()
+
+        cache = open_cache_at()
+        ref = cache.manager.get(ref_id).get(timeout=WAIT)
+        md = ref.metadata
+        assert {k: getattr(md, k) for k in expected} == expected
+        assert md.get_string("user.key") == "value"
+        assert md.get_string("gone") == ""
+        assert md.get_external("filelist") == b"\x00\x01data"
+        found = cache.manager.search("user.index:abc").get(timeout=WAIT)
+        assert [r.id for r in found] == [ref_id]
+        ref.release()
+
+    def test_setters_are_seen_by_info_and_disk_usage_at_once(self, cache: Cache) -> None:
+        ref = committed(cache, description="before")
+        ref.metadata.description = "after"
+        ref.metadata.record_type = "frontend"
+        ref.metadata.created_at = 42
+        info = ref.info()
+        assert (info.description, info.record_type, info.created_at) == ("after", "frontend", 42)
+        rows = cache.manager.disk_usage(("description==after",)).get(timeout=WAIT)
+        assert [(r.id, r.record_type, r.created_at) for r in rows] == [(ref.id, "frontend", 42)]
+
+    def test_cache_policy_setter_is_seen_by_the_getter_after_a_read(self, cache: Cache) -> None:
+        ref = committed(cache)
+        assert ref.metadata.cache_policy == "default"  # the record has read its metadata
+        ref.metadata.cache_policy = "retain"
+        assert ref.metadata.cache_policy == "retain"
+        assert ref.info().cache_policy == "retain"
+        ref.metadata.cache_policy = "default"
+        assert ref.metadata.cache_policy == "default"
+        ref.release()
+
+    def test_retain_set_later_keeps_the_pair_on_release(self, cache: Cache) -> None:
+        m = new(cache)
+        m.metadata.cache_policy = "retain"
+        i = m.commit()
+        i.release()
+        rows = usage(cache)
+        assert [(r.id, r.mutable, r.in_use) for r in rows] == [(m.id, True, False)]
+
+    def test_bad_metadata_values_are_invalid_and_change_nothing(self, cache: Cache) -> None:
+        ref = committed(cache, description="d")
+        before = state(cache)
+        md = ref.metadata
+        with pytest.raises(InvalidError):
+            md.set_string("k", 5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidError):
+            md.set_string("", "v")
+        with pytest.raises(InvalidError):
+            md.created_at = -5
+        with pytest.raises(InvalidError):
+            md.cache_policy = "forever"
+        with pytest.raises(NotFoundError):
+            md.get_external("missing")
+        assert md.description == "d"
+        assert md.get_string("k") == ""
+        assert state(cache) == before
+        ref.release()
+
+
+# -- chains and walks ----------------------------------------------------------------------------
+
+
+class TestLayerChain:
+    """layer_chain clones the image layers (root first); walk_ancestors visits every parent."""
+
+    def test_layer_chain_of_a_layer_stack(self, cache: Cache) -> None:
+        a = committed(cache)
+        b = committed(cache, a)
+        c = committed(cache, b)
+        with c.layer_chain() as chain:
+            assert [r.id for r in chain] == [a.id, b.id, c.id]
+            stats = cache.manager.statistics().get(timeout=WAIT)
+            held = {rid: n for rid, n, _ in stats.records_detail if n}
+            assert held == {a.id: 2, b.id: 2, c.id: 2}
+        stats = cache.manager.statistics().get(timeout=WAIT)
+        assert {rid: n for rid, n, _ in stats.records_detail if n} == {a.id: 1, b.id: 1, c.id: 1}
+        assert c.walk_ancestors() == [c.id, b.id, a.id]
+        for ref in (a, b, c):
+            ref.release()
+
+    def test_layer_chain_of_merges_and_diffs(self, cache: Cache) -> None:
+        a = committed(cache)
+        b = committed(cache, a)
+        x = committed(cache)
+        merged = cache.manager.merge([b, x]).get(timeout=WAIT)
+        with merged.layer_chain() as chain:
+            assert [r.id for r in chain] == [a.id, b.id, x.id]
+        # walkAncestors: depth first, the last merge input first (BuildKit's stack order)
+        assert merged.walk_ancestors() == [merged.id, x.id, b.id, a.id]
+
+        on_top = cache.manager.diff(a, b).get(timeout=WAIT)  # b is one layer on a: reuse b
+        with on_top.layer_chain() as chain:
+            assert [r.id for r in chain] == [b.id]
+        from_scratch = cache.manager.diff(a, None).get(timeout=WAIT)  # its own layer
+        with from_scratch.layer_chain() as chain:
+            assert [r.id for r in chain] == [from_scratch.id]
+        assert from_scratch.walk_ancestors() == [from_scratch.id, a.id]
+        for ref in (a, b, x, merged, on_top, from_scratch):
+            ref.release()
+        assert len(prune_all(cache)) == 6
+        assert record_count(cache) == 0
+
+    def test_diff_of_a_ref_with_itself_releases_cleanly(self, cache: Cache) -> None:
+        a = committed(cache)
+        d = cache.manager.diff(a, a).get(timeout=WAIT)
+        assert d.info().parents == (a.id, a.id)
+        assert d.walk_ancestors() == [d.id, a.id, a.id]
+        with d.mount().local() as path:
+            assert os.listdir(path) == []
+        a.release()
+        rows = usage(cache)
+        assert sorted((r.id, r.in_use) for r in rows) == sorted([(a.id, True), (d.id, True)])
+        d.release()
+        assert sorted(r.in_use for r in usage(cache)) == [False, False]
+        assert prune_all(cache) == [d.id, a.id]
+        assert record_count(cache) == 0
+        snapshots = cache.root / "snapshots"
+        assert [n for n in os.listdir(snapshots) if not n.startswith(("new-", "rm-"))] == []
+
+
+class TestDiskUsageArguments:
+    """disk_usage filters and age limits."""
+
+    def test_age_limit_hides_recently_used_records(self, cache: Cache) -> None:
+        used = committed(cache)
+        used.finalize()
+        used.release()  # counted as a use now
+        held = committed(cache)  # never released: never used
+        held.finalize()
+        rows = cache.manager.disk_usage(age_limit=timedelta(hours=1)).get(timeout=WAIT)
+        assert [r.id for r in rows] == [held.id]
+        rows = cache.manager.disk_usage(age_limit=timedelta(0)).get(timeout=WAIT)
+        assert sorted(r.id for r in rows) == sorted([used.id, held.id])
+        held.release()
+
+    def test_releasing_a_used_retained_pair_counts_a_use_of_its_mutable(self, cache: Cache) -> None:
+        m = new(cache, retain=True)
+        i = m.commit()
+        i.release()  # BuildKit: the equal mutable inherits the use (triggerLastUsed)
+        rows = usage(cache)
+        assert [(r.id, r.usage_count) for r in rows] == [(m.id, 1)]
+        assert rows[0].last_used_at is not None
+
+
+class TestLastUsed:
+    """Which releases count as a use (reference §2.7)."""
+
+    def test_clones_and_no_update_handles_do_not_count_concurrent_users_count_once(
+        self, cache: Cache
+    ) -> None:
+        ref = committed(cache)
+        ref.finalize()
+        ref.release()  # 1: the commit's handle counts
+
+        def usage_count() -> int:
+            (row,) = usage(cache)
+            return row.usage_count
+
+        assert usage_count() == 1
+        quiet = cache.manager.get(ref.id, update_last_used=False).get(timeout=WAIT)
+        quiet.clone().release()
+        quiet.release()
+        assert usage_count() == 1
+        a = cache.manager.get(ref.id).get(timeout=WAIT)
+        b = cache.manager.get(ref.id).get(timeout=WAIT)
+        a.release()
+        b.release()  # two concurrent users: one use, when the last of them goes
+        assert usage_count() == 2
+        with cache.manager.get(ref.id).get(timeout=WAIT) as c:
+            c.clone().release()
+        assert usage_count() == 3
+
+    def test_a_child_release_does_not_count_a_use_of_its_parent(self, cache: Cache) -> None:
+        parent = committed(cache)
+        parent.finalize()
+        parent.release()
+        child = new(cache, parent)
+        child.release()  # default policy: the child goes, and releases its hold
+        rows = usage(cache)
+        assert [(r.id, r.usage_count) for r in rows] == [(parent.id, 1)]
