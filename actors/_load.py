@@ -24,7 +24,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from actors._manager import RecordEntry
+from actors._entry import RecordEntry
 from storage import (
     KEY_DELETED,
     KEY_EQUAL_MUTABLE,

@@ -34,73 +34,51 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-import string
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from datetime import timedelta
 from typing import Any
 
 import pykka
 from pykka import ThreadingFuture
 
 from actors._core import CacheCore, ask, get_result
+from actors._entry import RecordEntry, new_id, parent_fields
+from actors._prune import PruneMixin
 from actors._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
 from actors._refs import (
     ImmutableRef,
     MutableRef,
     extract_record,
     finalize_record,
-    snapshot_usage,
 )
 from actors._types import CacheStatistics, PrunePolicy, RecordInfo, RecordKind, UsageInfo
 from storage import (
-    KEY_BLOB,
-    KEY_BLOB_CHAIN_ID,
-    KEY_BLOB_ONLY,
     KEY_CACHE_POLICY,
-    KEY_CHAIN_ID,
     KEY_COMMITTED,
     KEY_CREATED_AT,
-    KEY_DELETED,
     KEY_DESCRIPTION,
-    KEY_DIFF_ID,
     KEY_EQUAL_MUTABLE,
     KEY_LAST_USED_AT,
-    KEY_LOWER_DIFF_PARENT,
-    KEY_MEDIA_TYPE,
-    KEY_MERGE_PARENTS,
     KEY_PARENT,
     KEY_RECORD_TYPE,
     KEY_SIZE,
     KEY_SNAPSHOT,
-    KEY_UPPER_DIFF_PARENT,
     KEY_USAGE_COUNT,
     InvalidError,
     LockedError,
     NotFoundError,
     RefcacheError,
-    StorageItem,
     WriteTxn,
 )
-from storage._filters import parse_filters
-from storage._gc import collect
 from storage._leases import Resource
 
 __all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry", "new_id"]
 
 logger = logging.getLogger(__name__)
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
 IDLE_ACTORS = 256  #: idle record actors kept activated (LRU) before passivation
-PRUNE_BATCH = 256  #: records marked dead per prune message (bounds the manager's pause)
-
-
-def new_id() -> str:
-    """A random 25-character record id, as BuildKit's ``identity.NewID``."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
 
 
 class FlatteningFuture(ThreadingFuture[Any]):
@@ -119,118 +97,7 @@ class FlatteningFuture(ThreadingFuture[Any]):
         return value
 
 
-class RecordEntry:
-    """One record of the table (manager-owned; records at rest are only this and LMDB)."""
-
-    __slots__ = (
-        "actor",
-        "blob",
-        "blob_chain_id",
-        "blob_only",
-        "chain_id",
-        "created_at",
-        "dead",
-        "description",
-        "diff_id",
-        "equal_immutable",
-        "equal_mutable",
-        "finalizing",
-        "holders",
-        "id",
-        "kind",
-        "last_used_at",
-        "media_type",
-        "mutable",
-        "parents",
-        "record_type",
-        "retain",
-        "size",
-        "snapshot_id",
-        "usage_count",
-    )
-
-    def __init__(self, record_id: str, kind: RecordKind, parents: tuple[str, ...]) -> None:
-        self.id = record_id
-        self.kind: RecordKind = kind
-        self.parents = parents  # layer: (p,); merge: inputs; diff: (lower or "", upper or "")
-        self.mutable = False
-        self.holders = 0
-        self.equal_mutable: str | None = None
-        self.equal_immutable: str | None = None
-        self.dead = False
-        self.retain = False
-        self.snapshot_id = record_id
-        self.description = ""
-        self.created_at = 0
-        self.last_used_at: int | None = None
-        self.usage_count = 0
-        self.record_type = ""
-        self.size = SIZE_UNKNOWN
-        self.blob = ""
-        self.blob_only = False
-        self.diff_id = ""
-        self.chain_id = ""
-        self.blob_chain_id = ""
-        self.media_type = ""
-        self.actor: pykka.ActorRef[Any] | None = None
-        self.finalizing: ThreadingFuture[Any] | None = None
-
-    def parent_ids(self) -> tuple[str, ...]:
-        """Parent ids without empty diff slots (for display and walks)."""
-        return tuple(p for p in self.parents if p)
-
-    @classmethod
-    def from_item(cls, item: StorageItem) -> RecordEntry:
-        """Builds an entry from stored metadata (typed reads: corrupt values raise)."""
-        merge = item.get_str_list(KEY_MERGE_PARENTS)
-        lower = item.get_str(KEY_LOWER_DIFF_PARENT)
-        upper = item.get_str(KEY_UPPER_DIFF_PARENT)
-        parent = item.get_str(KEY_PARENT)
-        kind: RecordKind
-        if merge:
-            kind, parents = "merge", tuple(merge)
-        elif lower or upper:
-            kind, parents = "diff", (lower, upper)
-        elif parent:
-            kind, parents = "layer", (parent,)
-        else:
-            kind, parents = "base", ()
-        e = cls(item.id, kind, parents)
-        # Merge and diff records are always immutable (BuildKit #2740 workaround).
-        e.mutable = not item.get_bool(KEY_COMMITTED) and kind in ("base", "layer")
-        e.equal_mutable = item.get_str(KEY_EQUAL_MUTABLE) or None
-        e.retain = item.get_int(KEY_CACHE_POLICY) == 1
-        e.snapshot_id = item.get_str(KEY_SNAPSHOT) or item.id
-        e.description = item.get_str(KEY_DESCRIPTION)
-        e.created_at = item.get_int(KEY_CREATED_AT)
-        e.last_used_at = item.get_int(KEY_LAST_USED_AT) or None
-        e.usage_count = item.get_int(KEY_USAGE_COUNT)
-        e.record_type = item.get_str(KEY_RECORD_TYPE)
-        e.size = item.get_int(KEY_SIZE, SIZE_UNKNOWN)
-        e.blob = item.get_str(KEY_BLOB)
-        e.blob_only = item.get_bool(KEY_BLOB_ONLY)
-        e.diff_id = item.get_str(KEY_DIFF_ID)
-        e.chain_id = item.get_str(KEY_CHAIN_ID)
-        e.blob_chain_id = item.get_str(KEY_BLOB_CHAIN_ID)
-        e.media_type = item.get_str(KEY_MEDIA_TYPE)
-        return e
-
-
-def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:
-    """The metadata keys that store ``parents`` for a record of ``kind``."""
-    if kind == "merge":
-        return {KEY_MERGE_PARENTS: list(parents)}
-    if kind == "diff":
-        return {
-            KEY_LOWER_DIFF_PARENT: parents[0] or None,
-            KEY_UPPER_DIFF_PARENT: parents[1] or None,
-        }
-    if kind == "layer":
-        return {KEY_PARENT: parents[0]}
-    return {}
-
-
-class CacheManager(pykka.ThreadingActor):
+class CacheManager(PruneMixin, pykka.ThreadingActor):
     """The manager actor (see the module docstring). Every method runs on its own thread."""
 
     use_daemon_thread = True
@@ -834,159 +701,6 @@ class CacheManager(pykka.ThreadingActor):
             records_detail=tuple(detail),
         )
 
-    # -- disk usage and prune ---------------------------------------------------------------
-
-    def disk_usage(
-        self, filters: Sequence[str] = (), *, age_limit: timedelta | None = None
-    ) -> list[UsageInfo] | Future[list[UsageInfo]]:
-        """One row per visible record (BuildKit ``DiskUsage``); unknown sizes computed off-thread.
-
-        Raises:
-            InvalidError: a malformed filter.
-        """
-        if isinstance(filters, str):
-            filters = (filters,)
-        if not isinstance(filters, list | tuple):
-            msg = f"disk usage filters must be a sequence of strings, not {filters!r}"
-            raise InvalidError(msg)
-        if age_limit is not None and (
-            not isinstance(age_limit, timedelta) or age_limit < timedelta(0)
-        ):
-            msg = f"disk usage age_limit must be a timedelta >= 0, not {age_limit!r}"
-            raise InvalidError(msg)
-        flt = parse_filters(*filters)
-        rows = self._usage_rows()
-        cutoff = time.time_ns() - int(age_limit.total_seconds() * 1e9) if age_limit else None
-        selected = []
-        for row in rows:
-            if not flt.match(_usage_adaptor(row)):
-                continue
-            if cutoff is not None and row.last_used_at is not None and row.last_used_at > cutoff:
-                continue
-            selected.append(row)
-        unknown = [r.id for r in selected if r.size == SIZE_UNKNOWN]
-        if not unknown:
-            return selected
-        sids = {rid: self._size_snapshot(self.entries[rid]) for rid in unknown}
-        return self.core.executor.submit(self._usage_sizes_job, selected, sids)
-
-    def _usage_sizes_job(self, rows: list[UsageInfo], sids: dict[str, str]) -> list[UsageInfo]:
-        measured = {rid: snapshot_usage(self.core, sid) for rid, sid in sids.items()}
-        # Only sizes of existing snapshots are cached; a missing one shows 0 for now.
-        self.core.ask_manager(
-            ("sizes", {rid: size for rid, size in measured.items() if size is not None})
-        )
-        out = []
-        for r in rows:
-            if r.id in measured:
-                size = measured[r.id] or 0
-                r = UsageInfo(**{**_row_dict(r), "size": size})  # noqa: PLW2901
-            out.append(r)
-        return out
-
-    def _usage_rows(self) -> list[UsageInfo]:
-        counts = self._handle_counts()
-        refs = {rid: counts.get(rid, 0) + e.holders for rid, e in self.entries.items()}
-        visible: dict[str, RecordEntry] = {}
-        for rid, e in self.entries.items():
-            if e.equal_immutable is not None and refs.get(e.equal_immutable, 0) > 0:
-                continue
-            if e.equal_mutable is not None and refs[rid] == 0:
-                continue
-            visible[rid] = e
-        # In use: propagate from unreferenced children (a chain held only by unreferenced
-        # records is reclaimable). Parents missing from the table are skipped (#7154).
-        adjusted = {rid: refs[rid] for rid in visible}
-        work = list(visible)
-        while work:
-            rid = work.pop()
-            if adjusted.get(rid, 1) != 0:
-                continue
-            e = visible[rid]
-            adjusted[rid] = -1  # processed
-            step = 2 if e.equal_immutable is not None else 1
-            for p in e.parents:
-                if p in adjusted and adjusted[p] > 0:
-                    adjusted[p] = max(adjusted[p] - step, 0)
-                    if adjusted[p] == 0:
-                        work.append(p)
-        rows = []
-        for rid, e in visible.items():
-            in_use = adjusted[rid] > 0
-            size = e.size
-            if e.mutable and counts.get(rid, 0) > 0:
-                size = 0  # still changing
-            elif e.mutable and e.size == SIZE_UNKNOWN:
-                size = SIZE_UNKNOWN
-            rows.append(
-                UsageInfo(
-                    id=rid,
-                    mutable=e.mutable,
-                    in_use=in_use,
-                    size=size,
-                    created_at=e.created_at,
-                    last_used_at=e.last_used_at,
-                    usage_count=e.usage_count,
-                    parents=e.parent_ids(),
-                    description=e.description,
-                    record_type=e.record_type or "regular",
-                    shared=False,
-                )
-            )
-        return rows
-
-    def prune(self, *policies: PrunePolicy) -> Future[list[UsageInfo]]:
-        """Deletes unreferenced records by each policy in turn, then collects garbage.
-
-        No policy means one that deletes everything unreferenced. Records are marked dead and
-        ``cache.deleted`` is persisted before any file work; deletions and GC run off the
-        manager's thread, in batches, so other operations keep being served.
-
-        Raises:
-            InvalidError: a malformed policy or filter.
-        """
-        if not policies:
-            policies = (PrunePolicy(all=True),)
-        for p in policies:
-            if not isinstance(p, PrunePolicy):
-                msg = f"prune takes PrunePolicy values, not {type(p).__name__}"
-                raise InvalidError(msg)
-            parse_filters(*p.filters)
-        if self._prune_running:
-            # BuildKit's muPrune: one prune at a time; later ones wait their turn.
-            waiter: Future[list[UsageInfo]] = Future()
-            self._prune_queue.append((policies, waiter))
-            return waiter
-        self._prune_running = True
-        return self.core.executor.submit(self._prune_job, policies)
-
-    def _prune_job(self, policies: tuple[PrunePolicy, ...]) -> list[UsageInfo]:
-        core = self.core
-        start = time.perf_counter()
-        deleted: list[UsageInfo] = []
-        try:
-            with core.timed("prune"):
-                for policy in policies:
-                    while True:
-                        batch = core.ask_manager(("prune_select", policy))
-                        if not batch:
-                            break
-                        deleted.extend(batch)
-                stats = collect(
-                    core.env, content=core.content, snapshotter=core.snapshotter, leases=core.leases
-                )
-                core.ask_manager(("gc_done", stats.bytes_freed))
-        finally:
-            core.ask_manager(
-                (
-                    "prune_done",
-                    len(deleted),
-                    sum(max(r.size, 0) for r in deleted),
-                    time.perf_counter() - start,
-                )
-            )
-        return deleted
-
     # -- internal operations (from handles and jobs) --------------------------------------
 
     def _op_ping(self) -> bool:
@@ -1233,146 +947,6 @@ class CacheManager(pykka.ThreadingActor):
                 diffs.append(("", layer.snapshot_id))
                 deps.append(layer.id)
         return e.snapshot_id, list(dict.fromkeys(deps)), diffs
-
-    def _op_prune_select(self, policy: PrunePolicy) -> list[UsageInfo]:
-        """One prune pass: mark a batch dead, persist ``cache.deleted``, remove them."""
-        counts = self._handle_counts()
-        flt = parse_filters(*policy.filters)
-        cutoff = None
-        if policy.keep_duration:
-            cutoff = time.time_ns() - int(policy.keep_duration.total_seconds() * 1e9)
-        refs = {rid: counts.get(rid, 0) + e.holders for rid, e in self.entries.items()}
-        batch: list[RecordEntry] = []
-        for rid, e in self.entries.items():
-            if e.dead or refs[rid] > 0 or e.finalizing is not None:
-                continue
-            if e.equal_immutable is not None and refs.get(e.equal_immutable, 0) > 0:
-                continue
-            if e.equal_mutable is not None:
-                continue  # pruned together with its mutable
-            if not policy.all and e.record_type in ("internal", "frontend"):
-                continue
-            if cutoff is not None and e.last_used_at is not None and e.last_used_at > cutoff:
-                continue
-            row = UsageInfo(
-                id=rid,
-                mutable=e.mutable,
-                in_use=False,
-                size=e.size,
-                created_at=e.created_at,
-                last_used_at=e.last_used_at,
-                usage_count=e.usage_count,
-                parents=(),
-                description=e.description,
-                record_type=e.record_type or "regular",
-                shared=False,
-            )
-            if not flt.match(_usage_adaptor(row)):
-                continue
-            twin = self.entries.get(e.equal_immutable) if e.equal_immutable else None
-            if not self._quiesce(e) or (twin is not None and not self._quiesce(twin)):
-                continue  # a released handle cloned it since the counts were taken
-            batch.append(e)
-            if len(batch) >= PRUNE_BATCH:
-                break
-        if not batch:
-            return []
-        with self.core.env.write_txn() as txn:
-            for e in batch:
-                e.dead = True
-                item = self.core.store.get(e.id)
-                if item.exists:
-                    item.queue(KEY_DELETED, True)
-                    item.commit(txn=txn)
-        out = []
-        for e in batch:
-            out.append(
-                UsageInfo(
-                    id=e.id,
-                    mutable=e.mutable,
-                    in_use=False,
-                    size=max(e.size, 0),
-                    created_at=e.created_at,
-                    last_used_at=e.last_used_at,
-                    usage_count=e.usage_count,
-                    parents=e.parent_ids(),
-                    description=e.description,
-                    record_type=e.record_type or "regular",
-                    shared=False,
-                )
-            )
-            if e.equal_immutable is not None and e.equal_immutable in self.entries:
-                self._remove(self.entries[e.equal_immutable], remove_snapshot=False)
-            e.dead = False
-            self._remove(e, remove_snapshot=True)
-        return out
-
-    def _op_prune_done(self, records: int, size: int, seconds: float) -> None:
-        self._prune_stats[0] += records
-        self._prune_stats[1] += size
-        self._prune_stats[2] += seconds
-        if not self._prune_queue:
-            self._prune_running = False
-            return
-        policies, waiter = self._prune_queue.pop(0)
-        try:
-            job = self.core.executor.submit(self._prune_job, policies)
-        except RuntimeError as exc:  # the executor is shut down: the cache is closing
-            self._prune_running = False
-            msg = f"cache at {self.core.root} closed before a queued prune ran"
-            waiter.set_exception(RefcacheError(msg))
-            logger.debug("queued prune not started: %s", exc)
-            return
-        job.add_done_callback(lambda done: _chain(done, waiter))
-
-    def _op_gc_done(self, freed: int) -> None:
-        self._gc_stats[0] += 1
-        self._gc_stats[1] += freed
-
-
-def _chain(done: Future[Any], waiter: Future[Any]) -> None:
-    """Copies the outcome of ``done`` to ``waiter`` (a queued prune's reply)."""
-    if done.cancelled():
-        waiter.set_exception(RefcacheError("the prune was cancelled: the cache is closing"))
-        return
-    exc = done.exception()
-    if exc is not None:
-        waiter.set_exception(exc)
-    else:
-        waiter.set_result(done.result())
-
-
-def _row_dict(row: UsageInfo) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in UsageInfo.__slots__}
-
-
-def _usage_adaptor(row: UsageInfo) -> Any:
-    """containerd filter fields of a usage row (BuildKit ``adaptUsageInfo``)."""
-
-    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
-        if not fieldpath:
-            return "", False
-        name = fieldpath[0]
-        if name == "id":
-            return row.id, bool(row.id)
-        if name == "parents":
-            return ";".join(row.parents), bool(row.parents)
-        if name == "description":
-            return row.description, bool(row.description)
-        if name == "type":
-            return row.record_type, bool(row.record_type)
-        flags = {
-            "inuse": row.in_use,
-            "mutable": row.mutable,
-            "immutable": not row.mutable,
-            "shared": row.shared,
-            "private": not row.shared,
-        }
-        if name in flags:
-            return "", flags[name]
-        return "", False
-
-    return adapt
 
 
 class CacheManagerProxy(pykka.ActorProxy[CacheManager]):

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors._manager import RecordEntry, _usage_adaptor
+from actors._entry import RecordEntry
+from actors._prune import _usage_adaptor
 from actors._record import SIZE_UNKNOWN
 from actors._types import UsageInfo
 from storage import CorruptMetadataError, MetadataStore, MetaEnv, NotFoundError, parse_filters

@@ -1,0 +1,157 @@
+"""The manager's record table entry (records at rest are only this and their LMDB metadata)."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import pykka
+from pykka import ThreadingFuture
+
+from actors._record import SIZE_UNKNOWN
+from actors._types import RecordKind
+from storage import (
+    KEY_BLOB,
+    KEY_BLOB_CHAIN_ID,
+    KEY_BLOB_ONLY,
+    KEY_CACHE_POLICY,
+    KEY_CHAIN_ID,
+    KEY_COMMITTED,
+    KEY_CREATED_AT,
+    KEY_DESCRIPTION,
+    KEY_DIFF_ID,
+    KEY_EQUAL_MUTABLE,
+    KEY_LAST_USED_AT,
+    KEY_LOWER_DIFF_PARENT,
+    KEY_MEDIA_TYPE,
+    KEY_MERGE_PARENTS,
+    KEY_PARENT,
+    KEY_RECORD_TYPE,
+    KEY_SIZE,
+    KEY_SNAPSHOT,
+    KEY_UPPER_DIFF_PARENT,
+    KEY_USAGE_COUNT,
+    StorageItem,
+)
+
+__all__ = ["RecordEntry", "new_id", "parent_fields"]
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_id() -> str:
+    """A random 25-character record id, as BuildKit's ``identity.NewID``."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+
+
+class RecordEntry:
+    """One record of the table (manager-owned; records at rest are only this and LMDB)."""
+
+    __slots__ = (
+        "actor",
+        "blob",
+        "blob_chain_id",
+        "blob_only",
+        "chain_id",
+        "created_at",
+        "dead",
+        "description",
+        "diff_id",
+        "equal_immutable",
+        "equal_mutable",
+        "finalizing",
+        "holders",
+        "id",
+        "kind",
+        "last_used_at",
+        "media_type",
+        "mutable",
+        "parents",
+        "record_type",
+        "retain",
+        "size",
+        "snapshot_id",
+        "usage_count",
+    )
+
+    def __init__(self, record_id: str, kind: RecordKind, parents: tuple[str, ...]) -> None:
+        self.id = record_id
+        self.kind: RecordKind = kind
+        self.parents = parents  # layer: (p,); merge: inputs; diff: (lower or "", upper or "")
+        self.mutable = False
+        self.holders = 0
+        self.equal_mutable: str | None = None
+        self.equal_immutable: str | None = None
+        self.dead = False
+        self.retain = False
+        self.snapshot_id = record_id
+        self.description = ""
+        self.created_at = 0
+        self.last_used_at: int | None = None
+        self.usage_count = 0
+        self.record_type = ""
+        self.size = SIZE_UNKNOWN
+        self.blob = ""
+        self.blob_only = False
+        self.diff_id = ""
+        self.chain_id = ""
+        self.blob_chain_id = ""
+        self.media_type = ""
+        self.actor: pykka.ActorRef[Any] | None = None
+        self.finalizing: ThreadingFuture[Any] | None = None
+
+    def parent_ids(self) -> tuple[str, ...]:
+        """Parent ids without empty diff slots (for display and walks)."""
+        return tuple(p for p in self.parents if p)
+
+    @classmethod
+    def from_item(cls, item: StorageItem) -> RecordEntry:
+        """Builds an entry from stored metadata (typed reads: corrupt values raise)."""
+        merge = item.get_str_list(KEY_MERGE_PARENTS)
+        lower = item.get_str(KEY_LOWER_DIFF_PARENT)
+        upper = item.get_str(KEY_UPPER_DIFF_PARENT)
+        parent = item.get_str(KEY_PARENT)
+        kind: RecordKind
+        if merge:
+            kind, parents = "merge", tuple(merge)
+        elif lower or upper:
+            kind, parents = "diff", (lower, upper)
+        elif parent:
+            kind, parents = "layer", (parent,)
+        else:
+            kind, parents = "base", ()
+        e = cls(item.id, kind, parents)
+        # Merge and diff records are always immutable (BuildKit #2740 workaround).
+        e.mutable = not item.get_bool(KEY_COMMITTED) and kind in ("base", "layer")
+        e.equal_mutable = item.get_str(KEY_EQUAL_MUTABLE) or None
+        e.retain = item.get_int(KEY_CACHE_POLICY) == 1
+        e.snapshot_id = item.get_str(KEY_SNAPSHOT) or item.id
+        e.description = item.get_str(KEY_DESCRIPTION)
+        e.created_at = item.get_int(KEY_CREATED_AT)
+        e.last_used_at = item.get_int(KEY_LAST_USED_AT) or None
+        e.usage_count = item.get_int(KEY_USAGE_COUNT)
+        e.record_type = item.get_str(KEY_RECORD_TYPE)
+        e.size = item.get_int(KEY_SIZE, SIZE_UNKNOWN)
+        e.blob = item.get_str(KEY_BLOB)
+        e.blob_only = item.get_bool(KEY_BLOB_ONLY)
+        e.diff_id = item.get_str(KEY_DIFF_ID)
+        e.chain_id = item.get_str(KEY_CHAIN_ID)
+        e.blob_chain_id = item.get_str(KEY_BLOB_CHAIN_ID)
+        e.media_type = item.get_str(KEY_MEDIA_TYPE)
+        return e
+
+
+def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:
+    """The metadata keys that store ``parents`` for a record of ``kind``."""
+    if kind == "merge":
+        return {KEY_MERGE_PARENTS: list(parents)}
+    if kind == "diff":
+        return {
+            KEY_LOWER_DIFF_PARENT: parents[0] or None,
+            KEY_UPPER_DIFF_PARENT: parents[1] or None,
+        }
+    if kind == "layer":
+        return {KEY_PARENT: parents[0]}
+    return {}
