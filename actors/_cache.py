@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, cast
 
@@ -122,7 +123,8 @@ class Cache:
 def open_cache(
     root: str | os.PathLike[str],
     *,
-    snapshotter: str = "auto",
+    snapshotter: str | Callable[[Path, MetaEnv], Snapshotter] = "auto",
+    ref_checker: Callable[[str, Sequence[str]], bool] | None = None,
     pool: ActorPool | None = None,
     pool_workers: int = 2,
     io_workers: int = 4,
@@ -135,7 +137,12 @@ def open_cache(
     Args:
         root: Cache directory: ``meta/`` (LMDB), ``content/``, ``snapshots/``.
         snapshotter: ``"auto"`` (overlay when a probe mount works, else native),
-            ``"native"`` or ``"overlay"``.
+            ``"native"`` or ``"overlay"``; or a factory ``(root, env) -> Snapshotter`` for
+            an embedder's own backend (the tests' fault injection uses this).
+        ref_checker: BuildKit's ``PruneRefChecker``: ``(record_id, layer_digest_chain) ->
+            bool`` says whether a record's layers are also used outside the cache (an image
+            store); such records and their ancestors are *shared* in ``disk_usage`` and kept
+            by prunes without ``all``.
         pool: Record actor pool to share with other caches (default: one of its own).
         pool_workers: Worker threads of the cache's own pool.
         io_workers: Threads of the I/O executor (snapshot copies, merges, sizes, prune).
@@ -163,7 +170,10 @@ def open_cache(
     try:
         env = MetaEnv(root_path / "meta", map_size=map_size)
         stack.callback(env.close)
-        sn: Snapshotter = make_snapshotter(snapshotter, root_path, env)
+        if callable(snapshotter):
+            sn: Snapshotter = snapshotter(root_path, env)
+        else:
+            sn = make_snapshotter(snapshotter, root_path, env)
         stack.callback(sn.close)
         content = LocalContentStore(root_path / "content", env)
         leases = LmdbLeaseManager(env)
@@ -187,6 +197,7 @@ def open_cache(
             io_workers=io_workers,
             timeout=timeout,
         )
+        core.ref_checker = ref_checker
         stack.callback(core.writer.close)
         stack.callback(core.executor.shutdown)
         manager_ref = CacheManager.start(core, entries)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,6 +163,8 @@ class CacheCore:
         self._handle_ids = itertools.count(1)
         self._counters = _Counters()
         self.token = object()  # identifies handles of this cache
+        #: BuildKit's PruneRefChecker: (record id, layer digest chain) -> used elsewhere?
+        self.ref_checker: Callable[[str, Sequence[str]], bool] | None = None
 
     # -- ids and counters --------------------------------------------------------------------
 
