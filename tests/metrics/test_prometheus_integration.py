@@ -21,13 +21,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-import pykka
 import pytest
 
-from actors._types import CacheStatistics
+from actors import open_cache
 from metrics import serve
 
 pytestmark = pytest.mark.integration
@@ -36,26 +34,6 @@ _STOP_TIMEOUT = 10.0
 _DEADLINE = 60.0  # Prometheus start-up plus a few 1 s scrape intervals, with slack
 _POLL_WAIT = 0.2
 _HTTP_TIMEOUT = 2.0
-
-
-class HeldRecordManager(pykka.ThreadingActor):
-    """A stand-in manager (a real actor) whose snapshot shows one record held twice."""
-
-    def __init__(self, record_id: str, refs: int) -> None:
-        super().__init__()
-        self._stats = CacheStatistics(
-            records=2,
-            records_by_kind=MappingProxyType({"layer": 2}),
-            immutable=2,
-            in_use=1,
-            open_handles=refs,
-            bytes_by_kind=MappingProxyType({"layer": 8192}),
-            reclaimable_bytes=4096,
-            records_detail=((record_id, refs, 4096), ("idle-record", 0, 4096)),
-        )
-
-    def statistics(self) -> CacheStatistics:
-        return self._stats
 
 
 @dataclass(frozen=True)
@@ -69,32 +47,15 @@ class HeldRecordCache:
 
 @contextlib.contextmanager
 def cache_with_held_record(root: Path) -> Iterator[HeldRecordCache]:
-    """Yields a cache in which one record is held by exactly two handles.
-
-    Until the core is settled this is a real stub actor. To use the real cache instead
-    (checked by hand against the core: a committed record plus a clone shows refs 2)::
-
-        with open_cache(root) as cache:
-            immutable = cache.manager.new(description="held").get(timeout=10).commit()
-            clone = immutable.clone()
-            try:
-                yield HeldRecordCache(cache, immutable.id, 2)
-            finally:
-                clone.release()
-                immutable.release()
-    """
-    ref = HeldRecordManager.start("held-record", 2)
-    try:
-        cache = _StubCache(manager=ref.proxy(), root=root)
-        yield HeldRecordCache(cache=cache, record_id="held-record", refs=2)
-    finally:
-        ref.stop(timeout=_STOP_TIMEOUT)
-
-
-@dataclass(frozen=True)
-class _StubCache:
-    manager: Any
-    root: Path
+    """Yields a real cache in which one committed record is held by exactly two handles."""
+    with open_cache(root, snapshotter="native") as cache:
+        immutable = cache.manager.new(description="held").get(timeout=30).commit()
+        clone = immutable.clone()
+        try:
+            yield HeldRecordCache(cache, immutable.id, 2)
+        finally:
+            clone.release()
+            immutable.release()
 
 
 def _free_port() -> int:
