@@ -72,6 +72,8 @@ class Cache:
         self._lock_fd = lock_fd
         self._owns_pool = owns_pool
         self._closed = False
+        #: The HTTP ``/metrics`` server started by ``open_cache(metrics_port=...)``, if any.
+        self.metrics_server: Any = None
 
     def __enter__(self) -> Self:
         return self
@@ -97,6 +99,9 @@ class Cache:
             return
         self._closed = True
         core = self._core
+        if self.metrics_server is not None:
+            with contextlib.suppress(Exception):
+                self.metrics_server.stop()
         try:
             with contextlib.suppress(Exception):
                 stats = self.manager.statistics().get(timeout=core.timeout)
@@ -130,6 +135,8 @@ def open_cache(
     io_workers: int = 4,
     timeout: float = 300.0,
     map_size: int = 1 << 30,
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
     **options: Any,
 ) -> Cache:
     """Opens (creating if needed) the embedded cache under ``root``.
@@ -148,6 +155,9 @@ def open_cache(
         io_workers: Threads of the I/O executor (snapshot copies, merges, sizes, prune).
         timeout: Seconds any internal wait may take before it is reported as an error.
         map_size: Initial LMDB map size (it grows on demand).
+        metrics_port: Serve Prometheus ``/metrics`` for this cache on this port (0: any
+            free port; see ``cache.metrics_server.port``); stopped by :meth:`Cache.close`.
+        metrics_addr: Address for ``metrics_port`` (loopback by default).
         **options: Reserved for future options; unknown ones are rejected.
 
     Raises:
@@ -204,11 +214,19 @@ def open_cache(
         core.manager = manager_ref
         get_result(manager_ref.ask(("ping",), block=False), timeout, "cache manager start")
         cache = Cache(root_path, core, manager_ref, lock_fd, report, own_pool)
+        if metrics_port is not None:
+            # metrics sits above actors (it reads the manager's statistics); imported only
+            # when asked for, so that actors never depends on it otherwise.
+            from metrics import serve  # noqa: PLC0415
+
+            stack.callback(cache.close)
+            cache.metrics_server = serve(cache, metrics_port, metrics_addr)
     except BaseException:
         stack.close()
         with contextlib.suppress(OSError):
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        os.close(lock_fd)
+        with contextlib.suppress(OSError):  # Cache.close may have closed it already
+            os.close(lock_fd)
         raise
     stack.pop_all()
     return cache

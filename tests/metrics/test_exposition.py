@@ -467,3 +467,18 @@ def test_every_dashboard_expr_is_valid_promql(tmp_path: Path) -> None:
 
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout.decode()
+
+
+def test_open_cache_serves_metrics_when_asked_and_stops_at_close(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from actors import open_cache
+
+    with open_cache(tmp_path / "cache", snapshotter="native", metrics_port=0) as cache:
+        server = cache.metrics_server
+        body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert "refcache_up 1.0" in body
+    assert not server.running
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.url, timeout=2)
