@@ -46,7 +46,7 @@ class NativeSnapshotter(BaseSnapshotter):
     """containerd's native snapshotter (copy on prepare, hardlink-farm merges).
 
     Args:
-        root: The snapshotter root (``<cache root>/snapshots``); snapshot directories are
+        root: The cache root (``open_cache`` passes it); snapshot directories are
             ``root/snapshots/<id>``.
         env: The cache's metadata environment.
 

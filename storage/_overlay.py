@@ -68,7 +68,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     """containerd's overlayfs snapshotter (no copies; mounts needed to see a snapshot whole).
 
     Args:
-        root: The snapshotter root (``<cache root>/snapshots``); snapshot directories are
+        root: The cache root (``open_cache`` passes it); snapshot directories are
             ``root/snapshots/<id>/{fs,work}``.
         env: The cache's metadata environment.
 
@@ -161,7 +161,7 @@ def make_snapshotter(name: str, root: str | os.PathLike[str], env: MetaEnv) -> S
         name: ``"auto"`` (the backend recorded for this cache; for a new cache overlay when a
             probe mount under ``root`` works, else native), ``"native"``, or
             ``"overlay"``/``"overlayfs"``.
-        root: The snapshotter root (``<cache root>/snapshots``).
+        root: The cache root; snapshot directories are ``root/snapshots/<id>``.
         env: The cache's metadata environment.
 
     Returns:

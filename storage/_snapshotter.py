@@ -988,7 +988,7 @@ class BaseSnapshotter:
     :meth:`_content_tree`.
 
     Args:
-        root: The snapshotter root (``<cache root>/snapshots``); snapshot directories live in
+        root: The cache root (``open_cache`` passes it); snapshot directories live in
             ``root/snapshots``.
         env: The cache's metadata environment.
         clean: Record the backend name and remove leftovers at open (``False`` for an
