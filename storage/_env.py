@@ -14,6 +14,10 @@ Transactions:
   :class:`WriteTxn` whose writes commit together on a clean exit and roll back on any
   exception; file deletions scheduled with :meth:`WriteTxn.after_commit` run only after the
   commit succeeded (containerd's "forget first, delete files last").
+* Batch writers use :meth:`WriteTxn.put_many` and :meth:`ReadTxn.get_many` (LMDB cursor
+  ``putmulti``/``getmulti``: one C loop per batch), and bulk readers
+  ``read_txn(buffers=True)`` with :meth:`ReadTxn.views` (zero-copy, decode inside the
+  transaction).
 
 Map growth: the map starts large (1 GiB of address space, not of disk). When LMDB reports
 ``MapFullError`` the transaction is aborted, the map is doubled, and the logged writes of the
@@ -32,8 +36,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,6 +93,9 @@ _MAX_MAP_SIZE = 1 << 40
 _MAX_DBS = 32
 _MAX_READERS = 1024
 
+# Operations in a write transaction's replay log.
+_PUT, _DELETE, _PUT_MANY = 0, 1, 2
+
 
 class ReadTxn:
     """A read-only view of the environment, consistent for its whole life."""
@@ -126,6 +133,27 @@ class ReadTxn:
                     return
                 yield key
 
+    def get_many(self, db: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        """Returns ``{key: value}`` for those of ``keys`` that exist in ``db``.
+
+        One C-level lookup loop (LMDB cursor ``getmulti``) instead of a Python call per key:
+        batch writers check which of their records already exist this way.
+        """
+        with self._txn.cursor(db=self._env.handle(db)) as cursor:
+            found = cursor.getmulti(keys)
+        return {bytes(key): bytes(value) for key, value in found}
+
+    def views(self, db: str) -> Iterator[tuple[Any, Any]]:
+        """Yields every ``(key, value)`` of ``db`` in key order, without copying.
+
+        In a transaction opened with ``read_txn(buffers=True)`` keys and values are
+        :class:`memoryview` objects over LMDB's map: zero-copy, valid only until the
+        transaction ends. Decode them inside the transaction and never keep them (copy with
+        ``bytes()`` what must outlive it). Otherwise they are ``bytes``.
+        """
+        with self._txn.cursor(db=self._env.handle(db)) as cursor:
+            yield from cursor.iternext()
+
     def count(self, db: str) -> int:
         """Returns the number of entries in ``db``."""
         return int(self._txn.stat(self._env.handle(db))["entries"])
@@ -134,8 +162,8 @@ class ReadTxn:
 class WriteTxn(ReadTxn):
     """A write transaction whose writes are logged so that the whole of it can be replayed.
 
-    Reads see this transaction's own writes. Only :meth:`put`, :meth:`delete` and
-    :meth:`delete_prefix` change data.
+    Reads see this transaction's own writes. Only :meth:`put`, :meth:`put_many`,
+    :meth:`delete` and :meth:`delete_prefix` change data.
     """
 
     __slots__ = ("_after", "_log", "_replaying", "_rollback")
@@ -143,16 +171,18 @@ class WriteTxn(ReadTxn):
     def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
         super().__init__(env, txn)
         self._replaying = False
-        self._log: list[tuple[bool, str, bytes, bytes]] = []
+        # (op, db, key or list of pairs, value): kept only to replay the transaction after a
+        # map growth, so it holds references, never copies.
+        self._log: list[tuple[int, str, Any, bytes]] = []
         self._after: list[Callable[[], object]] = []
         self._rollback: list[Callable[[], object]] = []
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         """Stores ``value`` under ``key`` in ``db`` (overwriting)."""
-        self._log.append((True, db, key, value))
+        self._log.append((_PUT, db, key, value))
         handle = self._env._dbs.get(db)
         if handle is None or self._replaying:
-            self._apply(True, db, key, value)
+            self._apply(_PUT, db, key, value)
             return
         try:
             self._txn.put(key, value, db=handle)
@@ -163,10 +193,23 @@ class WriteTxn(ReadTxn):
             msg = f"metadata write to {db!r} key {key!r} failed: {exc}"
             raise RefcacheError(msg) from exc
 
+    def put_many(self, db: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Stores every ``(key, value)`` of ``pairs`` in ``db`` (overwriting), in that order.
+
+        The same as :meth:`put` for each pair, in one C-level loop (LMDB cursor ``putmulti``).
+        Pass the pairs sorted by key when you can: B-tree inserts in key order touch each page
+        once.
+        """
+        items = list(pairs)
+        if not items:
+            return
+        self._log.append((_PUT_MANY, db, items, b""))
+        self._apply(_PUT_MANY, db, items, b"")
+
     def delete(self, db: str, key: bytes) -> bool:
         """Deletes ``key`` from ``db``; returns whether it existed."""
-        self._log.append((False, db, key, b""))
-        return self._apply(False, db, key, b"")
+        self._log.append((_DELETE, db, key, b""))
+        return self._apply(_DELETE, db, key, b"")
 
     def delete_prefix(self, db: str, prefix: bytes) -> int:
         """Deletes every key of ``db`` that starts with ``prefix``; returns how many."""
@@ -197,12 +240,16 @@ class WriteTxn(ReadTxn):
             except Exception:
                 logger.exception("after-rollback callback %r failed", callback)
 
-    def _apply(self, is_put: bool, db: str, key: bytes, value: bytes) -> bool:
+    def _apply(self, op: int, db: str, key: Any, value: bytes) -> bool:
         handle = self._env.handle(db)
         try:
-            if is_put:
+            if op == _PUT:
                 return bool(self._txn.put(key, value, db=handle))
-            return bool(self._txn.delete(key, db=handle))
+            if op == _DELETE:
+                return bool(self._txn.delete(key, db=handle))
+            with self._txn.cursor(db=handle) as cursor:
+                cursor.putmulti(key)
+            return True
         except lmdb.MapFullError:
             if self._replaying:
                 raise
@@ -211,18 +258,54 @@ class WriteTxn(ReadTxn):
             self._txn.abort()
             return self._env._regrow(self)
         except lmdb.Error as exc:
-            msg = f"metadata write to {db!r} key {key!r} failed: {exc}"
+            if op == _PUT_MANY:
+                # putmulti does not say which pair failed: name the first unstorable key.
+                bad = [k for k, _ in key if not k or len(k) > self._env._max_key_size]
+                what = f"key {bad[0]!r}" if bad else f"of {len(key)} entries"
+            else:
+                what = f"key {key!r}"
+            msg = f"metadata write to {db!r} {what} failed: {exc}"
             raise RefcacheError(msg) from exc
 
     def _replay(self) -> bool:
         self._replaying = True
         result = False
         try:
-            for is_put, db, key, value in self._log:
-                result = self._apply(is_put, db, key, value)
+            for op, db, key, value in self._log:
+                result = self._apply(op, db, key, value)
         finally:
             self._replaying = False
         return result
+
+
+class _ReadScope:
+    """The context manager of :meth:`MetaEnv.read_txn`."""
+
+    __slots__ = ("_buffers", "_env", "_txn")
+
+    def __init__(self, env: MetaEnv, buffers: bool) -> None:
+        self._env = env
+        self._buffers = buffers
+        self._txn: lmdb.Transaction | None = None
+
+    def __enter__(self) -> ReadTxn:
+        env = self._env
+        env._enter_reader()
+        try:
+            txn = env._begin(write=False, buffers=self._buffers)
+        except BaseException:
+            env._leave_reader()
+            raise
+        self._txn = txn
+        return ReadTxn(env, txn)
+
+    def __exit__(self, *exc_info: object) -> None:
+        txn, self._txn = self._txn, None
+        try:
+            if txn is not None:
+                txn.abort()
+        finally:
+            self._env._leave_reader()
 
 
 class MetaEnv:
@@ -268,7 +351,10 @@ class MetaEnv:
         self._max_map_size = max_map_size
         self._write_lock = threading.RLock()
         # Map growth needs every transaction of this process closed: readers register here.
-        self._gate = threading.Condition()
+        # The gate's lock is also used bare: Condition's Python-level __enter__ costs more
+        # than a whole LMDB read transaction.
+        self._gate_lock = threading.Lock()
+        self._gate = threading.Condition(self._gate_lock)
         self._readers = 0
         self._growing = False
         if readonly:
@@ -292,6 +378,7 @@ class MetaEnv:
             msg = f"cannot open metadata environment {self.path}: {exc}"
             raise RefcacheError(msg) from exc
         self._closed = False
+        self._max_key_size = int(self._env.max_key_size())
         try:
             self._open_dbs()
             self._check_schema()
@@ -374,23 +461,30 @@ class MetaEnv:
 
     # -- transactions -----------------------------------------------------------------------
 
-    @contextmanager
-    def read_txn(self) -> Iterator[ReadTxn]:
-        """Yields a consistent read-only view; keep it short (it pins old pages)."""
-        with self._gate:
+    def read_txn(self, *, buffers: bool = False) -> AbstractContextManager[ReadTxn]:
+        """Returns a context manager yielding a consistent read-only view.
+
+        Keep it short (it pins old pages). A plain class rather than a generator context
+        manager: one ``store.get`` is a few microseconds, and the generator machinery and a
+        wake-up of every waiter on each exit were half of it.
+
+        Args:
+            buffers: Make :meth:`ReadTxn.views` yield zero-copy :class:`memoryview` objects
+                (valid only inside the transaction). The other reads return ``bytes`` either way.
+        """
+        return _ReadScope(self, buffers)
+
+    def _enter_reader(self) -> None:
+        with self._gate_lock:
             while self._growing:
                 self._gate.wait()
             self._readers += 1
-        try:
-            txn = self._begin(write=False)
-            try:
-                yield ReadTxn(self, txn)
-            finally:
-                txn.abort()
-        finally:
-            with self._gate:
-                self._readers -= 1
-                self._gate.notify_all()
+
+    def _leave_reader(self) -> None:
+        with self._gate_lock:
+            self._readers -= 1
+            if self._growing:
+                self._gate.notify_all()  # only a map growth waits for readers to leave
 
     @contextmanager
     def write_txn(self) -> Iterator[WriteTxn]:
@@ -471,16 +565,21 @@ class MetaEnv:
                 self._gate.notify_all()
         logger.info("metadata map in %s grown from %d to %d bytes", self.path, current, new)
 
-    def _begin(self, *, write: bool) -> lmdb.Transaction:
+    def _begin(self, *, write: bool, buffers: bool = False) -> lmdb.Transaction:
         try:
-            return self._env.begin(write=write)
+            return self._begin_raw(write, buffers)
         except lmdb.MapResizedError:
             # Another process grew the map: adopt its size (LMDB's documented remedy).
             self._env.set_mapsize(0)
-            return self._env.begin(write=write)
+            return self._begin_raw(write, buffers)
         except lmdb.Error as exc:
             msg = f"cannot begin a metadata transaction in {self.path}: {exc}"
             raise RefcacheError(msg) from exc
+
+    def _begin_raw(self, write: bool, buffers: bool) -> lmdb.Transaction:
+        if buffers:
+            return self._env.begin(write=write, buffers=True)
+        return self._env.begin(write=write)
 
     # -- facts ----------------------------------------------------------------------------
 

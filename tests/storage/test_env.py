@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import msgpack
@@ -58,8 +59,8 @@ def test_a_failing_after_commit_callback_does_not_undo_the_commit(env: MetaEnv) 
     with env.write_txn() as txn:
         txn.put(DB_RECORDS, b"a", b"1")
         txn.after_commit(fail)
-    with env.read_txn() as txn:
-        assert txn.get(DB_RECORDS, b"a") == b"1"
+    with env.read_txn() as rtxn:
+        assert rtxn.get(DB_RECORDS, b"a") == b"1"
 
 
 def test_a_full_map_grows_and_the_whole_transaction_is_kept(tmp_path: Path) -> None:
@@ -245,3 +246,89 @@ def test_lookup_finds_only_environments_open_in_this_process(tmp_path: Path) -> 
     assert MetaEnv.lookup(tmp_path / "meta") is env
     env.close()
     assert MetaEnv.lookup(tmp_path / "meta") is None
+
+
+def test_put_many_writes_every_pair_and_survives_map_growth(tmp_path: Path) -> None:
+    env = MetaEnv(tmp_path / "meta", map_size=64 * 1024)
+    pairs = [(b"k%05d" % i, b"v" * 100 + b"%d" % i) for i in range(3000)]
+    with env.write_txn() as txn:
+        txn.put(DB_RECORDS, b"before", b"1")
+        txn.put_many(DB_RECORDS, pairs)  # grows the map and replays the whole transaction
+        txn.put(DB_RECORDS, b"after", b"2")
+        assert txn.get(DB_RECORDS, b"k02999") == b"v" * 100 + b"2999"
+    assert env.map_info()[0] > 64 * 1024
+    with env.read_txn() as txn:
+        assert txn.count(DB_RECORDS) == 3002
+        assert dict(txn.items(DB_RECORDS, b"k")) == dict(pairs)
+        assert (txn.get(DB_RECORDS, b"before"), txn.get(DB_RECORDS, b"after")) == (b"1", b"2")
+    env.close()
+
+
+def test_put_many_rolls_back_with_its_transaction(env: MetaEnv) -> None:
+    with pytest.raises(RuntimeError, match="boom"), env.write_txn() as txn:
+        txn.put_many(DB_RECORDS, [(b"a", b"1"), (b"b", b"2")])
+        raise RuntimeError("boom")
+    with env.read_txn() as txn:
+        assert txn.count(DB_RECORDS) == 0
+
+
+def test_get_many_returns_only_the_keys_that_exist(env: MetaEnv) -> None:
+    with env.write_txn() as txn:
+        txn.put_many(DB_RECORDS, [(b"a", b"1"), (b"c", b"3")])
+        # Inside the writer too: it sees its own writes.
+        assert txn.get_many(DB_RECORDS, [b"a", b"b", b"c"]) == {b"a": b"1", b"c": b"3"}
+    with env.read_txn() as txn:
+        assert txn.get_many(DB_RECORDS, [b"c", b"x", b"a"]) == {b"a": b"1", b"c": b"3"}
+        assert txn.get_many(DB_RECORDS, []) == {}
+
+
+def test_views_of_a_buffers_transaction_are_zero_copy_and_in_key_order(env: MetaEnv) -> None:
+    with env.write_txn() as txn:
+        txn.put_many(DB_RECORDS, [(b"b", b"2"), (b"a", b"1")])
+    with env.read_txn(buffers=True) as txn:
+        seen = [(type(k), bytes(k), bytes(v)) for k, v in txn.views(DB_RECORDS)]
+        # The other reads still hand out bytes that outlive the transaction.
+        copied = txn.get(DB_RECORDS, b"a")
+    assert seen == [(memoryview, b"a", b"1"), (memoryview, b"b", b"2")]
+    assert copied == b"1"
+    with env.read_txn() as txn:
+        assert list(txn.views(DB_RECORDS)) == [(b"a", b"1"), (b"b", b"2")]
+
+
+@pytest.mark.timeout(60)
+def test_map_growth_while_another_thread_reads_keeps_both_correct(tmp_path: Path) -> None:
+    env = MetaEnv(tmp_path / "meta", map_size=64 * 1024)
+    with env.write_txn() as txn:
+        txn.put(DB_RECORDS, b"old", b"1")
+    reading, release = threading.Event(), threading.Event()
+    seen: list[bytes | None] = []
+
+    def reader() -> None:
+        with env.read_txn() as rtxn:
+            reading.set()
+            release.wait(timeout=30)
+            seen.append(rtxn.get(DB_RECORDS, b"old"))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert reading.wait(timeout=30)
+    with env.write_txn() as txn:
+        release.set()  # the growth below waits for the reader if it is still open
+        txn.put_many(DB_RECORDS, [(b"k%05d" % i, b"v" * 200) for i in range(2000)])
+    thread.join(timeout=30)
+    assert seen == [b"1"]
+    assert env.map_info()[0] > 64 * 1024
+    with env.read_txn() as rtxn:  # readers are let in again after the growth
+        assert rtxn.count(DB_RECORDS) == 2001
+    env.close()
+
+
+def test_a_bad_key_in_put_many_is_a_clear_error_naming_it(env: MetaEnv) -> None:
+    too_long = b"k" * 600
+    with (
+        pytest.raises(RefcacheError, match=r"'records' key b'kkkk.*' failed"),
+        env.write_txn() as txn,
+    ):
+        txn.put_many(DB_RECORDS, [(b"fine", b"1"), (too_long, b"2")])
+    with env.read_txn() as rtxn:
+        assert rtxn.count(DB_RECORDS) == 0
