@@ -23,6 +23,7 @@ import pykka
 from actors._runtime import ActorPool
 from actors._writer import MetadataWriter
 from storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
+from storage._applier import Applier, TarApplier
 
 if TYPE_CHECKING:
     from storage._content import LocalContentStore
@@ -153,6 +154,9 @@ class CacheCore:
         self.snapshotter = snapshotter
         self.content = content
         self.leases = leases
+        #: Unpacks layer blobs into snapshots (extraction of lazy records). Replaceable, e.g.
+        #: by a counting subclass in tests or a baseline in benchmarks.
+        self.applier: Applier = TarApplier(content)
         self.pool = pool
         self.timeout = timeout
         self.writer = MetadataWriter(self.store)

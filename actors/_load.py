@@ -9,6 +9,10 @@ nothing it held leaks (BuildKit ``8e0b816d0``). Specifically:
 * a parent (or equal mutable) that is missing, broken, or part of a cycle -> cleared;
 * ``cache.deleted`` set (a prune was interrupted) -> removal finished;
 * a mutable record whose active snapshot is missing -> removed;
+* a lazy record (blob-only, its blob not in the content store) -> cleared: there is no
+  descriptor handler at open, and BuildKit's ``getRecord`` fails such records (it clears
+  their metadata). Checked *before* the record joins the table, so no record stays in the
+  table with its parents released (BuildKit #7154/#7157), and its descendants go with it;
 * an immutable whose equal mutable is gone but whose own snapshot exists (a crash after the
   snapshot commit, before the metadata update) -> recovered as a plain immutable;
   without its snapshot -> cleared.
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 from actors._entry import RecordEntry
 from storage import (
+    DB_CONTENT,
     KEY_DELETED,
     KEY_EQUAL_MUTABLE,
     CorruptMetadataError,
@@ -106,7 +111,9 @@ def load_records(
                 stack.extend((d, False) for d in deps if d not in state)
                 continue
             on_path.discard(rid)
-            state[rid] = _check_record(e, state, candidates, snapshotter, doomed, report, store)
+            state[rid] = _check_record(
+                e, state, candidates, snapshotter, doomed, report, store, env
+            )
 
     entries: dict[str, RecordEntry] = {}
     for rid, ok in state.items():
@@ -145,11 +152,18 @@ def _check_record(
     doomed: dict[str, str],
     report: LoadReport,
     store: MetadataStore,
+    env: MetaEnv,
 ) -> bool:
     for p in e.parents:
         if p and not state.get(p, False):
             doomed[e.id] = f"parent {p!r} could not be loaded"
             return False
+    if e.blob_only and e.blob and not _blob_exists(env, e.blob):
+        doomed[e.id] = (
+            f"lazy record: blob {e.blob} is not in the content store and no descriptor "
+            "handler exists at open"
+        )
+        return False
     if e.equal_mutable:
         m_ok = state.get(e.equal_mutable, False)
         m = candidates.get(e.equal_mutable)
@@ -167,6 +181,12 @@ def _check_record(
         doomed[e.id] = f"mutable record has no active snapshot {e.snapshot_id!r}"
         return False
     return True
+
+
+def _blob_exists(env: MetaEnv, digest: str) -> bool:
+    # DB_CONTENT is the content store's authority (its layout is fixed by the conventions).
+    with env.read_txn() as txn:
+        return txn.get(DB_CONTENT, digest.encode()) is not None
 
 
 def _snapshot_state(snapshotter: Snapshotter, key: str) -> Kind | None:

@@ -3,8 +3,10 @@
 BuildKit's ``cm.mu`` made into a mailbox. The :class:`CacheManager` (a ``ThreadingActor``, its
 own thread) owns the record table (``id -> RecordEntry``), record creation and removal, the
 counted holds that child records keep on their parents, equal-pair links, and the global
-operations: ``get``, ``get_mutable``, ``new``, ``merge``, ``diff``, ``search``,
-``disk_usage``, ``prune``, ``statistics``.
+operations: ``get``, ``get_mutable``, ``new``, ``get_by_blob``, ``merge``, ``diff``,
+``search``, ``disk_usage``, ``prune``, ``statistics``; and the table side of the blob work
+(``node``, ``set_blob``, ``chain_metadata``, ``extracted``, ``size_reset``), whose slow half
+runs in callers' threads (:mod:`actors._blobs`, :mod:`actors._remote`).
 
 Records at rest are data: a compact :class:`RecordEntry` here plus their LMDB metadata. A
 record's *actor* (:mod:`actors._record`) exists only while something needs it (handles, a
@@ -38,11 +40,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 from pykka import ThreadingFuture
 
+from actors._blobs import (
+    BlobNode,
+    chain_id,
+    check_handlers,
+    diff_id_of,
+    merge_handlers,
+)
 from actors._core import CacheCore, ask, get_result
 from actors._entry import RecordEntry, new_id, parent_fields
 from actors._prune import PruneMixin
@@ -53,26 +63,47 @@ from actors._refs import (
     extract_record,
     finalize_record,
 )
-from actors._types import CacheStatistics, PrunePolicy, RecordInfo, RecordKind, UsageInfo
+from actors._types import (
+    CacheStatistics,
+    DescHandler,
+    PrunePolicy,
+    RecordInfo,
+    RecordKind,
+    UsageInfo,
+)
 from storage import (
+    INDEX_BLOB_CHAIN,
+    INDEX_CHAIN,
+    KEY_BLOB,
+    KEY_BLOB_CHAIN_ID,
+    KEY_BLOB_ONLY,
+    KEY_BLOB_SIZE,
     KEY_CACHE_POLICY,
+    KEY_CHAIN_ID,
     KEY_COMMITTED,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
+    KEY_DIFF_ID,
     KEY_EQUAL_MUTABLE,
     KEY_LAST_USED_AT,
+    KEY_LAYER_URLS,
+    KEY_MEDIA_TYPE,
     KEY_PARENT,
     KEY_RECORD_TYPE,
     KEY_SIZE,
     KEY_SNAPSHOT,
     KEY_USAGE_COUNT,
+    Descriptor,
+    FailedPreconditionError,
     InvalidError,
     LockedError,
+    NeedsRemoteProviderError,
     NotFoundError,
     RefcacheError,
     WriteTxn,
 )
-from storage._leases import Resource
+from storage._leases import RESOURCE_CONTENT, Resource
+from storage._types import frozen_map
 
 __all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry", "new_id"]
 
@@ -97,6 +128,17 @@ class FlatteningFuture(ThreadingFuture[Any]):
         return value
 
 
+@dataclass(frozen=True, slots=True)
+class _ByBlob:
+    """One ``get_by_blob`` request, checked (crosses to the I/O executor and back)."""
+
+    desc: Descriptor
+    diff_id: str
+    handlers: Mapping[str, DescHandler]
+    retain: bool
+    description: str
+
+
 class CacheManager(PruneMixin, pykka.ThreadingActor):
     """The manager actor (see the module docstring). Every method runs on its own thread."""
 
@@ -111,6 +153,9 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         self._prune_queue: list[tuple[tuple[PrunePolicy, ...], Future[list[UsageInfo]]]] = []
         self._prune_stats = [0, 0, 0.0]  # records, bytes, seconds
         self._gc_stats = [0, 0]  # runs, bytes
+        # Blob-only records in the table: while there are none, the lazy-provider check of
+        # get() has nothing to walk.
+        self._blob_only = sum(1 for e in entries.values() if e.blob_only)
 
     @staticmethod
     def _create_future() -> ThreadingFuture[Any]:
@@ -269,6 +314,8 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             return
         e.dead = True
         del self.entries[e.id]
+        if e.blob_only:
+            self._blob_only -= 1
         self._idle.pop(e.id, None)
         if e.actor is not None:
             with contextlib.suppress(pykka.ActorDeadError):
@@ -281,6 +328,10 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             leases = [e.id + "-view"]
             if remove_snapshot:
                 leases += [e.id, e.id + "-variants"]
+            elif e.equal_mutable is not None:
+                # An unfinalized twin has no snapshot of its own: a '<id>' lease can only be
+                # left by a finalize that crashed before its commit, and would leak.
+                leases.append(e.id)
             self._delete_leases(txn, leases)
         for parent_id in e.parents:
             parent = self.entries.get(parent_id) if parent_id else None
@@ -306,6 +357,48 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             if e is not None:
                 e.holders -= 1
 
+    def _lazy_digests(self, e: RecordEntry, handlers: Mapping[str, DescHandler]) -> list[str]:
+        """Blobs of lazy records in ``e``'s ancestry that ``handlers`` do not cover.
+
+        BuildKit ``isLazy`` + ``walkUniqueAncestors``: blob-only with a blob that is not in
+        the content store (one LMDB read snapshot). Root first, each digest once.
+        """
+        if self._blob_only == 0:
+            return []
+        missing: list[str] = []
+        seen: set[str] = set()
+        stack = [e]
+        content = self.core.content
+        with self.core.env.read_txn() as txn:
+            while stack:
+                cur = stack.pop()
+                if cur.id in seen:
+                    continue
+                seen.add(cur.id)
+                if (
+                    cur.blob_only
+                    and cur.blob
+                    and cur.blob not in handlers
+                    and not content.exists(cur.blob, txn=txn)
+                ):
+                    missing.append(cur.blob)
+                stack.extend(self.entries[p] for p in cur.parents if p and p in self.entries)
+        return list(dict.fromkeys(reversed(missing)))
+
+    def _check_lazy(self, e: RecordEntry, handlers: Mapping[str, DescHandler]) -> None:
+        missing = self._lazy_digests(e, handlers)
+        if missing:
+            raise NeedsRemoteProviderError(missing)
+
+    def _reset_size(self, e: RecordEntry) -> None:
+        """The record's size is unknown again (new blob variant, extraction)."""
+        if not e.mutable:
+            e.size = SIZE_UNKNOWN
+            self.core.writer.submit(e.id, {KEY_SIZE: SIZE_UNKNOWN})
+        if e.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                e.actor.tell(("size_reset",))
+
     def _new_entry(
         self,
         record_id: str,
@@ -322,7 +415,15 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         e.created_at = values.get(KEY_CREATED_AT, 0)
         e.record_type = values.get(KEY_RECORD_TYPE) or ""
         e.size = values.get(KEY_SIZE, SIZE_UNKNOWN)
+        e.blob = values.get(KEY_BLOB) or ""
+        e.blob_only = bool(values.get(KEY_BLOB_ONLY, False))
+        e.diff_id = values.get(KEY_DIFF_ID) or ""
+        e.chain_id = values.get(KEY_CHAIN_ID) or ""
+        e.blob_chain_id = values.get(KEY_BLOB_CHAIN_ID) or ""
+        e.media_type = values.get(KEY_MEDIA_TYPE) or ""
         self.entries[record_id] = e
+        if e.blob_only:
+            self._blob_only += 1
         return e
 
     def _size_snapshot(self, e: RecordEntry) -> str:
@@ -374,13 +475,20 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         A mutable record that nobody holds is committed implicitly (a handle on its equal
         immutable, whose id differs, is returned).
 
+        ``desc_handlers`` (digest -> :class:`DescHandler`) travel with the handle: every lazy
+        (blob-only, blob not local) record in the ancestry needs one, checked before a handle
+        is taken (BuildKit ``checkLazyProviders``).
+
         Raises:
             NotFoundError: unknown or removed id.
             LockedError: the record is a mutable that is held.
+            NeedsRemoteProviderError: lazy ancestors without a handler (``.digests``).
+            InvalidError: malformed ``desc_handlers``.
         """
-        del desc_handlers
+        handlers = check_handlers(desc_handlers)
         with self.core.timed("get"):
             e = self._entry(id)
+            self._check_lazy(e, handlers)
             if e.mutable:
                 if self._mutable_locked(e):
                     msg = f"record {id!r} is locked: a mutable ref on it is open"
@@ -390,7 +498,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 else:
                     e = self._commit_entry(e)
             rid, hid, actor = self._acquire(e, update_last_used)
-            return ImmutableRef(self.core, rid, hid, actor)
+            return ImmutableRef(self.core, rid, hid, actor, handlers)
 
     def get_mutable(self, id: str) -> MutableRef:
         """Returns the exclusive handle on a mutable record.
@@ -420,6 +528,142 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 e.equal_immutable = None
             rid, hid, actor = self._acquire(e, True)
             return MutableRef(self.core, rid, hid, actor)
+
+    def get_by_blob(
+        self,
+        desc: Descriptor,
+        parent: ImmutableRef | None = None,
+        *,
+        desc_handlers: Mapping[str, DescHandler] | None = None,
+        extract: bool = False,
+        retain: bool = False,
+        description: str | None = None,
+    ) -> ImmutableRef | Future[ImmutableRef]:
+        """Gets or creates the lazy (blob-only) record of a layer blob (BuildKit ``GetByBlob``).
+
+        The diffID comes from ``desc.annotations["containerd.io/uncompressed"]``;
+        ``chainID = ChainID([parent.chainID, diffID])`` (``diffID`` without parent) and
+        ``blobChainID = ChainID([parent.blobChainID, ChainID([blob, diffID])])``. A record
+        already in the ``blobchainid:`` index is returned (a new handle); otherwise a new
+        blob-only record is made, re-using the snapshot of a ``chainid:`` match (or naming
+        its snapshot by the chainID). Lazy matches without handlers are skipped. The parent
+        is not consumed; the new handle carries the parent handle's handlers plus
+        ``desc_handlers``. With ``extract`` the snapshot is materialised before the reply.
+
+        Raises:
+            InvalidError: a missing or malformed diffID, bad arguments, or a parent without
+                chain IDs ("non-addressable").
+            NeedsRemoteProviderError: the blob (or a lazy ancestor's) is neither in the
+                content store nor covered by a handler.
+        """
+        if not isinstance(desc, Descriptor):
+            msg = f"get_by_blob needs a Descriptor, not {type(desc).__name__}"
+            raise InvalidError(msg)
+        diff_id = diff_id_of(desc)
+        for name, flag in (("extract", extract), ("retain", retain)):
+            if not isinstance(flag, bool):
+                msg = f"get_by_blob {name} must be a bool, not {flag!r}"
+                raise InvalidError(msg)
+        if description is not None and not isinstance(description, str):
+            msg = f"description must be a string, not {description!r}"
+            raise InvalidError(msg)
+        handlers = check_handlers(desc_handlers)
+        parent_entry = self._ref_entry(parent, "parent") if parent is not None else None
+        if parent is not None:
+            handlers = merge_handlers(parent._desc_handlers, handlers)
+        with self.core.timed("get_by_blob"):
+            if desc.digest not in handlers and not self.core.content.exists(desc.digest):
+                raise NeedsRemoteProviderError([desc.digest])
+            if parent_entry is not None:
+                self._check_lazy(parent_entry, handlers)
+                self._addressable(parent_entry)
+            # BuildKit finalizes the parent here. An addressable parent is finalized already:
+            # chain IDs need a blob, and set_blob finalizes before it sets one.
+            request = _ByBlob(desc, diff_id, handlers, retain, description or "")
+            ref = self._by_blob(request, parent_entry.id if parent_entry is not None else "")
+        if extract:
+            return self.core.executor.submit(self._extract_job, ref)
+        return ref
+
+    def _extract_job(self, ref: ImmutableRef) -> ImmutableRef:
+        try:
+            extract_record(self.core, ref.id, ref._desc_handlers)
+        except BaseException:
+            with contextlib.suppress(RefcacheError):
+                ref.release()
+            raise
+        return ref
+
+    def _addressable(self, parent: RecordEntry) -> None:
+        if not parent.chain_id or not parent.blob_chain_id:
+            msg = (
+                f"failed to get ref by blob on non-addressable parent {parent.id!r} "
+                "(it has no chain IDs: set its blob first)"
+            )
+            raise InvalidError(msg)
+
+    def _by_blob(self, request: _ByBlob, parent_id: str) -> ImmutableRef:
+        """The indexed search and the insert of ``get_by_blob`` (BuildKit steps 4-6)."""
+        desc = request.desc
+        cid = request.diff_id
+        bcid = chain_id(desc.digest, request.diff_id)
+        if parent_id:
+            p = self._entry(parent_id)
+            cid = chain_id(p.chain_id, request.diff_id)
+            bcid = chain_id(p.blob_chain_id, bcid)
+        for item in self.core.store.search(INDEX_BLOB_CHAIN + bcid):
+            e = self.entries.get(item.id)
+            if e is None or e.dead or e.mutable or self._lazy_digests(e, request.handlers):
+                continue  # BuildKit skips not-found and needs-provider matches
+            rid, hid, actor = self._acquire(e, True)
+            return ImmutableRef(self.core, rid, hid, actor, request.handlers)
+        snapshot_id = cid
+        for item in self.core.store.search(INDEX_CHAIN + cid):
+            e = self.entries.get(item.id)
+            if e is None or e.dead or e.mutable or self._lazy_digests(e, request.handlers):
+                continue
+            snapshot_id = e.snapshot_id  # re-use the linked record's snapshot
+            break
+        record_id = new_id()
+        parents = (parent_id,) if parent_id else ()
+        values: dict[str, Any] = {
+            KEY_COMMITTED: True,
+            KEY_CREATED_AT: time.time_ns(),
+            KEY_SNAPSHOT: snapshot_id,
+            KEY_SIZE: SIZE_UNKNOWN,
+            KEY_DIFF_ID: request.diff_id,
+            KEY_BLOB: desc.digest,
+            KEY_CHAIN_ID: cid,
+            KEY_BLOB_CHAIN_ID: bcid,
+            # Always blob-only, even when a linked snapshot exists (BuildKit 99bd0d804).
+            KEY_BLOB_ONLY: True,
+            KEY_MEDIA_TYPE: desc.media_type,
+            KEY_BLOB_SIZE: desc.size,
+            KEY_LAYER_URLS: list(desc.urls) or None,
+            KEY_CACHE_POLICY: 1 if request.retain else None,
+            KEY_DESCRIPTION: request.description or None,
+            **parent_fields("layer" if parent_id else "base", parents),
+        }
+        sn = self.core.snapshotter
+        with self.core.env.write_txn() as txn:
+            # The lease holds the snapshot and the blob before either exists (BuildKit).
+            self.core.leases.create(record_id, flat=True, txn=txn)
+            self.core.leases.add_resource(
+                record_id, Resource(snapshot_id, f"snapshots/{sn.name}"), txn=txn
+            )
+            self.core.leases.add_resource(
+                record_id, Resource(desc.digest, RESOURCE_CONTENT), txn=txn
+            )
+            item = self.core.store.get(record_id)
+            item.queue_many(
+                {k: v for k, v in values.items() if v is not None},
+                {KEY_CHAIN_ID: INDEX_CHAIN + cid, KEY_BLOB_CHAIN_ID: INDEX_BLOB_CHAIN + bcid},
+            )
+            item.commit(txn=txn)
+        e = self._new_entry(record_id, "layer" if parent_id else "base", parents, values)
+        self._hold(parents)  # the new record owns a counted hold on its parent
+        rid, hid, actor = self._acquire(e, True)
+        return ImmutableRef(self.core, rid, hid, actor, request.handlers)
 
     def new(
         self,
@@ -456,14 +700,20 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             KEY_RECORD_TYPE: record_type or None,
         }
         parents: tuple[str, ...] = ()
-        if parent_entry is not None:
+        handlers: Mapping[str, DescHandler] = frozen_map(None)
+        if parent_entry is not None and parent is not None:
             parents = (parent_entry.id,)
             values[KEY_PARENT] = parent_entry.id
+            handlers = parent._desc_handlers  # BuildKit: the new handle inherits them
             self._hold(parents)  # BuildKit clones the parent: the new record holds its own
-        return self.core.executor.submit(self._new_job, record_id, parents, values)
+        return self.core.executor.submit(self._new_job, record_id, parents, values, handlers)
 
     def _new_job(
-        self, record_id: str, parents: tuple[str, ...], values: dict[str, Any]
+        self,
+        record_id: str,
+        parents: tuple[str, ...],
+        values: dict[str, Any],
+        handlers: Mapping[str, DescHandler],
     ) -> MutableRef:
         # Runs on the I/O executor: finalize the parent, then lease + metadata in one
         # transaction (a crash after it leaves a mutable without snapshot, which loading
@@ -476,7 +726,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     # BuildKit New: finalize the parent, then extract it (a merge or diff
                     # has no snapshot until then), and use its snapshot as the parent.
                     finalize_record(core, parents[0])
-                    extract_record(core, parents[0])
+                    extract_record(core, parents[0], handlers)
                     parent_sid = core.ask_manager(("snapshot_of", parents[0]))
                 sn = core.snapshotter
                 with core.env.write_txn() as txn:
@@ -502,7 +752,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         rid, hid, actor = core.ask_manager(
             ("register", record_id, "layer" if parents else "base", parents, values)
         )
-        return MutableRef(core, rid, hid, actor)
+        return MutableRef(core, rid, hid, actor, handlers)
 
     def merge(
         self, parents: Sequence[ImmutableRef | None]
@@ -515,16 +765,20 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         entries = [self._ref_entry(p, "merge input") for p in refs]
         if not entries:
             return None
+        # BuildKit: the merge's handle carries the union of its inputs' handlers.
+        handlers = merge_handlers(*(r._desc_handlers for r in refs if r is not None))
         if len(entries) == 1:
             rid, hid, actor = self._acquire(entries[0], False)
-            return ImmutableRef(self.core, rid, hid, actor)
+            return ImmutableRef(self.core, rid, hid, actor, handlers)
         ids: list[str] = []
         for e in entries:
             ids.extend(e.parents if e.kind == "merge" else (e.id,))
         self._hold(ids)
-        return self.core.executor.submit(self._merge_job, tuple(ids))
+        return self.core.executor.submit(self._merge_job, tuple(ids), handlers)
 
-    def _merge_job(self, ids: tuple[str, ...]) -> ImmutableRef:
+    def _merge_job(
+        self, ids: tuple[str, ...], handlers: Mapping[str, DescHandler] | None = None
+    ) -> ImmutableRef:
         core = self.core
         try:
             with core.timed("merge"):
@@ -534,10 +788,14 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             with contextlib.suppress(RefcacheError):
                 core.ask_manager(("unhold", ids))
             raise
-        return self._register_immutable_job("merge", ids, {})
+        return self._register_immutable_job("merge", ids, {}, handlers)
 
     def _register_immutable_job(
-        self, kind: RecordKind, parents: tuple[str, ...], extra: dict[str, Any]
+        self,
+        kind: RecordKind,
+        parents: tuple[str, ...],
+        extra: dict[str, Any],
+        handlers: Mapping[str, DescHandler] | None = None,
     ) -> ImmutableRef:
         # Runs on the I/O executor: lease + metadata in one transaction, then registration.
         core = self.core
@@ -564,7 +822,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 core.ask_manager(("unhold", parents))
             raise
         rid, hid, actor = core.ask_manager(("register", record_id, kind, parents, values))
-        return ImmutableRef(core, rid, hid, actor)
+        return ImmutableRef(core, rid, hid, actor, handlers)
 
     def diff(self, lower: ImmutableRef | None, upper: ImmutableRef | None) -> Future[ImmutableRef]:
         """The changes from ``lower`` to ``upper`` (``None``: nothing), as a record.
@@ -580,6 +838,9 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             raise InvalidError(msg)
         low = self._ref_entry(lower, "diff lower")
         up = self._ref_entry(upper, "diff upper") if upper is not None else None
+        handlers = merge_handlers(
+            lower._desc_handlers, upper._desc_handlers if upper is not None else frozen_map(None)
+        )
         if up is not None:
             low_chain = self._layer_walk(low)
             up_chain = self._layer_walk(up)
@@ -594,12 +855,17 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     else:
                         plan.append(("self", "", layer.id))
                         self._hold((layer.id,))
-                return self.core.executor.submit(self._diff_merge_job, tuple(plan))
+                return self.core.executor.submit(self._diff_merge_job, tuple(plan), handlers)
         parents = (low.id, up.id if up is not None else "")
         self._hold(parents)
-        return self.core.executor.submit(self._diff_job, parents, "")
+        return self.core.executor.submit(self._diff_job, parents, "", handlers)
 
-    def _diff_job(self, parents: tuple[str, str], description: str) -> ImmutableRef:
+    def _diff_job(
+        self,
+        parents: tuple[str, str],
+        description: str,
+        handlers: Mapping[str, DescHandler] | None = None,
+    ) -> ImmutableRef:
         core = self.core
         try:
             with core.timed("diff"):
@@ -610,9 +876,13 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 core.ask_manager(("unhold", parents))
             raise
         extra = {KEY_DESCRIPTION: description} if description else {}
-        return self._register_immutable_job("diff", parents, extra)
+        return self._register_immutable_job("diff", parents, extra, handlers)
 
-    def _diff_merge_job(self, plan: tuple[tuple[str, str, str], ...]) -> ImmutableRef:
+    def _diff_merge_job(
+        self,
+        plan: tuple[tuple[str, str, str], ...],
+        handlers: Mapping[str, DescHandler] | None = None,
+    ) -> ImmutableRef:
         core = self.core
         pieces: list[ImmutableRef] = []
         handed = 0  # plan entries whose holds were handed over (to a piece or released)
@@ -620,7 +890,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             for kind, low, up in plan:
                 if kind == "diff":
                     handed += 1  # _diff_job owns these holds now and drops them on failure
-                    pieces.append(self._diff_job((low, up), f'diff "{low}" -> "{up}"'))
+                    pieces.append(self._diff_job((low, up), f'diff "{low}" -> "{up}"', handlers))
                 else:
                     rid, hid, actor = core.ask_manager(("clone", up))
                     pieces.append(ImmutableRef(core, rid, hid, actor))
@@ -628,7 +898,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     core.ask_manager(("unhold", (up,)))
             ids = tuple(p.id for p in pieces)
             core.ask_manager(("hold", ids))
-            merged = self._merge_job(ids)
+            merged = self._merge_job(ids, handlers)
         except BaseException:
             for kind, low, up in plan[handed:]:
                 with contextlib.suppress(RefcacheError):
@@ -947,6 +1217,134 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 diffs.append(("", layer.snapshot_id))
                 deps.append(layer.id)
         return e.snapshot_id, list(dict.fromkeys(deps)), diffs
+
+    # -- blob operations (from actors._blobs / actors._remote, in callers' threads) ---------
+
+    def _op_node(self, record_id: str) -> BlobNode:
+        e = self._entry(record_id)
+        return BlobNode(
+            id=e.id,
+            kind=e.kind,
+            parents=e.parents,
+            snapshot_id=e.snapshot_id,
+            blob=e.blob,
+            blob_only=e.blob_only,
+            diff_id=e.diff_id,
+            chain_id=e.chain_id,
+            blob_chain_id=e.blob_chain_id,
+            media_type=e.media_type,
+            mutable=e.mutable,
+            finalized=e.equal_mutable is None,
+        )
+
+    def _op_size_inputs(self, record_id: str) -> tuple[str, bool]:
+        e = self._entry(record_id)
+        return e.blob, e.blob_only
+
+    def _op_size_reset(self, record_id: str) -> None:
+        e = self.entries.get(record_id)
+        if e is not None:
+            self._reset_size(e)
+
+    def _op_extracted(self, record_id: str) -> None:
+        """A blob-only record's snapshot was extracted (BuildKit ``unlazyLayer``'s end)."""
+        e = self.entries.get(record_id)
+        if e is None or e.dead:
+            return
+        if e.blob_only:
+            self.core.store.get(record_id).set(KEY_BLOB_ONLY, False)
+            e.blob_only = False
+            self._blob_only -= 1
+        self._reset_size(e)
+
+    def _op_set_blob(self, record_id: str, desc: Descriptor) -> bool:
+        """BuildKit ``setBlob`` (the table part): returns whether the blob was set.
+
+        The record must be finalized (the caller did it). A record with a blob keeps it.
+        """
+        e = self._entry(record_id)
+        if e.mutable:
+            msg = f"cannot set a blob on mutable record {record_id!r}"
+            raise InvalidError(msg)
+        if e.equal_mutable is not None:
+            msg = f"cannot set a blob on record {record_id!r} before it is finalized"
+            raise FailedPreconditionError(msg)
+        if e.blob:
+            return False
+        diff_id = diff_id_of(desc)
+        with self.core.env.write_txn() as txn:
+            # The blob joins the record's lease in the transaction that names it.
+            self.core.leases.add_resource(
+                record_id, Resource(desc.digest, RESOURCE_CONTENT), txn=txn
+            )
+            item = self.core.store.get(record_id)
+            item.queue_many(
+                {
+                    KEY_DIFF_ID: diff_id,
+                    KEY_BLOB: desc.digest,
+                    KEY_MEDIA_TYPE: desc.media_type,
+                    KEY_BLOB_SIZE: desc.size,
+                }
+            )
+            item.append_strings(KEY_LAYER_URLS, desc.urls)
+            item.commit(txn=txn)
+        e.diff_id, e.blob, e.media_type = diff_id, desc.digest, desc.media_type
+        return True
+
+    def _op_chain_metadata(self, record_id: str, layers: frozenset[str]) -> None:
+        """BuildKit ``computeChainMetadata`` for one record (parents computed before)."""
+        e = self._entry(record_id)
+        if e.chain_id:
+            return
+        cid = bcid = ""
+        if e.kind == "base":
+            if record_id not in layers:
+                return
+            cid, bcid = e.diff_id, chain_id(e.blob, e.diff_id)
+        elif e.kind == "layer":
+            if record_id not in layers:
+                return
+            p = self._entry(e.parents[0])
+            if p.id in layers:
+                if not p.chain_id or not p.blob_chain_id:
+                    msg = (
+                        f"failed to set chain for record {record_id!r} with non-addressable "
+                        f"parent {p.id!r}"
+                    )
+                    raise FailedPreconditionError(msg)
+                cid, bcid = p.chain_id, p.blob_chain_id
+            cid = chain_id(cid, e.diff_id)
+            bcid = chain_id(bcid, chain_id(e.blob, e.diff_id))
+        elif e.kind == "merge":
+            base = self._entry(e.parents[0])
+            if base.id not in layers:
+                return  # not enough information at this time
+            cid, bcid = base.chain_id, base.blob_chain_id
+            for other in e.parents[1:]:
+                for layer in self._layer_walk(self._entry(other)):
+                    if layer.id not in layers:
+                        return
+                    cid = chain_id(cid, layer.diff_id)
+                    bcid = chain_id(bcid, chain_id(layer.blob, layer.diff_id))
+        elif record_id in layers:  # a diff that is its own blob
+            cid, bcid = e.diff_id, chain_id(e.blob, e.diff_id)
+        else:  # a diff re-using its upper's blob
+            up = self._entry(e.parents[1])
+            cid, bcid = up.chain_id, up.blob_chain_id
+        values: dict[str, Any] = {}
+        indexes: dict[str, str] = {}
+        if cid:
+            values[KEY_CHAIN_ID] = cid
+            indexes[KEY_CHAIN_ID] = INDEX_CHAIN + cid
+        if bcid:
+            values[KEY_BLOB_CHAIN_ID] = bcid
+            indexes[KEY_BLOB_CHAIN_ID] = INDEX_BLOB_CHAIN + bcid
+        if not values:
+            return
+        item = self.core.store.get(record_id)
+        item.queue_many(values, indexes)
+        item.commit()
+        e.chain_id, e.blob_chain_id = cid, bcid
 
 
 class CacheManagerProxy(pykka.ActorProxy[CacheManager]):

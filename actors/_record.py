@@ -93,6 +93,9 @@ class CacheRecord(PooledActor):
         self.used = False
         self.mount_flight: ThreadingFuture[Any] | None = None
         self.size_flight: ThreadingFuture[Any] | None = None
+        # Bumped by every reset (extraction, a new blob variant): a size measured before the
+        # reset is handed to its waiters but not cached.
+        self.size_generation = 0
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -214,19 +217,31 @@ class CacheRecord(PooledActor):
     # -- size -------------------------------------------------------------------------------
 
     def _on_size_begin(self) -> tuple[Any, ...]:
-        """Returns ``("known", size)``, ``("wait", future)`` or ``("do", snapshot, own)``."""
+        """Returns ``("known", size)``, ``("wait", future)`` or
+        ``("do", snapshot, own snapshot, generation)``."""
         if self.size != SIZE_UNKNOWN and not self.mutable:
             return ("known", self.size)
         if self.size_flight is not None:
             return ("wait", self.size_flight)
         self.size_flight = ThreadingFuture()
-        return ("do", self.mount_snapshot_id, self.snapshot_id)
+        return ("do", self.mount_snapshot_id, self.snapshot_id, self.size_generation)
 
-    def _on_size_end(self, size: int | None, error: BaseException | None) -> None:
-        """Ends a size flight; ``size`` is ``None`` when the snapshot does not exist (not
-        cached: a merge or diff that is extracted later gets measured then)."""
+    def _on_size_end(
+        self,
+        size: int | None,
+        error: BaseException | None,
+        generation: int = -1,
+        cacheable: bool = True,
+    ) -> None:
+        """Ends a size flight.
+
+        ``size`` is ``None`` when the snapshot does not exist (counted 0). A size is cached
+        only when ``cacheable`` (a merge or diff not extracted yet is measured again once it
+        is) and no reset happened since its flight began (``generation``).
+        """
         flight, self.size_flight = self.size_flight, None
-        if error is None and size is not None and not self.mutable:
+        cache = cacheable and generation in (-1, self.size_generation)
+        if error is None and size is not None and cache and not self.mutable:
             self.size = size
             self.core.writer.submit(self.id, {KEY_SIZE: size})
         if flight is not None:
@@ -236,7 +251,9 @@ class CacheRecord(PooledActor):
                 flight.set(0 if size is None else size)
 
     def _on_size_reset(self) -> None:
+        """The size is unknown again (BuildKit ``queueSize(sizeUnknown)``)."""
         self.size = SIZE_UNKNOWN
+        self.size_generation += 1
 
     # -- metadata ---------------------------------------------------------------------------
 

@@ -24,12 +24,21 @@ from typing import TYPE_CHECKING, Any, Self
 
 import pykka
 
+from actors._blobs import (
+    check_compression,
+    check_handlers,
+    extract_record,
+    measure_record,
+    merge_handlers,
+    snapshot_usage,
+)
 from actors._core import CacheCore, ask, get_result
+from actors._remote import file_list, finalize_record, get_remotes
+from actors._types import DescHandler
 from storage import (
     KEY_CACHE_POLICY,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
-    KEY_EQUAL_MUTABLE,
     KEY_LAYER_TYPE,
     KEY_RECORD_TYPE,
     AlreadyExistsError,
@@ -40,11 +49,23 @@ from storage import (
 )
 from storage._leases import Resource
 from storage._mount import local_mount, readonly_mounts
+from storage._types import frozen_map
 
 if TYPE_CHECKING:
-    from actors._types import RecordInfo
+    from actors._types import RecordInfo, Remote
 
-__all__ = ["ImmutableRef", "Mountable", "MutableRef", "RefList", "RefMetadata"]
+__all__ = [
+    "ImmutableRef",
+    "Mountable",
+    "MutableRef",
+    "RefList",
+    "RefMetadata",
+    # slow work in the caller's thread (defined in actors._blobs / actors._remote)
+    "compute_size",
+    "extract_record",
+    "finalize_record",
+    "snapshot_usage",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +202,22 @@ class _Ref:
     _kind = "ref"
 
     def __init__(
-        self, core: CacheCore, record_id: str, handle_id: int, actor: pykka.ActorRef[Any]
+        self,
+        core: CacheCore,
+        record_id: str,
+        handle_id: int,
+        actor: pykka.ActorRef[Any],
+        desc_handlers: Mapping[str, DescHandler] | None = None,
     ) -> None:
         self._core = core
         self._id = record_id
         self._hid = handle_id
         self._actor = actor
+        # BuildKit: descriptor handlers belong to the handle; clones and children inherit
+        # them. A read-only mapping, validated by whoever built it.
+        self._desc_handlers: Mapping[str, DescHandler] = (
+            desc_handlers if desc_handlers is not None else frozen_map(None)
+        )
         self._lock = threading.Lock()
         self._released = False
         self._consumed = False
@@ -216,6 +247,15 @@ class _Ref:
     def metadata(self) -> RefMetadata:
         """The record's metadata."""
         return RefMetadata(self)
+
+    @property
+    def desc_handlers(self) -> Mapping[str, DescHandler]:
+        """The descriptor handlers this handle carries (read-only)."""
+        return self._desc_handlers
+
+    def desc_handler(self, digest: str) -> DescHandler | None:
+        """BuildKit ``DescHandler(dgst)``: the handler for blob ``digest``, if any."""
+        return self._desc_handlers.get(digest)
 
     def _check_usable(self, what: str) -> None:
         if self._consumed:
@@ -332,9 +372,9 @@ class ImmutableRef(_Ref):
             except pykka.ActorDeadError:
                 hid = None
             if hid is not None:
-                return ImmutableRef(self._core, self._id, hid, self._actor)
+                return ImmutableRef(self._core, self._id, hid, self._actor, self._desc_handlers)
             record_id, hid, actor = self._core.ask_manager(("clone", self._id))
-            return ImmutableRef(self._core, record_id, hid, actor)
+            return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
 
     def finalize(self) -> None:
         """Commits the snapshot of an equal pair (lazy commit); a no-op otherwise."""
@@ -351,15 +391,27 @@ class ImmutableRef(_Ref):
         with self._core.timed("mount"):
             if not readonly:
                 finalize_record(self._core, self._id)
-            extract_record(self._core, self._id)
+            extract_record(self._core, self._id, self._desc_handlers)
             mounts = self._mounts("mount")
         return Mountable(True, tuple(readonly_mounts(list(mounts))))
 
-    def extract(self, desc_handlers: Mapping[str, Any] | None = None) -> None:
-        """Materialises the snapshot of a lazy, merge or diff record."""
+    def extract(self, desc_handlers: Mapping[str, DescHandler] | None = None) -> None:
+        """Materialises the snapshot of a lazy (blob-only), merge or diff record.
+
+        Lazy blobs are fetched through the handle's descriptor handlers, plus
+        ``desc_handlers`` (which win). Concurrent extractions of one record share one; a blob
+        is fetched once however many records and callers need it. A layer that is not
+        blob-only returns at once (BuildKit ``Extract``).
+
+        Raises:
+            NeedsRemoteProviderError: a lazy blob has no handler.
+            FailedPreconditionError: a fetched blob does not match its descriptor.
+            RefcacheError: a provider failed (the record stays lazy; retry with a good one).
+        """
         self._check_usable("extract")
-        del desc_handlers
-        extract_record(self._core, self._id)
+        handlers = merge_handlers(self._desc_handlers, check_handlers(desc_handlers))
+        with self._core.timed("extract"):
+            extract_record(self._core, self._id, handlers)
 
     def size(self) -> int:
         """Disk usage in bytes (computed once and cached; concurrent callers share it)."""
@@ -378,7 +430,7 @@ class ImmutableRef(_Ref):
                     refs.append(self.clone())
                 else:
                     rid, hid, actor = self._core.ask_manager(("clone", record_id))
-                    refs.append(ImmutableRef(self._core, rid, hid, actor))
+                    refs.append(ImmutableRef(self._core, rid, hid, actor, self._desc_handlers))
         except BaseException:
             refs.release()
             raise
@@ -388,6 +440,58 @@ class ImmutableRef(_Ref):
         """Ids of the record and every ancestor, depth first (BuildKit ``walkAncestors``)."""
         self._check_usable("walk ancestors")
         return self._core.ask_manager(("ancestors", self._id))
+
+    def get_remotes(
+        self,
+        compression: str = "gzip",
+        *,
+        create_if_needed: bool = True,
+        all: bool = False,
+        force: bool = False,
+        prefer_non_dist: bool = False,
+    ) -> list[Remote]:
+        """The record's layers as descriptors plus a provider (BuildKit ``GetRemotes``).
+
+        Missing layer blobs are computed with the differ in ``compression`` (when
+        ``create_if_needed``); with ``force`` every layer is given as a ``compression`` blob
+        (converted, keeping its diffID); ``prefer_non_dist`` keeps non-distributable media
+        types and URLs. With ``all`` (not ``force``) the list goes on with every remote whose
+        topmost layer is a ``compression`` variant, over all combinations of the lower
+        layers' known variants. Runs in the calling thread.
+
+        Raises:
+            InvalidError: unknown compression (``estargz`` is out of scope).
+            NotFoundError: a layer has no blob and ``create_if_needed`` is false.
+            NeedsRemoteProviderError: a lazy layer must be converted and has no handler.
+        """
+        self._check_usable("get_remotes")
+        check_compression(compression)
+        for name, flag in (
+            ("create_if_needed", create_if_needed),
+            ("all", all),
+            ("force", force),
+            ("prefer_non_dist", prefer_non_dist),
+        ):
+            if not isinstance(flag, bool):
+                msg = f"get_remotes {name} must be a bool, not {flag!r}"
+                raise InvalidError(msg)
+        with self._core.timed("get_remotes"):
+            return get_remotes(
+                self._core,
+                self._id,
+                compression=compression,
+                create_if_needed=create_if_needed,
+                all=all,
+                force=force,
+                prefer_non_dist=prefer_non_dist,
+                handlers=self._desc_handlers,
+            )
+
+    def file_list(self) -> list[str]:
+        """Sorted paths in the record's layer tarball (BuildKit ``FileList``); ``[]`` when the
+        record has no blob. Cached as external metadata; a lazy blob is fetched first."""
+        self._check_usable("file_list")
+        return file_list(self._core, self._id, self._desc_handlers)
 
 
 class MutableRef(_Ref):
@@ -411,7 +515,7 @@ class MutableRef(_Ref):
             with self._lock:
                 self._consumed = False
             raise
-        return ImmutableRef(self._core, record_id, hid, actor)
+        return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
 
     def mount(self, readonly: bool = False) -> Mountable:
         """Mounts the active snapshot (read-only when asked)."""
@@ -452,99 +556,27 @@ class RefList(list[ImmutableRef]):
 # -- slow work in the caller's thread ------------------------------------------------------
 
 
-def finalize_record(core: CacheCore, record_id: str) -> None:
-    """Finalizes an equal pair: commit the mutable's snapshot to the immutable's (BuildKit).
-
-    The manager marks the mutable dead first (so nobody can take it meanwhile) and hands out
-    a plan; the snapshot commit and the lease run here; the manager then removes the mutable.
-    Concurrent callers share one finalize (the manager returns the same future).
-    """
-    plan = core.ask_manager(("finalize_begin", record_id))
-    if plan is None:
-        return
-    if plan[0] == "wait":
-        get_result(plan[1], core.timeout, f"finalize of {record_id!r}")
-        return
-    _, snapshot_id, mutable_snapshot_id = plan
-    error: BaseException | None = None
-    try:
-        # BuildKit's order: lease first (GC must never see the snapshot unheld), then the
-        # snapshot commit (outside any metadata transaction: it walks the tree for usage),
-        # then the metadata. A crash between the last two is the half-finalized pair that
-        # loading recovers (TestLoadHalfFinalizedRef).
-        with core.env.write_txn() as txn:
-            with contextlib.suppress(AlreadyExistsError):
-                core.leases.create(record_id, flat=True, txn=txn)
-            with contextlib.suppress(AlreadyExistsError):
-                core.leases.add_resource(
-                    record_id,
-                    Resource(snapshot_id, f"snapshots/{core.snapshotter.name}"),
-                    txn=txn,
-                )
-        core.snapshotter.commit(snapshot_id, mutable_snapshot_id)
-        core.store.get(record_id).set(KEY_EQUAL_MUTABLE, None)
-    except BaseException as exc:
-        error = exc
-    core.ask_manager(("finalize_end", record_id, error))
-    if error is not None:
-        raise error
-
-
-def extract_record(core: CacheCore, record_id: str) -> None:
-    """Materialises a merge or diff snapshot (inputs first), single-flighted per record."""
-
-    def run() -> None:
-        plan = core.ask_manager(("extract_plan", record_id))
-        if plan is None:
-            return
-        snapshot_id, deps, diffs = plan
-        if _snapshot_exists(core, snapshot_id):
-            return
-        for dep in deps:
-            extract_record(core, dep)
-        core.snapshotter.merge(snapshot_id, diffs)
-
-    core.flights.do(record_id + "-unlazy", run, timeout=core.timeout)
-
-
-def _snapshot_exists(core: CacheCore, snapshot_id: str) -> bool:
-    try:
-        core.snapshotter.stat(snapshot_id)
-    except NotFoundError:
-        return False
-    return True
-
-
 def compute_size(ref: _Ref, core: CacheCore) -> int:
-    """The record's size: snapshot usage plus blobs (computed here, cached by the record)."""
+    """The record's size (BuildKit ``size()``): snapshot usage unless blob-only, plus its
+    blob and every compression variant; computed here, cached by the record actor."""
     plan = ref._ask_record(("size_begin",), "size")
     if plan[0] == "known":
         return int(plan[1])
     if plan[0] == "wait":
         return int(get_result(plan[1], core.timeout, f"size of {ref.id!r}"))
-    _, snapshot_id, own = plan
+    _, snapshot_id, own, generation = plan
     try:
-        size = snapshot_usage(core, snapshot_id)
-        if size is None and snapshot_id != own:
+        blob, blob_only = core.ask_manager(("size_inputs", ref.id))
+        size, cacheable = measure_record(core, snapshot_id, blob, blob_only)
+        if not cacheable and snapshot_id != own:
             # The equal mutable's snapshot was committed by a concurrent finalize: measure
             # the record's own snapshot once that finalize is done.
             finalize_record(core, ref.id)
-            size = snapshot_usage(core, own)
+            size, cacheable = measure_record(core, own, blob, blob_only)
     except BaseException as exc:
-        ref._ask_actor(("size_end", None, exc), "size")
+        ref._ask_actor(("size_end", None, exc, generation), "size")
         raise
     # A missing snapshot (a merge or diff not extracted yet) counts 0 but is not cached:
     # extraction would otherwise leave the record at size 0 for ever.
-    ref._ask_actor(("size_end", size, None), "size")
-    return 0 if size is None else size
-
-
-def snapshot_usage(core: CacheCore, snapshot_id: str) -> int | None:
-    """Usage of one snapshot in bytes; ``None`` when it does not exist (yet).
-
-    Callers count a missing snapshot as 0 (BuildKit) without caching that size.
-    """
-    try:
-        return int(core.snapshotter.usage(snapshot_id).size)
-    except NotFoundError:
-        return None
+    ref._ask_actor(("size_end", size, None, generation, cacheable), "size")
+    return size

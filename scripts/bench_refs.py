@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -38,8 +37,14 @@ sys.path.insert(0, str(ROOT))
 import pykka  # noqa: E402
 
 from actors import ImmutableRef, open_cache  # noqa: E402
-from storage import KEY_COMMITTED, KEY_CREATED_AT, KEY_DESCRIPTION, KEY_SNAPSHOT  # noqa: E402
-from storage import MetadataStore, MetaEnv  # noqa: E402
+from storage import (  # noqa: E402  # noqa: E402
+    KEY_COMMITTED,
+    KEY_CREATED_AT,
+    KEY_DESCRIPTION,
+    KEY_SNAPSHOT,
+    MetadataStore,
+    MetaEnv,
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,7 +138,9 @@ def bench_clone_release(refs: list[ImmutableRef], threads: int, seconds: float) 
     }
 
 
-def bench_unreferenced(cache: Any, ids: list[str], threads: int, seconds: float) -> dict[str, float]:
+def bench_unreferenced(
+    cache: Any, ids: list[str], threads: int, seconds: float
+) -> dict[str, float]:
     def pair(rng: random.Random) -> None:
         r = cache.manager.get(ids[rng.randrange(len(ids))]).get(timeout=60)
         r.release()
@@ -196,7 +203,9 @@ def bench_open(n: int, workdir: Path) -> dict[str, float]:
                     KEY_SNAPSHOT: item.id,
                     KEY_DESCRIPTION: f"[stage] RUN step {item.id}",
                     "snapshot.size": 4096,
-                    "cache.parent": f"rec{int(item.id[3:]) - 1:020d}" if item.id[3:] != "0" * 20 and int(item.id[3:]) % 10 else None,
+                    "cache.parent": f"rec{int(item.id[3:]) - 1:020d}"
+                    if item.id[3:] != "0" * 20 and int(item.id[3:]) % 10
+                    else None,
                 }
             )
         store.commit_many(items)
@@ -246,7 +255,10 @@ def main() -> int:
                 for r in refs:
                     r.release()
                 for n in (1, 16):
-                    add(f"unreferenced_get_release_{n}", bench_unreferenced(cache, ids, n, args.seconds))
+                    add(
+                        f"unreferenced_get_release_{n}",
+                        bench_unreferenced(cache, ids, n, args.seconds),
+                    )
                 for n in (1, 16):
                     add(f"new_commit_release_{n}", bench_new_commit_release(cache, n, args.seconds))
             if rep == 0 and args.open_records:
