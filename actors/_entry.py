@@ -50,6 +50,7 @@ class RecordEntry:
     """One record of the table (manager-owned; records at rest are only this and LMDB)."""
 
     __slots__ = (
+        "acquires",
         "actor",
         "blob",
         "blob_chain_id",
@@ -100,6 +101,7 @@ class RecordEntry:
         self.blob_chain_id = ""
         self.media_type = ""
         self.actor: pykka.ActorRef[Any] | None = None
+        self.acquires = 0  # manager acquires sent to the current actor (stale idle tells)
         self.finalizing: ThreadingFuture[Any] | None = None
 
     def parent_ids(self) -> tuple[str, ...]:

@@ -109,7 +109,7 @@ __all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry
 
 logger = logging.getLogger(__name__)
 
-IDLE_ACTORS = 256  #: idle record actors kept activated (LRU) before passivation
+IDLE_ACTORS = 4096  #: idle record actors kept activated (LRU) before passivation
 
 
 class FlatteningFuture(ThreadingFuture[Any]):
@@ -224,6 +224,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 e.id, e.mutable, e.snapshot_id, mount_sid, e.usage_count, e.last_used_at, e.size
             )
             e.actor = CacheRecord.start_on(self.core.pool, self.core, state)
+            e.acquires = 0
         return e.actor
 
     def _handles(self, e: RecordEntry) -> int:
@@ -233,10 +234,11 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
 
     def _handle_counts(self) -> dict[str, int]:
         """Open handles of every active record (asks all first, then collects)."""
+        # Actors in the idle LRU have no handles (see _op_idle): no need to ask them.
         futures = {
             rid: e.actor.ask(("count",), block=False)
             for rid, e in self.entries.items()
-            if e.actor is not None
+            if e.actor is not None and rid not in self._idle
         }
         counts = {}
         for rid, f in futures.items():
@@ -247,13 +249,20 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         return counts
 
     def _acquire(self, e: RecordEntry, trigger: bool) -> tuple[str, int, pykka.ActorRef[Any]]:
+        # A tell, not an ask: the handle id is chosen here, and the record handles this
+        # message before anything the new handle sends it (one sender's messages keep their
+        # order, and the handle exists only after this reply). The manager does not wait for a
+        # pool worker on every get.
+        hid = self.core.next_handle_id()
         actor = self._activate(e)
         try:
-            hid = self._ask(actor, ("acquire", trigger))
+            e.acquires += 1
+            actor.tell(("acquire_as", hid, trigger))
         except pykka.ActorDeadError:
             e.actor = None
             actor = self._activate(e)
-            hid = self._ask(actor, ("acquire", trigger))
+            e.acquires += 1
+            actor.tell(("acquire_as", hid, trigger))
         return e.id, hid, actor
 
     def _settle(self, e: RecordEntry) -> Settled | None:
@@ -271,13 +280,35 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         if not e.mutable:
             e.size = settled.size
         self._idle[e.id] = None
+        self._evict_idle()
+        return settled
+
+    def _evict_idle(self) -> None:
+        """Passivates the least recently idle actors beyond :data:`IDLE_ACTORS`."""
         while len(self._idle) > IDLE_ACTORS:
             old_id, _ = self._idle.popitem(last=False)
             old = self.entries.get(old_id)
             if old is not None and old.actor is not None:
                 old.actor.stop(block=False)
                 old.actor = None
-        return settled
+
+    def _op_idle(
+        self, record_id: str, acquires: int, usage_count: int, last_used_at: int | None, size: int
+    ) -> None:
+        """A plain immutable's actor settled itself at its last release (a tell).
+
+        Ignored when the manager has acquired a handle on that actor since (the tell is then
+        stale: the record is in use again), so every record in the idle LRU has no handles.
+        """
+        e = self.entries.get(record_id)
+        if e is None or e.dead or e.actor is None or e.acquires != acquires:
+            return
+        e.usage_count, e.last_used_at = usage_count, last_used_at
+        if not e.mutable:
+            e.size = size
+        self._idle[e.id] = None
+        self._idle.move_to_end(e.id)
+        self._evict_idle()
 
     def _quiesce(self, e: RecordEntry) -> bool:
         """Whether ``e`` has no handles, settling its actor if so (before removing ``e``).

@@ -21,13 +21,14 @@ Runs on a pool worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pykka import ThreadingFuture
+from pykka import ActorDeadError, ThreadingFuture
 
 from actors._core import CacheCore
 from actors._runtime import PooledActor
@@ -87,6 +88,7 @@ class CacheRecord(PooledActor):
         self.size = state.size
         self.handles: dict[int, bool] = {}  # handle id -> triggers last-used
         self.settled = True  # no handles; the manager decides what happens next
+        self.acquires = 0  # acquires from the manager (echoed in idle tells)
         self.dead = False
         self.mounts: tuple[Mount, ...] | None = None
         self.had_view = False
@@ -114,8 +116,15 @@ class CacheRecord(PooledActor):
 
     # -- handles ----------------------------------------------------------------------------
 
+    def _on_acquire_as(self, hid: int, trigger: bool) -> None:
+        """A handle the manager created (its id chosen there); see ``CacheManager._acquire``."""
+        self.acquires += 1
+        self.handles[hid] = trigger
+        self.settled = False
+
     def _on_acquire(self, trigger: bool) -> int:
         self._check_alive()
+        self.acquires += 1
         hid = self.core.next_handle_id()
         self.handles[hid] = trigger
         self.settled = False
@@ -132,14 +141,41 @@ class CacheRecord(PooledActor):
         return new
 
     def _on_release(self, hid: int) -> tuple[bool, bool]:
-        """Returns ``(found, last)``: whether ``hid`` was held, and whether it was the last."""
+        """Returns ``(found, manager_needed)`` for the release of ``hid``.
+
+        ``manager_needed`` is True when this was the last handle and the manager has to decide
+        what happens (a mutable, an equal pair, a view lease to drop). The last release of a
+        plain immutable needs no decision (BuildKit only drops its mount cache): the record
+        settles itself and tells the manager it is idle, saving the caller two asks.
+        """
         trigger = self.handles.pop(hid, None)
         if trigger is None:
             return False, False
         if trigger and not any(self.handles.values()):
             # Several concurrent user handles count as one use, when the last of them goes.
             self._touch()
-        return True, not self.handles
+        if self.handles:
+            return True, False
+        plain = (
+            not self.mutable
+            and not self.dead
+            and self.mount_snapshot_id == self.snapshot_id
+            and not self.had_view
+            and self.mount_flight is None
+            and self.size_flight is None
+        )
+        if not plain:
+            return True, True
+        self.settled = True
+        self.used = False
+        self.mounts = None
+        manager = self.core.manager
+        if manager is not None:
+            with contextlib.suppress(ActorDeadError):
+                manager.tell(
+                    ("idle", self.id, self.acquires, self.usage_count, self.last_used_at, self.size)
+                )
+        return True, False
 
     def _on_consume(self, hid: int) -> bool:
         """Removes ``hid`` without counting a use (a mutable handle given to its commit)."""

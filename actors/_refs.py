@@ -291,11 +291,11 @@ class _Ref:
                 return
             self._released = True
         with self._core.timed("release"):
-            found, last = self._ask_actor(("release", self._hid), "release")
+            found, manager_needed = self._ask_actor(("release", self._hid), "release")
             if not found:
                 self._core.count_double_release()
                 return
-            if last:
+            if manager_needed:
                 self._core.ask_manager(("unreferenced", self._id))
 
     def info(self) -> RecordInfo:
