@@ -339,8 +339,13 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             with contextlib.suppress(NotFoundError):
                 self.core.leases.delete(lease_id, txn=txn)
 
-    def _remove(self, e: RecordEntry, *, remove_snapshot: bool) -> None:
-        """Forgets a record: metadata, leases, actor; releases its holds on its parents."""
+    def _remove(
+        self, e: RecordEntry, *, remove_snapshot: bool, txn: WriteTxn | None = None
+    ) -> None:
+        """Forgets a record: metadata, leases, actor; releases its holds on its parents.
+
+        With ``txn``, the metadata work joins that transaction (one fsync for a pair).
+        """
         if self.entries.get(e.id) is not e:
             return
         e.dead = True
@@ -354,16 +359,20 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             e.actor.stop(block=False)
             e.actor = None
         self.core.writer.discard(e.id)
-        with self.core.env.write_txn() as txn:
+        leases = [e.id + "-view"]
+        if remove_snapshot:
+            leases += [e.id, e.id + "-variants"]
+        elif e.equal_mutable is not None:
+            # An unfinalized twin has no snapshot of its own: a '<id>' lease can only be
+            # left by a finalize that crashed before its commit, and would leak.
+            leases.append(e.id)
+        if txn is not None:
             self.core.store.clear(e.id, txn=txn)
-            leases = [e.id + "-view"]
-            if remove_snapshot:
-                leases += [e.id, e.id + "-variants"]
-            elif e.equal_mutable is not None:
-                # An unfinalized twin has no snapshot of its own: a '<id>' lease can only be
-                # left by a finalize that crashed before its commit, and would leak.
-                leases.append(e.id)
             self._delete_leases(txn, leases)
+        else:
+            with self.core.env.write_txn() as own:
+                self.core.store.clear(e.id, txn=own)
+                self._delete_leases(own, leases)
         for parent_id in e.parents:
             parent = self.entries.get(parent_id) if parent_id else None
             if parent is not None:
@@ -1089,9 +1098,10 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             # BuildKit decides under cm.mu at release time; here the twin's own last
             # release decides later. Removing it now would pull it from under its refs.
             return
-        if i is not None:
-            self._remove(i, remove_snapshot=False)
-        self._remove(m, remove_snapshot=True)
+        with self.core.env.write_txn() as txn:
+            if i is not None:
+                self._remove(i, remove_snapshot=False, txn=txn)
+            self._remove(m, remove_snapshot=True, txn=txn)
 
     def _touch_entry(self, e: RecordEntry) -> None:
         """Counts one use of a record nobody holds (BuildKit ``updateLastUsed``)."""

@@ -25,9 +25,13 @@ whole transaction are replayed in a fresh transaction. Replay is exact because e
 this process holds :attr:`MetaEnv._write_lock` for the whole transaction, and a cache has a
 single writing process (``open_cache`` takes an exclusive lock file).
 
-Durability (fsync policy): every commit is synced (LMDB ``sync=True, metasync=True``), so a
-committed write survives ``kill -9`` and power loss. Callers batch writes into few commits
-(BuildKit's queue + ``Commit``) instead of relaxing the sync.
+Durability (fsync policy): every commit flushes its data pages (LMDB ``sync=True``) and defers
+the meta-page flush to the next commit (``metasync=False``, LMDB's ``MDB_NOMETASYNC``): one
+fsync per commit instead of two. A committed write survives ``kill -9`` of the writer (the
+page cache survives it); on power loss LMDB stays consistent (atomicity, consistency and
+isolation hold) but the last committed transaction may be undone. Opening after such a loss
+repairs what that can leave behind (records whose files went: see ``actors/_load.py`` and
+``storage.check``). Callers batch writes into few commits (BuildKit's queue + ``Commit``).
 """
 
 from __future__ import annotations
@@ -371,7 +375,7 @@ class MetaEnv:
                 max_readers=_MAX_READERS,
                 readonly=readonly,
                 sync=True,
-                metasync=True,
+                metasync=False,
                 readahead=False,
             )
         except lmdb.Error as exc:

@@ -1266,8 +1266,12 @@ class BaseSnapshotter:
         try:
             usage = builder(tmp, plan)
             # Flush the tree before the transaction that points at it commits, but outside
-            # that transaction's writer lock.
-            sync_filesystem(tmp)
+            # that transaction's writer lock. A snapshot without a parent holds only empty
+            # directories: fsyncing them is enough (syncfs would flush the whole disk).
+            if plan.parent is not None:
+                sync_filesystem(tmp)
+            else:
+                _fsync_tree_dirs(tmp)
         except BaseException as exc:
             self._discard(tmp, None)
             if isinstance(exc, OSError):
@@ -1789,6 +1793,12 @@ def _check_same_chain(before: _Plan, after: _Plan) -> None:
         parent = before.parent.key if before.parent else ""
         msg = f"parent {parent!r} of {before.key!r} changed while the snapshot was built"
         raise FailedPreconditionError(msg)
+
+
+def _fsync_tree_dirs(root: Path) -> None:
+    """fsyncs every directory of a tree of empty directories (a new snapshot layout)."""
+    for dirpath, _dirnames, _files in os.walk(root, topdown=False):
+        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:
