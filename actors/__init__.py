@@ -5,6 +5,7 @@ Re-exports every error class of :mod:`storage`, so that callers catch one hierar
 
 from actors._cache import Cache, open_cache
 from actors._manager import CacheManager, CacheManagerProxy
+from actors._prune import CacheListener
 from actors._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
 from actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
 from actors._types import (
@@ -36,6 +37,7 @@ __all__ = [
     "Cache",
     "CacheManager",
     "CacheManagerProxy",
+    "CacheListener",
     # handles
     "ImmutableRef",
     "MutableRef",

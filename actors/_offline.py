@@ -1,36 +1,85 @@
-"""Read-only views of a cache that may be open in another process (``du``, ``inspect``).
+"""Read-only views of a cache that may be open in another process (``du``, ``inspect``, dry runs).
 
-Open handles live in the process that has the cache open, so a reader cannot see them: the
-rows here are what ``disk_usage`` would report with no handle open (nothing in use; a chain
-held only by unreferenced records is reclaimable, BuildKit's rule). Sizes come from the
-metadata; unknown ones are measured read-only from the snapshot directories.
+LMDB lets a second process read while the owner writes, so these functions open the metadata
+read-only (or use this process's own environment when it has the cache open) and compute
+what the live manager would, with the same pure functions (:mod:`actors._prune`):
+
+* open handles live in the process that has the cache open and cannot be seen from here, so
+  the rows are what ``disk_usage`` would report with no handle open: only holds of child
+  records count, and a chain held only by unreferenced records is reclaimable (BuildKit's
+  rule);
+* sizes come from the metadata; unknown ones are measured read-only from the snapshot
+  records and the content store, and are not written back;
+* records flagged ``cache.deleted`` (an interrupted prune) are left out: the next open
+  finishes their removal.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from actors._entry import RecordEntry
-from actors._prune import _usage_adaptor
-from actors._record import SIZE_UNKNOWN
-from actors._types import UsageInfo
-from storage import CorruptMetadataError, MetadataStore, MetaEnv, NotFoundError, parse_filters
+from actors._prune import (
+    RefChecker,
+    TableRow,
+    compute_usage,
+    fill_sizes,
+    free_bytes,
+    layer_walk,
+    measure_row,
+    simulate_prune,
+)
+from actors._types import PrunePolicy, UsageInfo
+from storage import (
+    KEY_DELETED,
+    CorruptMetadataError,
+    MetadataStore,
+    MetaEnv,
+    NotFoundError,
+    RefcacheError,
+    parse_filters,
+)
 from storage._check import _open_snapshotter
+from storage._content import LocalContentStore
+from storage._leases import LmdbLeaseManager
 from storage._snapshotter import Snapshotter
 
-__all__ = ["offline_entries", "offline_usage", "read_only_env"]
+__all__ = [
+    "OfflineTable",
+    "RecordDetails",
+    "inspect_record",
+    "offline_prune_plan",
+    "offline_table",
+    "offline_usage",
+    "read_only_env",
+]
+
+
+def _has_cache(root: Path) -> bool:
+    return (root / "meta").is_dir()
 
 
 @contextmanager
 def read_only_env(root: Path) -> Iterator[MetaEnv]:
-    """The cache's environment for reading: the live one of this process, or a read-only one."""
+    """The cache's environment for reading: the live one of this process, or a read-only one.
+
+    Raises:
+        RefcacheError: there is no cache under ``root``.
+    """
     live = MetaEnv.lookup(root / "meta")
     if live is not None:
         yield live
         return
+    if not _has_cache(root):
+        msg = f"no refcache cache at {root} (no {root / 'meta'} directory)"
+        raise RefcacheError(msg)
     env = MetaEnv(root / "meta", readonly=True)
     try:
         yield env
@@ -38,35 +87,81 @@ def read_only_env(root: Path) -> Iterator[MetaEnv]:
         env.close()
 
 
-def offline_entries(env: MetaEnv) -> tuple[dict[str, RecordEntry], list[str]]:
-    """Every decodable, not-deleted record; and the ids that could not be read."""
-    entries: dict[str, RecordEntry] = {}
-    broken: list[str] = []
+@dataclass
+class OfflineTable:
+    """The record table as stored: rows, plus what could not be read or is being deleted."""
+
+    rows: dict[str, TableRow] = field(default_factory=dict)
+    entries: dict[str, RecordEntry] = field(default_factory=dict)
+    broken: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+def offline_table(env: MetaEnv) -> OfflineTable:
+    """Every decodable, not-deleted record as a :class:`TableRow` (no handles visible)."""
+    out = OfflineTable()
     for item in MetadataStore(env).all():
         try:
-            if item.get_bool("cache.deleted"):
+            if item.get_bool(KEY_DELETED):
+                out.deleted.append(item.id)
                 continue
-            entries[item.id] = RecordEntry.from_item(item)
+            out.entries[item.id] = RecordEntry.from_item(item)
         except CorruptMetadataError:
-            broken.append(item.id)
+            out.broken.append(item.id)
+    entries = out.entries
     for e in entries.values():
         for p in e.parents:
             if p in entries:
                 entries[p].holders += 1
         if e.equal_mutable and e.equal_mutable in entries:
             entries[e.equal_mutable].equal_immutable = e.id
-    return entries, broken
+    for rid, e in entries.items():
+        size_snapshot = e.snapshot_id
+        if e.equal_mutable and e.equal_mutable in entries:
+            size_snapshot = entries[e.equal_mutable].snapshot_id
+        out.rows[rid] = TableRow(
+            e.id,
+            e.kind,
+            e.parents,
+            e.mutable,
+            e.size,
+            e.created_at,
+            e.last_used_at,
+            e.usage_count,
+            e.description,
+            e.record_type,
+            e.equal_mutable,
+            e.equal_immutable,
+            e.holders,
+            0,
+            e.blob,
+            e.blob_only,
+            e.snapshot_id,
+            size_snapshot,
+        )
+    return out
 
 
-def _usage(snapshotter: Snapshotter | None, snapshot_id: str) -> int:
-    if snapshotter is None:
-        return 0
-    with contextlib.suppress(NotFoundError):
-        return int(snapshotter.usage(snapshot_id).size)
-    return 0
+class _Backends:
+    """Read-only snapshotter and content store for measuring sizes (None when absent)."""
+
+    def __init__(self, root: Path, env: MetaEnv) -> None:
+        self.snapshotter: Snapshotter | None = _open_snapshotter(root, env, clean=False)
+        self.content: LocalContentStore | None = None
+        if (root / "content").is_dir():
+            self.content = LocalContentStore(root / "content", env, clean=False)
+
+    def measure(self, row: TableRow) -> int:
+        return measure_row(self.snapshotter, self.content, row)[0]
 
 
-def offline_usage(root: Path, filters: tuple[str, ...] = ()) -> list[UsageInfo]:
+def offline_usage(
+    root: Path,
+    filters: Sequence[str] = (),
+    *,
+    age_limit: timedelta | None = None,
+    checker: RefChecker | None = None,
+) -> list[UsageInfo]:
     """``disk_usage`` computed from the stored metadata (see the module docstring).
 
     Raises:
@@ -75,28 +170,103 @@ def offline_usage(root: Path, filters: tuple[str, ...] = ()) -> list[UsageInfo]:
     """
     flt = parse_filters(*filters)
     with read_only_env(root) as env:
-        entries, _ = offline_entries(env)
-        snapshotter = _open_snapshotter(root, env, clean=False)
-        # Visible rows as in disk_usage: an equal pair shows once (as its mutable here, since
-        # no handle can be seen from outside).
-        visible = {rid: e for rid, e in entries.items() if e.equal_mutable is None}
-        rows = []
-        for rid, e in visible.items():
-            size = e.size
-            if size == SIZE_UNKNOWN:
-                size = _usage(snapshotter, e.snapshot_id)
-            row = UsageInfo(
-                id=rid,
-                mutable=e.mutable,
-                in_use=False,
-                size=size,
-                created_at=e.created_at,
-                last_used_at=e.last_used_at,
-                usage_count=e.usage_count,
-                parents=e.parent_ids(),
-                description=e.description,
-                record_type=e.record_type or "regular",
-                shared=False,
-            )
-            rows.append(row)
-    return [r for r in rows if flt.match(_usage_adaptor(r))]
+        table = offline_table(env).rows
+        backends = _Backends(root, env)
+        cutoff = time.time_ns() - int(age_limit.total_seconds() * 1e9) if age_limit else None
+        rows = compute_usage(table, checker=checker, flt=flt, cutoff=cutoff)
+        return fill_sizes(rows, table, backends.measure)
+
+
+def offline_prune_plan(
+    root: Path, policies: Sequence[PrunePolicy], *, checker: RefChecker | None = None
+) -> list[UsageInfo]:
+    """What ``prune(*policies)`` would delete now, in order, if no handle were open.
+
+    Raises:
+        InvalidError: a malformed filter.
+        RefcacheError: no cache under ``root``.
+    """
+    with read_only_env(root) as env:
+        table = offline_table(env).rows
+        backends = _Backends(root, env)
+        return simulate_prune(
+            table,
+            policies,
+            checker=checker,
+            now=time.time_ns(),
+            measure=backends.measure,
+            free=lambda: free_bytes(root),
+        )
+
+
+@dataclass
+class RecordDetails:
+    """Everything ``refcache inspect`` shows about one record."""
+
+    id: str
+    row: TableRow
+    metadata: dict[str, Any]
+    children: list[str]
+    layers: list[str]
+    leases: dict[str, list[str]]
+    snapshot: dict[str, Any] | None
+    size: int
+    table: dict[str, TableRow]
+
+
+def _resolve(rows: dict[str, TableRow], wanted: str) -> str:
+    if wanted in rows:
+        return wanted
+    matches = [rid for rid in rows if rid.startswith(wanted)] if wanted else []
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        msg = f"record id prefix {wanted!r} is ambiguous: {', '.join(sorted(matches)[:5])}"
+        raise RefcacheError(msg)
+    msg = f"record {wanted!r} not found"
+    raise NotFoundError(msg)
+
+
+def inspect_record(root: Path, record_id: str) -> RecordDetails:
+    """Reads every stored field of one record (an id or a unique id prefix).
+
+    Raises:
+        NotFoundError: no such record.
+        RefcacheError: no cache under ``root``, or an ambiguous prefix.
+    """
+    with read_only_env(root) as env:
+        loaded = offline_table(env)
+        rid = _resolve(loaded.rows, record_id)
+        row = loaded.rows[rid]
+        item = MetadataStore(env).get(rid)
+        stored_keys = item.keys()
+        metadata = {key: item.get(key) for key in stored_keys}
+        children = sorted(other.id for other in loaded.rows.values() if rid in other.parents)
+        leases: dict[str, list[str]] = {}
+        manager = LmdbLeaseManager(env)
+        for lease_id in (rid, rid + "-variants", rid + "-view"):
+            with contextlib.suppress(NotFoundError):
+                leases[lease_id] = [f"{r.type}/{r.id}" for r in manager.list_resources(lease_id)]
+        backends = _Backends(root, env)
+        snapshot: dict[str, Any] | None = None
+        if backends.snapshotter is not None:
+            with contextlib.suppress(NotFoundError):
+                info = backends.snapshotter.stat(row.snapshot_id)
+                snapshot = {
+                    "key": row.snapshot_id,
+                    "kind": str(info.kind.value),
+                    "parent": info.parent,
+                    "labels": dict(info.labels),
+                }
+        size = row.size if row.size >= 0 else backends.measure(row)
+        return RecordDetails(
+            id=rid,
+            row=row,
+            metadata=metadata,
+            children=children,
+            layers=layer_walk(loaded.rows, rid),
+            leases=leases,
+            snapshot=snapshot,
+            size=size,
+            table=loaded.rows,
+        )

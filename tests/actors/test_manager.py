@@ -661,11 +661,6 @@ class TestPrune:
         assert prune(cache, PrunePolicy(filters=("inuse",))) == []  # prune never sets inuse
         assert prune(cache, PrunePolicy(filters=("description==other",))) == [b.id]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core gap: prune ignores max_used_space/reserved_space/min_free_space "
-        "(BuildKit calculateKeepBytes + gc-mode LRU ordering, reference 4.2, not implemented)",
-    )
     def test_max_used_space_deletes_least_recently_used_first(self, cache: Cache) -> None:
         refs = [committed_with_file(cache, name) for name in "abc"]
         for ref in refs:  # used in order: a is the least recently used
