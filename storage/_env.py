@@ -170,7 +170,7 @@ class WriteTxn(ReadTxn):
     :meth:`delete` and :meth:`delete_prefix` change data.
     """
 
-    __slots__ = ("_after", "_log", "_replaying", "_rollback")
+    __slots__ = ("_after", "_after_unlock", "_log", "_replaying", "_rollback")
 
     def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
         super().__init__(env, txn)
@@ -179,6 +179,7 @@ class WriteTxn(ReadTxn):
         # map growth, so it holds references, never copies.
         self._log: list[tuple[int, str, Any, bytes]] = []
         self._after: list[Callable[[], object]] = []
+        self._after_unlock: list[Callable[[], object]] = []
         self._rollback: list[Callable[[], object]] = []
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
@@ -229,6 +230,14 @@ class WriteTxn(ReadTxn):
         crash in between leaves only orphan files that ``open`` or ``check --fix`` removes.
         """
         self._after.append(callback)
+
+    def after_unlock(self, callback: Callable[[], object]) -> None:
+        """Runs ``callback`` after the commit, once the write lock is released.
+
+        For slow cleanup (deleting a tree whose name was already retired by an
+        :meth:`after_commit` rename) that must not hold up the next writer.
+        """
+        self._after_unlock.append(callback)
 
     def after_rollback(self, callback: Callable[[], object]) -> None:
         """Runs ``callback`` if this transaction rolls back (never if it commits).
@@ -521,6 +530,11 @@ class MetaEnv:
                     callback()
                 except Exception:
                     logger.exception("after-commit callback %r failed", callback)
+        for callback in wtxn._after_unlock:
+            try:
+                callback()
+            except Exception:
+                logger.exception("after-unlock callback %r failed", callback)
 
     def _commit(self, wtxn: WriteTxn) -> None:
         try:

@@ -1572,7 +1572,8 @@ class BaseSnapshotter:
                 wtxn.delete(DB_SNAPSHOTS, _child_key(rec.parent, key))
             if self._owns_dir(rec.kind, bool(rec.parent)):
                 sid = rec.id
-                wtxn.after_commit(lambda: self._delete_dir(sid))
+                wtxn.after_commit(lambda: self._retire_dir(sid))
+                wtxn.after_unlock(lambda: self._purge_dir(sid))
 
         if txn is not None:
             apply(txn)
@@ -1580,18 +1581,23 @@ class BaseSnapshotter:
         with self._env.write_txn() as wtxn:
             apply(wtxn)
 
-    def _delete_dir(self, sid: str) -> None:
+    def _retire_dir(self, sid: str) -> None:
         # containerd: rename to rm-<id> first, so a crash mid-delete leaves a name that
-        # cleanup knows is garbage.
+        # cleanup knows is garbage. Fast: runs while the metadata write lock is held.
         src = self._snapshot_dir(sid)
         doomed = self._dirs / f"rm-{sid}"
         with self._lock:
             self._inflight.add(doomed.name)
         try:
-            try:
-                os.rename(src, doomed)
-            except FileNotFoundError:
-                return
+            os.rename(src, doomed)
+        except FileNotFoundError:
+            self._forget_inflight(doomed.name)
+
+    def _purge_dir(self, sid: str) -> None:
+        # The slow part (a tree of files), after the write lock is released, so that GC of
+        # thousands of snapshots does not hold up every other metadata write.
+        doomed = self._dirs / f"rm-{sid}"
+        try:
             shutil.rmtree(doomed, ignore_errors=True)
         finally:
             self._forget_inflight(doomed.name)

@@ -332,3 +332,29 @@ def test_a_bad_key_in_put_many_is_a_clear_error_naming_it(env: MetaEnv) -> None:
         txn.put_many(DB_RECORDS, [(b"fine", b"1"), (too_long, b"2")])
     with env.read_txn() as rtxn:
         assert rtxn.count(DB_RECORDS) == 0
+
+
+def test_after_unlock_callbacks_run_after_the_write_lock_is_released(env: MetaEnv) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def lock_free() -> bool:
+        # Another thread can take the write lock now (and only now).
+        got = env._write_lock.acquire(blocking=False)
+        if got:
+            env._write_lock.release()
+        return got
+
+    import threading
+
+    def probe(tag: str) -> None:
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(lock_free()))
+        t.start()
+        t.join(timeout=10)
+        seen.append((tag, result[0]))
+
+    with env.write_txn() as txn:
+        txn.put(DB_RECORDS, b"a", b"1")
+        txn.after_commit(lambda: probe("commit"))
+        txn.after_unlock(lambda: probe("unlock"))
+    assert seen == [("commit", False), ("unlock", True)]
