@@ -1,0 +1,708 @@
+"""``refcache demo``: an embedded build orchestrator simulation (the README's main command).
+
+What an orchestrator embedding refcache does, several builds at once, on a real cache:
+
+* **pulls**: each build's base image is a chain of generated layer tarballs (gzip), served by
+  an in-memory registry through a ``DescHandler`` provider. ``get_by_blob`` makes *lazy*
+  records (BuildKit's blob-only refs); ``extract`` pulls and unpacks them. Builds that share
+  a base share its records: the second build of a base finds the chain already cached.
+* **build steps**: ``new(parent)`` -> write files into the mount -> ``commit`` (BuildKit's
+  ExecOp on a mutable ref), a few steps per build;
+* **COPY --link** style merges (``merge``) of the base and a separately built layer, and a
+  ``diff`` of the final image against its base (what an exporter sends);
+* live progress lines, Prometheus ``/metrics`` on 127.0.0.1 while it runs;
+* at the end a ``du`` table and a prune under a ``max_used_space`` policy, then
+  ``storage.check``: the cache is left consistent for ``refcache du``/``check``.
+
+The generated layers (:func:`generate_layer`, :class:`LayerRegistry`) are also what the load
+and crash tests pull (``scripts/_workload.py``).
+
+This module is a program on top of the whole system (like ``scripts/``), kept in ``actors``
+only because the console script's package is here: it imports ``metrics`` inside
+:func:`run`, never at import time, so ``actors`` itself stays below ``metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import random
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from actors._cache import open_cache
+from actors._types import DescHandler, PrunePolicy
+from storage import (
+    ANNOTATION_UNCOMPRESSED,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    Descriptor,
+    FailedPreconditionError,
+    NotFoundError,
+    check,
+    digest_of,
+)
+
+__all__ = [
+    "GeneratedImage",
+    "GeneratedLayer",
+    "LayerRegistry",
+    "add_parser",
+    "generate_layer",
+    "main",
+    "run",
+]
+
+# -- generated layers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedLayer:
+    """A generated layer blob (gzip tar) and its OCI descriptor.
+
+    Attributes:
+        name: Human name (``base-0/layer-1``).
+        blob: The compressed tarball.
+        desc: Its descriptor; ``annotations["containerd.io/uncompressed"]`` is the diffID.
+        files: Regular files the layer adds, relative paths.
+        uncompressed_size: Size of the tar stream.
+    """
+
+    name: str
+    blob: bytes = field(repr=False)
+    desc: Descriptor
+    files: tuple[str, ...] = ()
+    uncompressed_size: int = 0
+
+    @property
+    def digest(self) -> str:
+        """The blob digest."""
+        return self.desc.digest
+
+    @property
+    def diff_id(self) -> str:
+        """The digest of the uncompressed tar."""
+        return self.desc.annotations[ANNOTATION_UNCOMPRESSED]
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """An image: a name and its layers, root first."""
+
+    name: str
+    layers: tuple[GeneratedLayer, ...]
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes | None, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime = 1_700_000_000  # fixed: the same seed gives the same blob digest
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mode = mode
+    if data is None:
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def generate_layer(
+    name: str, seed: int, *, files: int = 16, file_size: int = 4096
+) -> GeneratedLayer:
+    """Generates a deterministic gzip layer tarball under ``<name>/`` (slashes become dashes).
+
+    Half of each file is random bytes, half repeated text, so the blob compresses about 2:1
+    like real layers. The same arguments always give the same digest.
+
+    Args:
+        name: Layer name; also its top directory in the tree.
+        seed: Seed of the file contents.
+        files: Number of regular files.
+        file_size: Approximate size of each file in bytes (varies by +-50%).
+
+    Returns:
+        The layer.
+    """
+    rng = random.Random(f"{name}:{seed}")
+    top = name.replace("/", "-")
+    raw = io.BytesIO()
+    paths: list[str] = []
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        _tar_member(tar, top, None, 0o755)
+        _tar_member(tar, f"{top}/sub", None, 0o755)
+        for i in range(files):
+            size = max(1, int(file_size * rng.uniform(0.5, 1.5)))
+            half = size // 2
+            text = (f"{name} file {i} seed {seed}\n".encode() * (half // 16 + 1))[:half]
+            data = rng.randbytes(size - half) + text
+            path = f"{top}/{'sub/' if i % 3 == 0 else ''}f{i:04d}.bin"
+            _tar_member(tar, path, data, 0o644)
+            paths.append(path)
+    tar_bytes = raw.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    blob = gzip.compress(tar_bytes, compresslevel=1, mtime=0)
+    desc = Descriptor(
+        MEDIA_TYPE_OCI_LAYER_GZIP,
+        digest_of(blob),
+        len(blob),
+        {ANNOTATION_UNCOMPRESSED: diff_id},
+    )
+    return GeneratedLayer(name, blob, desc, tuple(paths), len(tar_bytes))
+
+
+class LayerRegistry:
+    """An in-memory stand-in for an OCI registry: generated blobs by digest, and a provider.
+
+    The provider (``DescHandler.provider``) is what ``get_by_blob``/``extract`` call to fetch a
+    lazy blob (BuildKit's remote provider). It counts pulls and may add a fixed latency per
+    pull to stand in for the network. Thread-safe.
+
+    Args:
+        latency: Seconds each pull waits before returning its stream (simulated network).
+    """
+
+    def __init__(self, *, latency: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        self._layers: dict[str, GeneratedLayer] = {}
+        self._images: dict[str, GeneratedImage] = {}
+        self.latency = latency
+        self.pulls = 0
+        self.pulled_bytes = 0
+        #: One handler for every blob (desc_handlers maps each digest to it).
+        self.handler = DescHandler(self.provider)
+
+    def add_image(self, image: GeneratedImage) -> GeneratedImage:
+        """Registers an image and its layers."""
+        with self._lock:
+            self._images[image.name] = image
+            for layer in image.layers:
+                self._layers[layer.digest] = layer
+        return image
+
+    @property
+    def images(self) -> list[GeneratedImage]:
+        """The registered images, in registration order."""
+        with self._lock:
+            return list(self._images.values())
+
+    def layer(self, digest: str) -> GeneratedLayer:
+        """The layer with blob ``digest``.
+
+        Raises:
+            NotFoundError: No such blob here.
+        """
+        with self._lock:
+            layer = self._layers.get(digest)
+        if layer is None:
+            msg = f"blob {digest} not found in the demo registry"
+            raise NotFoundError(msg)
+        return layer
+
+    def provider(self, desc: Descriptor) -> BinaryIO:
+        """Returns a stream of the blob ``desc`` (a "remote fetch").
+
+        Raises:
+            NotFoundError: No such blob here.
+        """
+        layer = self.layer(desc.digest)
+        if self.latency > 0:
+            time.sleep(self.latency)  # stands in for a network round trip
+        with self._lock:
+            self.pulls += 1
+            self.pulled_bytes += len(layer.blob)
+        return io.BytesIO(layer.blob)
+
+    def handlers(self, layers: Sequence[GeneratedLayer] | None = None) -> dict[str, DescHandler]:
+        """``desc_handlers`` for ``layers`` (default: every registered blob)."""
+        if layers is None:
+            with self._lock:
+                digests = list(self._layers)
+        else:
+            digests = [layer.digest for layer in layers]
+        return dict.fromkeys(digests, self.handler)
+
+
+def generate_images(
+    seed: int,
+    *,
+    bases: int = 3,
+    base_layers: int = 3,
+    apps: int = 6,
+    app_layers: int = 2,
+    files: int = 16,
+    file_size: int = 4096,
+) -> list[GeneratedImage]:
+    """Base images and application images on top of them (apps share their base's layers).
+
+    Args:
+        seed: Seed of every layer.
+        bases: Number of base images.
+        base_layers: Layers per base image.
+        apps: Number of application images (app ``i`` is built on base ``i % bases``).
+        app_layers: Own layers per application image.
+        files: Files per layer.
+        file_size: Approximate file size in bytes.
+
+    Returns:
+        The bases first, then the applications.
+    """
+    images: list[GeneratedImage] = []
+    for b in range(bases):
+        layers = tuple(
+            generate_layer(f"base{b}/l{i}", seed, files=files, file_size=file_size)
+            for i in range(base_layers)
+        )
+        images.append(GeneratedImage(f"base{b}", layers))
+    for a in range(apps):
+        base = images[a % bases]
+        own = tuple(
+            generate_layer(f"app{a}/l{i}", seed, files=files // 2 or 1, file_size=file_size)
+            for i in range(app_layers)
+        )
+        images.append(GeneratedImage(f"app{a}", base.layers + own))
+    return images
+
+
+# -- the demo ------------------------------------------------------------------------------------
+
+#: Seconds any single wait of the demo may take.
+DEMO_TIMEOUT = 120.0
+DEFAULT_METRICS_PORT = 9464
+#: Metadata key (and index prefix) under which a build step's result is found again.
+STEP_KEY = "demo.cachekey"
+
+
+def _format_bytes(n: float) -> str:
+    """Decimal units, as ``buildctl du`` prints them."""
+    if n < 0:
+        return "unknown"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{int(n)}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}TB"
+
+
+def _parse_size(text: str) -> int:
+    """``"5MB"``, ``"512KiB"``, ``"1000"`` -> bytes (an argparse type)."""
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2}
+    units |= {"g": 1000**3, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    s = text.strip().lower()
+    num = s.rstrip("kmgib")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value < 0:
+        msg = f"invalid size {text!r}: expected e.g. 5MB, 512KiB"
+        raise argparse.ArgumentTypeError(msg)
+    return int(value * units[unit])
+
+
+class _Console:
+    """Progress lines with the time since start, one writer at a time."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self._out.write(f"[{time.monotonic() - self._start:5.1f}s] {text}\n")
+            self._out.flush()
+
+    def raw(self, text: str = "") -> None:
+        with self._lock:
+            self._out.write(text + "\n")
+            self._out.flush()
+
+
+@dataclass
+class _BuildResult:
+    name: str
+    seconds: float = 0.0
+    steps: int = 0
+    cached_steps: int = 0
+    exported_files: int = 0
+    exported_bytes: int = 0
+    error: str = ""
+
+
+@contextmanager
+def _holding() -> Iterator[list[Any]]:
+    """A list of handles released (newest first) when the block ends, whatever happens."""
+    held: list[Any] = []
+    try:
+        yield held
+    finally:
+        for ref in reversed(held):
+            if not ref.released:
+                ref.release()
+
+
+def _tree_bytes(ref: Any) -> tuple[int, int]:
+    """Regular files and their bytes in a ref's tree (what an exporter would send)."""
+    files = size = 0
+    with ref.mount().local() as path:
+        for p in path.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                files += 1
+                size += p.stat().st_size
+    return files, size
+
+
+class _Builder:
+    """One simulated build, as an orchestrator's solver drives cache refs.
+
+    * FROM: the image's layers by blob (``get_by_blob``: lazy records; layers shared between
+      images are the same records), then ``extract`` (the provider pulls missing blobs once).
+    * RUN steps: a step's cache key is looked up in a metadata index (``search``); a hit is
+      the earlier result (``get``), a miss is a mutable on the previous step, files written
+      into its mount, ``commit``, and the key stored on the result (BuildKit keeps its cache
+      keys in record metadata the same way).
+    * COPY --link: a separate layer ``merge``d onto the result; export: the ``diff`` between
+      the base and the image.
+    """
+
+    def __init__(
+        self, cache: Any, registry: LayerRegistry, console: _Console, seed: int, steps: int
+    ) -> None:
+        self.cache = cache
+        self.manager = cache.manager
+        self.registry = registry
+        self.console = console
+        self.seed = seed
+        self.steps = steps
+
+    def _pull(
+        self, image: GeneratedImage, base: GeneratedImage, name: str, held: list[Any]
+    ) -> tuple[Any, Any]:
+        handlers = self.registry.handlers(image.layers)
+        parent = base_top = None
+        pulls = self.registry.pulls
+        for n, layer in enumerate(image.layers):
+            parent = self.manager.get_by_blob(
+                layer.desc, parent, desc_handlers=handlers, description=f"pulled {layer.name}"
+            ).get(timeout=DEMO_TIMEOUT)
+            held.append(parent)
+            if n == len(base.layers) - 1:
+                base_top = parent
+        assert parent is not None  # every image has layers
+        assert base_top is not None
+        parent.extract(handlers)
+        self.console.line(
+            f"{name:<5} FROM {base.name} + {len(image.layers) - len(base.layers)} layer(s): "
+            f"{len(image.layers)} records by blob, extracted "
+            f"(blobs pulled meanwhile, by all builds: {self.registry.pulls - pulls})"
+        )
+        return parent, base_top
+
+    def build(
+        self, name: str, image: GeneratedImage, base: GeneratedImage, round_: int
+    ) -> _BuildResult:
+        result = _BuildResult(name)
+        start = time.monotonic()
+        try:
+            with _holding() as held:
+                cur, base_top = self._pull(image, base, name, held)
+                for k in range(1, self.steps + 1):
+                    key = f"{self.seed}/{name}/step{k}"
+                    hit = self._cached(key)
+                    if hit is not None:
+                        held.append(hit)
+                        cur = hit
+                        result.cached_steps += 1
+                        self.console.line(f"{name:<5} RUN step {k}/{self.steps}: cached")
+                        continue
+                    m = self.manager.new(cur, description=f"{name} RUN step {k}").get(
+                        timeout=DEMO_TIMEOUT
+                    )
+                    held.append(m)
+                    written = self._run_step(m, name, k, round_)
+                    cur = m.commit()
+                    held.append(cur)
+                    cur.metadata.set_string(STEP_KEY, key, index=f"{STEP_KEY}:{key}")
+                    result.steps += 1
+                    self.console.line(
+                        f"{name:<5} RUN step {k}/{self.steps}: wrote {_format_bytes(written)}"
+                        f", committed {cur.id}"
+                    )
+                link = self.manager.new(description=f"{name} COPY --link ./src").get(
+                    timeout=DEMO_TIMEOUT
+                )
+                held.append(link)
+                self._run_step(link, name, 0, round_)
+                link_ref = link.commit()
+                held.append(link_ref)
+                image_ref = self.manager.merge([cur, link_ref]).get(timeout=DEMO_TIMEOUT)
+                held.append(image_ref)
+                image_ref.metadata.description = f"image {name}:latest"
+                exported = self.manager.diff(base_top, image_ref).get(timeout=DEMO_TIMEOUT)
+                held.append(exported)
+                result.exported_files, result.exported_bytes = _tree_bytes(exported)
+                self.console.line(
+                    f"{name:<5} merged COPY --link layer; diff over {base.name} to export: "
+                    f"{result.exported_files} files, {_format_bytes(result.exported_bytes)}"
+                )
+        except Exception as exc:  # reported, and the demo exits non-zero
+            result.error = f"{type(exc).__name__}: {exc}"
+            self.console.line(f"{name:<5} FAILED: {result.error}")
+        result.seconds = time.monotonic() - start
+        return result
+
+    def _cached(self, key: str) -> Any:
+        for info in self.manager.search(f"{STEP_KEY}:{key}").get(timeout=DEMO_TIMEOUT):
+            try:
+                return self.manager.get(info.id).get(timeout=DEMO_TIMEOUT)
+            except NotFoundError:
+                continue  # pruned since the search: a miss
+        return None
+
+    def _run_step(self, m: Any, name: str, k: int, round_: int) -> int:
+        rng = random.Random(f"{self.seed}/{name}/{k}/{round_}")
+        written = 0
+        with m.mount().local() as path:
+            out = path / "app" / (f"step{k}" if k else "src")
+            out.mkdir(parents=True, exist_ok=True)
+            for i in range(rng.randint(6, 14)):
+                data = rng.randbytes(rng.randint(8, 96) * 1024)
+                (out / f"{name}-{i}.o").write_bytes(data)
+                written += len(data)
+            if k:
+                with (path / "app" / "build.log").open("a") as log:
+                    log.write(f"{name} step {k}\n")
+        return written
+
+
+def _status(cache: Any, registry: LayerRegistry, phase: str) -> str:
+    s = cache.manager.statistics().get(timeout=DEMO_TIMEOUT)
+    return (
+        f"status: {phase} | {s.records} records ({s.in_use} in use, {s.lazy} lazy, "
+        f"{s.mutable} mutable) | {s.open_handles} handles | {registry.pulls} blob pulls "
+        f"({_format_bytes(registry.pulled_bytes)})"
+    )
+
+
+def _du_table(rows: Sequence[Any], console: _Console, limit: int = 12) -> int:
+    rows = sorted(rows, key=lambda r: (-max(r.size, 0), r.id))
+    console.raw(f"{'ID':<27}{'RECLAIMABLE':<13}{'SIZE':<10}DESCRIPTION")
+    for r in rows[:limit]:
+        rid = r.id + ("*" if r.mutable else "")
+        console.raw(
+            f"{rid:<27}{str(not r.in_use).lower():<13}{_format_bytes(r.size):<10}{r.description}"
+        )
+    if len(rows) > limit:
+        console.raw(f"... and {len(rows) - limit} more records")
+    total = sum(max(r.size, 0) for r in rows)
+    reclaimable = sum(max(r.size, 0) for r in rows if not r.in_use)
+    console.raw(f"Records:\t{len(rows)}")
+    console.raw(f"Reclaimable:\t{_format_bytes(reclaimable)}")
+    console.raw(f"Total:\t\t{_format_bytes(total)}")
+    return total
+
+
+def _scrape(url: str) -> list[str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own 127.0.0.1
+        text = resp.read().decode()
+    wanted = (
+        "refcache_records ",
+        'refcache_records_by_state{state="lazy"}',
+        'refcache_records_by_state{state="in_use"}',
+        "refcache_open_handles ",
+        "refcache_reclaimable_bytes ",
+        'refcache_operations_total{operation="get_by_blob"',
+        'refcache_operations_total{operation="commit"',
+    )
+    return [ln for ln in text.splitlines() if ln.startswith(wanted)]
+
+
+def _run_round(
+    builder: _Builder,
+    jobs: Sequence[tuple[str, GeneratedImage, GeneratedImage]],
+    parallel: int,
+    round_: int,
+) -> list[_BuildResult]:
+    with ThreadPoolExecutor(parallel, thread_name_prefix="demo-build") as pool:
+        futures: list[Future[_BuildResult]] = [
+            pool.submit(builder.build, name, image, base, round_) for name, image, base in jobs
+        ]
+        return [f.result(timeout=DEMO_TIMEOUT * 4) for f in futures]
+
+
+def _add_arguments(parser: argparse.ArgumentParser, *, root_default: Any) -> None:
+    parser.add_argument(
+        "--root", type=Path, default=root_default, help="cache directory (created if missing)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"serve /metrics on 127.0.0.1:PORT while running (default {DEFAULT_METRICS_PORT};"
+        " 0: any free port; -1: off)",
+    )
+    parser.add_argument("--builds", type=int, default=8, help="images to build (default 8)")
+    parser.add_argument("--parallel", type=int, default=4, help="builds at a time (default 4)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of layers and build steps")
+    parser.add_argument(
+        "--latency", type=float, default=0.25, help="simulated seconds per blob pull (0.25)"
+    )
+    parser.add_argument(
+        "--max-used-space",
+        type=_parse_size,
+        default=None,
+        help="the final prune's max_used_space (default: 60%% of what is used then)",
+    )
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``demo`` subcommand to the ``refcache`` command line.
+
+    ``--root`` may come before ``demo`` (the global option) or after it.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers``.
+
+    Returns:
+        The ``demo`` parser (its ``func`` default is :func:`run`).
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "demo",
+        help="run an embedded build workload with live metrics",
+        description=(
+            "Builds several images concurrently on the cache (lazy pulls, extracts, build "
+            "steps, merges, diffs), serves /metrics while it runs, prints du and prunes."
+        ),
+    )
+    _add_arguments(parser, root_default=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Runs the demo on ``args.root``; returns the exit code (0 when everything worked).
+
+    Args:
+        args: Parsed arguments (``root``, ``metrics_port``, ``builds``, ``parallel``,
+            ``seed``, ``latency``, ``max_used_space``).
+        out: Where to print (default stdout).
+
+    Returns:
+        0 on success, 1 when a build failed or ``storage.check`` found problems, 2 on bad
+        arguments.
+
+    Raises:
+        RefcacheError: The cache cannot be opened (e.g. another process has it open).
+    """
+    console = _Console(out or sys.stdout)
+    root = Path(args.root)
+    if args.builds < 1 or args.parallel < 1 or args.latency < 0:
+        console.raw("refcache demo: --builds and --parallel must be >= 1, --latency >= 0")
+        return 2
+    bases_n = 2 if args.builds > 1 else 1
+    images = generate_images(
+        args.seed,
+        bases=bases_n,
+        base_layers=3,
+        apps=args.builds,
+        app_layers=1,
+        files=32,
+        file_size=32 * 1024,
+    )
+    registry = LayerRegistry(latency=args.latency)
+    for image in images:
+        registry.add_image(image)
+    bases = images[:bases_n]
+    jobs = [(im.name, im, bases[n % bases_n]) for n, im in enumerate(images[bases_n:])]
+    port = args.metrics_port if args.metrics_port >= 0 else None
+    try:
+        cache = open_cache(root, timeout=DEMO_TIMEOUT, metrics_port=port)
+    except FailedPreconditionError as exc:  # the port is taken: any free one will do
+        console.raw(f"metrics: port {port} unavailable ({exc}); using a free port")
+        cache = open_cache(root, timeout=DEMO_TIMEOUT, metrics_port=0)
+    with cache:
+        console.raw(
+            f"refcache demo: cache at {root} ({cache.snapshotter.name} snapshotter), "
+            f"{len(jobs)} builds on {bases_n} base image(s), {args.parallel} at a time; "
+            f"blob pulls take {args.latency:g} s"
+        )
+        server = cache.metrics_server
+        if server is not None:
+            console.raw(f"metrics: {server.url} (Prometheus text format, while the demo runs)")
+        builder = _Builder(cache, registry, console, args.seed, steps=3)
+        phase = ["round 1: building"]
+        stop = threading.Event()
+
+        def progress() -> None:
+            for _ in range(10**6):  # until the builds are done (stop), bounded
+                if stop.wait(0.5):
+                    return
+                console.line(_status(cache, registry, phase[0]))
+
+        ticker = threading.Thread(target=progress, name="demo-progress", daemon=True)
+        ticker.start()
+        try:
+            results = _run_round(builder, jobs, args.parallel, 1)
+            pulls_round1 = registry.pulls
+            rebuild = jobs[: max(1, len(jobs) // 2)]
+            phase[0] = "round 2: CI re-run"
+            console.line(f"round 2: re-running {len(rebuild)} builds (same steps: cache hits)")
+            results += _run_round(builder, rebuild, args.parallel, 2)
+        finally:
+            stop.set()
+            ticker.join(timeout=DEMO_TIMEOUT)
+        failed = [r for r in results if r.error]
+        console.line(_status(cache, registry, "done"))
+        requested = sum(len(im.layers) for _, im, _ in [*jobs, *rebuild])
+        console.raw(
+            f"\nbuilds: {len(results) - len(failed)}/{len(results)} succeeded; "
+            f"{sum(r.steps for r in results)} steps run, "
+            f"{sum(r.cached_steps for r in results)} from cache; {requested} layer requests "
+            f"served by {registry.pulls} blob pulls ({pulls_round1} in round 1)"
+        )
+        console.raw("\ndisk usage (refcache du):")
+        total = _du_table(cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT), console)
+        if server is not None:
+            console.raw(f"\nmetrics sample from {server.url}:")
+            for line in _scrape(server.url):
+                console.raw(f"  {line}")
+        limit = args.max_used_space if args.max_used_space is not None else int(total * 0.6)
+        deleted = cache.manager.prune(PrunePolicy(max_used_space=limit)).get(timeout=DEMO_TIMEOUT)
+        rows = cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT)
+        left = sum(max(r.size, 0) for r in rows)
+        console.raw(
+            f"\nprune --max-used-space {_format_bytes(limit)}: deleted {len(deleted)} records "
+            f"({_format_bytes(sum(max(r.size, 0) for r in deleted))}), least recently used "
+            f"first; {len(rows)} records, {_format_bytes(left)} kept"
+        )
+    problems = check(root)
+    for p in problems:
+        console.raw(f"check: {p}")
+    console.raw(
+        f"check: {'consistent' if not problems else f'{len(problems)} problems'}\n"
+        f"next: refcache --root {root} du   |   refcache --root {root} check"
+    )
+    return 1 if failed or problems else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m actors._demo --root DIR``: the demo without the ``refcache`` script."""
+    parser = argparse.ArgumentParser(prog="refcache demo", description=__doc__)
+    _add_arguments(parser, root_default=Path("refcache-data"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
