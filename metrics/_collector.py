@@ -9,7 +9,6 @@ copied by the manager, on the manager's thread, into that one immutable value.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import math
@@ -29,6 +28,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
 from actors._types import CacheStatistics
 from storage import AlreadyExistsError, InvalidError
 
@@ -42,45 +42,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The manager fills ``CacheStatistics.latency_buckets`` against these bounds, so both sides
-# must use one tuple, and it lives in actors (metrics imports actors, never the reverse).
-# This copy only covers a core that does not define it (yet).
-_DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-# Where the core may define LATENCY_BUCKETS, most public first.
-_LATENCY_BUCKETS_HOMES = ("actors._types", "actors._core")
-
-
-def _manager_latency_buckets() -> tuple[float, ...]:
-    """The manager's histogram bounds: the core's ``LATENCY_BUCKETS``, else the default."""
-    for home in _LATENCY_BUCKETS_HOMES:
-        try:
-            module = importlib.import_module(home)
-        except ModuleNotFoundError:
-            continue
-        bounds = getattr(module, "LATENCY_BUCKETS", None)
-        if bounds is not None:
-            return tuple(float(bound) for bound in bounds)
-    return _DEFAULT_LATENCY_BUCKETS
-
-
-#: Upper bounds (seconds) of ``<namespace>_operation_duration_seconds``: the manager's own
-#: ``LATENCY_BUCKETS`` (``actors._types``, else ``actors._core``), or the default above.
-LATENCY_BUCKETS: tuple[float, ...] = _manager_latency_buckets()
+#: Upper bounds (seconds) of ``<namespace>_operation_duration_seconds``: the manager fills
+#: ``CacheStatistics.latency_buckets`` against this one tuple, which lives in actors (metrics
+#: imports actors, never the reverse).
+LATENCY_BUCKETS: tuple[float, ...] = CORE_LATENCY_BUCKETS
 
 #: Kinds always exposed (zero when absent) so that dashboards see a stable label set.
 RECORD_KINDS: tuple[str, ...] = ("base", "layer", "merge", "diff")
