@@ -30,6 +30,7 @@ from actors._prune import (
     RefChecker,
     TableRow,
     compute_usage,
+    entry_row,
     fill_sizes,
     free_bytes,
     layer_walk,
@@ -119,26 +120,7 @@ def offline_table(env: MetaEnv) -> OfflineTable:
         size_snapshot = e.snapshot_id
         if e.equal_mutable and e.equal_mutable in entries:
             size_snapshot = entries[e.equal_mutable].snapshot_id
-        out.rows[rid] = TableRow(
-            e.id,
-            e.kind,
-            e.parents,
-            e.mutable,
-            e.size,
-            e.created_at,
-            e.last_used_at,
-            e.usage_count,
-            e.description,
-            e.record_type,
-            e.equal_mutable,
-            e.equal_immutable,
-            e.holders,
-            0,
-            e.blob,
-            e.blob_only,
-            e.snapshot_id,
-            size_snapshot,
-        )
+        out.rows[rid] = entry_row(e, handles=0, size_snapshot=size_snapshot)
     return out
 
 

@@ -62,6 +62,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import lmdb
 import msgpack
 
+from storage._content import MAX_LABEL_SIZE, validate_labels
 from storage._env import DB_SNAPSHOTS, MetaEnv, ReadTxn, WriteTxn
 from storage._errors import (
     AlreadyExistsError,
@@ -91,7 +92,6 @@ SNAPSHOTTER_NAME_KEY = b"\x00snapshotter"  #: DB_SNAPSHOTS key -> name of the ca
 PARENT_INDEX_PREFIX = b"\x00parent\x00"  #: ``<prefix><parent>\0<child>`` -> b""
 _SEQ_KEY = b"\x00seq"
 #: containerd ``pkg/labels``: a label's key and value together may not exceed this many bytes.
-MAX_LABEL_SIZE = 4096
 
 _FICLONE = 0x40049409
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
@@ -356,27 +356,8 @@ def _check_parent(value: object) -> str:
 
 
 def _check_labels(labels: object) -> dict[str, str]:
-    if labels is None:
-        return {}
-    if not isinstance(labels, Mapping):
-        msg = f"snapshot labels must be a mapping of str to str, got {labels!r}"
-        raise InvalidError(msg)
-    out: dict[str, str] = {}
-    for k, v in labels.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            msg = f"snapshot label {k!r}={v!r}: keys and values must be strings"
-            raise InvalidError(msg)
-        if not k:
-            msg = "snapshot label keys must not be empty"
-            raise InvalidError(msg)
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
-            msg = (
-                f"snapshot label {k!r}: key and value together exceed {MAX_LABEL_SIZE} bytes "
-                f"(containerd pkg/labels)"
-            )
-            raise InvalidError(msg)
-        out[k] = v
-    return out
+    # containerd pkg/labels rules, shared with the content store.
+    return validate_labels(labels, what="snapshot")
 
 
 def _check_txn(txn: object) -> WriteTxn | None:
