@@ -3,20 +3,7 @@
 Re-exports every error class of :mod:`storage`, so that callers catch one hierarchy.
 """
 
-from actors._cache import Cache, open_cache
-from actors._manager import CacheManager, CacheManagerProxy
-from actors._prune import CacheListener
-from actors._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
-from actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
-from actors._types import (
-    CacheStatistics,
-    DescHandler,
-    PrunePolicy,
-    RecordInfo,
-    Remote,
-    UsageInfo,
-)
-from storage import (
+from ..storage import (
     AlreadyExistsError,
     CorruptMetadataError,
     Descriptor,
@@ -29,6 +16,19 @@ from storage import (
     NotFoundError,
     RefcacheError,
     StoreFullError,
+)
+from ._cache import Cache, open_cache
+from ._manager import CacheManager, CacheManagerProxy
+from ._prune import CacheListener
+from ._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
+from ._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
+from ._types import (
+    CacheStatistics,
+    DescHandler,
+    PrunePolicy,
+    RecordInfo,
+    Remote,
+    UsageInfo,
 )
 
 __all__ = [

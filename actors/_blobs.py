@@ -49,9 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
-from actors._core import CacheCore, get_result
-from actors._types import DescHandler, RecordKind
-from storage import (
+from ..storage import (
     ANNOTATION_UNCOMPRESSED,
     KEY_BLOB_SIZE,
     KEY_CREATED_AT,
@@ -74,11 +72,13 @@ from storage import (
     WriteTxn,
     validate_digest,
 )
-from storage._archive import COMPRESSIONS, compressed_writer, decompressed_stream, write_diff
-from storage._content import LocalContentStore
-from storage._leases import RESOURCE_CONTENT, LmdbLeaseManager, Resource
-from storage._mount import local_mount
-from storage._types import frozen_map
+from ..storage._archive import COMPRESSIONS, compressed_writer, decompressed_stream, write_diff
+from ..storage._content import LocalContentStore
+from ..storage._leases import RESOURCE_CONTENT, LmdbLeaseManager, Resource
+from ..storage._mount import local_mount
+from ..storage._types import frozen_map
+from ._core import CacheCore, get_result
+from ._types import DescHandler, RecordKind
 
 __all__ = [
     "ANNOTATION_CREATED_AT",

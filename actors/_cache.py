@@ -22,15 +22,15 @@ from typing import Any, Self, cast
 
 import pykka
 
-from actors._core import CacheCore, get_result
-from actors._load import LoadReport, load_records
-from actors._manager import CacheManager, CacheManagerProxy
-from actors._runtime import ActorPool
-from storage import LockedError, MetadataStore, MetaEnv, RefcacheError
-from storage._content import LocalContentStore
-from storage._leases import LmdbLeaseManager
-from storage._overlay import make_snapshotter
-from storage._snapshotter import Snapshotter
+from ..storage import LockedError, MetadataStore, MetaEnv, RefcacheError
+from ..storage._content import LocalContentStore
+from ..storage._leases import LmdbLeaseManager
+from ..storage._overlay import make_snapshotter
+from ..storage._snapshotter import Snapshotter
+from ._core import CacheCore, get_result
+from ._load import LoadReport, load_records
+from ._manager import CacheManager, CacheManagerProxy
+from ._runtime import ActorPool
 
 __all__ = ["Cache", "open_cache"]
 
@@ -217,7 +217,7 @@ def open_cache(
         if metrics_port is not None:
             # metrics sits above actors (it reads the manager's statistics); imported only
             # when asked for, so that actors never depends on it otherwise.
-            from metrics import serve  # noqa: PLC0415
+            from ..metrics import serve  # noqa: PLC0415
 
             stack.callback(cache.close)
             cache.metrics_server = serve(cache, metrics_port, metrics_addr)

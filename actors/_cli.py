@@ -29,8 +29,9 @@ from typing import Any, TextIO
 
 import pykka
 
-from actors._cache import open_cache
-from actors._offline import (
+from ..storage import LockedError, RefcacheError, check, repair
+from ._cache import open_cache
+from ._offline import (
     RecordDetails,
     inspect_record,
     offline_prune_plan,
@@ -38,9 +39,8 @@ from actors._offline import (
     offline_usage,
     read_only_env,
 )
-from actors._prune import CacheListener, TableRow
-from actors._types import PrunePolicy, UsageInfo
-from storage import LockedError, RefcacheError, check, repair
+from ._prune import CacheListener, TableRow
+from ._types import PrunePolicy, UsageInfo
 
 __all__ = ["UsageError", "format_bytes", "format_duration", "main", "parse_duration", "parse_size"]
 
@@ -532,9 +532,9 @@ def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     here, when the parser is built; without it there is simply no ``demo`` command.
     """
     try:
-        module = importlib.import_module("actors._demo")
+        module = importlib.import_module("._demo", __package__)
     except ModuleNotFoundError as exc:
-        if exc.name == "actors._demo":
+        if exc.name == f"{__package__}._demo":
             return  # not there (yet): no demo command
         raise
     module.add_parser(sub)

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pykka
 
-from actors._runtime import ActorPool
-from actors._writer import MetadataWriter
-from storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
-from storage._applier import Applier, TarApplier
+from ..storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
+from ..storage._applier import Applier, TarApplier
+from ._runtime import ActorPool
+from ._writer import MetadataWriter
 
 if TYPE_CHECKING:
-    from storage._content import LocalContentStore
-    from storage._leases import LmdbLeaseManager
-    from storage._snapshotter import Snapshotter
+    from ..storage._content import LocalContentStore
+    from ..storage._leases import LmdbLeaseManager
+    from ..storage._snapshotter import Snapshotter
 
 __all__ = ["LATENCY_BUCKETS", "CacheCore", "SingleFlight", "ask", "get_result"]
 

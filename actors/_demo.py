@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from actors._cache import open_cache
-from actors._types import DescHandler, PrunePolicy
-from storage import (
+from ..storage import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_OCI_LAYER_GZIP,
     Descriptor,
@@ -52,6 +50,8 @@ from storage import (
     check,
     digest_of,
 )
+from ._cache import open_cache
+from ._types import DescHandler, PrunePolicy
 
 __all__ = [
     "GeneratedImage",

@@ -10,9 +10,7 @@ from typing import Any
 import pykka
 from pykka import ThreadingFuture
 
-from actors._record import SIZE_UNKNOWN
-from actors._types import RecordKind
-from storage import (
+from ..storage import (
     KEY_BLOB,
     KEY_BLOB_CHAIN_ID,
     KEY_BLOB_ONLY,
@@ -35,6 +33,8 @@ from storage import (
     KEY_USAGE_COUNT,
     StorageItem,
 )
+from ._record import SIZE_UNKNOWN
+from ._types import RecordKind
 
 __all__ = ["RecordEntry", "new_id", "parent_fields"]
 

@@ -28,8 +28,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from actors._entry import RecordEntry
-from storage import (
+from ..storage import (
     DB_CONTENT,
     KEY_DELETED,
     KEY_EQUAL_MUTABLE,
@@ -39,10 +38,11 @@ from storage import (
     RefcacheError,
     StorageItem,
 )
-from storage._env import MetaEnv
-from storage._leases import LmdbLeaseManager
-from storage._snapshotter import Snapshotter
-from storage._types import Kind
+from ..storage._env import MetaEnv
+from ..storage._leases import LmdbLeaseManager
+from ..storage._snapshotter import Snapshotter
+from ..storage._types import Kind
+from ._entry import RecordEntry
 
 __all__ = ["LoadReport", "load_records"]
 

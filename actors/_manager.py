@@ -46,32 +46,7 @@ from typing import Any
 import pykka
 from pykka import ThreadingFuture
 
-from actors._blobs import (
-    BlobNode,
-    chain_id,
-    check_handlers,
-    diff_id_of,
-    merge_handlers,
-)
-from actors._core import CacheCore, ask, get_result
-from actors._entry import RecordEntry, new_id, parent_fields
-from actors._prune import PruneMixin
-from actors._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
-from actors._refs import (
-    ImmutableRef,
-    MutableRef,
-    extract_record,
-    finalize_record,
-)
-from actors._types import (
-    CacheStatistics,
-    DescHandler,
-    PrunePolicy,
-    RecordInfo,
-    RecordKind,
-    UsageInfo,
-)
-from storage import (
+from ..storage import (
     INDEX_BLOB_CHAIN,
     INDEX_CHAIN,
     KEY_BLOB,
@@ -102,8 +77,33 @@ from storage import (
     RefcacheError,
     WriteTxn,
 )
-from storage._leases import RESOURCE_CONTENT, Resource
-from storage._types import frozen_map
+from ..storage._leases import RESOURCE_CONTENT, Resource
+from ..storage._types import frozen_map
+from ._blobs import (
+    BlobNode,
+    chain_id,
+    check_handlers,
+    diff_id_of,
+    merge_handlers,
+)
+from ._core import CacheCore, ask, get_result
+from ._entry import RecordEntry, new_id, parent_fields
+from ._prune import PruneMixin
+from ._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
+from ._refs import (
+    ImmutableRef,
+    MutableRef,
+    extract_record,
+    finalize_record,
+)
+from ._types import (
+    CacheStatistics,
+    DescHandler,
+    PrunePolicy,
+    RecordInfo,
+    RecordKind,
+    UsageInfo,
+)
 
 __all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry", "new_id"]
 

@@ -25,8 +25,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from actors._entry import RecordEntry
-from actors._prune import (
+from ..storage import (
+    KEY_DELETED,
+    CorruptMetadataError,
+    MetadataStore,
+    MetaEnv,
+    NotFoundError,
+    RefcacheError,
+    parse_filters,
+)
+from ..storage._check import _open_snapshotter
+from ..storage._content import LocalContentStore
+from ..storage._leases import LmdbLeaseManager
+from ..storage._snapshotter import Snapshotter
+from ._entry import RecordEntry
+from ._prune import (
     RefChecker,
     TableRow,
     compute_usage,
@@ -37,20 +50,7 @@ from actors._prune import (
     measure_row,
     simulate_prune,
 )
-from actors._types import PrunePolicy, UsageInfo
-from storage import (
-    KEY_DELETED,
-    CorruptMetadataError,
-    MetadataStore,
-    MetaEnv,
-    NotFoundError,
-    RefcacheError,
-    parse_filters,
-)
-from storage._check import _open_snapshotter
-from storage._content import LocalContentStore
-from storage._leases import LmdbLeaseManager
-from storage._snapshotter import Snapshotter
+from ._types import PrunePolicy, UsageInfo
 
 __all__ = [
     "OfflineTable",

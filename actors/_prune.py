@@ -63,10 +63,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pykka
 
-from actors._blobs import measure_record
-from actors._record import SIZE_UNKNOWN
-from actors._types import PrunePolicy, UsageInfo
-from storage import (
+from ..storage import (
     DB_RECORDS,
     KEY_DELETED,
     KEY_SIZE,
@@ -75,14 +72,17 @@ from storage import (
     RefcacheError,
     StorageItem,
 )
-from storage._filters import Filter, parse_filters
-from storage._gc import collect
+from ..storage._filters import Filter, parse_filters
+from ..storage._gc import collect
+from ._blobs import measure_record
+from ._record import SIZE_UNKNOWN
+from ._types import PrunePolicy, UsageInfo
 
 if TYPE_CHECKING:
-    from actors._core import CacheCore
-    from actors._entry import RecordEntry
-    from actors._record import Settled
-    from storage import WriteTxn
+    from ..storage import WriteTxn
+    from ._core import CacheCore
+    from ._entry import RecordEntry
+    from ._record import Settled
 
 __all__ = [
     "CacheListener",

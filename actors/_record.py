@@ -30,9 +30,7 @@ from typing import Any
 
 from pykka import ActorDeadError, ThreadingFuture
 
-from actors._core import CacheCore
-from actors._runtime import PooledActor
-from storage import (
+from ..storage import (
     KEY_LAST_USED_AT,
     KEY_SIZE,
     KEY_USAGE_COUNT,
@@ -41,6 +39,8 @@ from storage import (
     NotFoundError,
     StorageItem,
 )
+from ._core import CacheCore
+from ._runtime import PooledActor
 
 __all__ = ["CacheRecord", "RecordState", "Settled"]
 

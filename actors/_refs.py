@@ -24,18 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import pykka
 
-from actors._blobs import (
-    check_compression,
-    check_handlers,
-    extract_record,
-    measure_record,
-    merge_handlers,
-    snapshot_usage,
-)
-from actors._core import CacheCore, ask, get_result
-from actors._remote import file_list, finalize_record, get_remotes
-from actors._types import DescHandler
-from storage import (
+from ..storage import (
     KEY_CACHE_POLICY,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
@@ -47,12 +36,23 @@ from storage import (
     NotFoundError,
     RefcacheError,
 )
-from storage._leases import Resource
-from storage._mount import local_mount, readonly_mounts
-from storage._types import frozen_map
+from ..storage._leases import Resource
+from ..storage._mount import local_mount, readonly_mounts
+from ..storage._types import frozen_map
+from ._blobs import (
+    check_compression,
+    check_handlers,
+    extract_record,
+    measure_record,
+    merge_handlers,
+    snapshot_usage,
+)
+from ._core import CacheCore, ask, get_result
+from ._remote import file_list, finalize_record, get_remotes
+from ._types import DescHandler
 
 if TYPE_CHECKING:
-    from actors._types import RecordInfo, Remote
+    from ._types import RecordInfo, Remote
 
 __all__ = [
     "ImmutableRef",

@@ -24,7 +24,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from actors._blobs import (
+from ..storage import (
+    EXTERNAL_FILELIST,
+    KEY_EQUAL_MUTABLE,
+    AlreadyExistsError,
+    Descriptor,
+    InvalidError,
+    Mount,
+    NotFoundError,
+    RefcacheError,
+)
+from ..storage._archive import decompressed_stream, detect_compression
+from ..storage._leases import Resource
+from ..storage._types import frozen_map
+from ._blobs import (
     BlobLease,
     BlobNode,
     blob_with_compression,
@@ -42,21 +55,8 @@ from actors._blobs import (
     walk_blob,
     write_layer,
 )
-from actors._core import CacheCore, get_result
-from actors._types import DescHandler, Remote
-from storage import (
-    EXTERNAL_FILELIST,
-    KEY_EQUAL_MUTABLE,
-    AlreadyExistsError,
-    Descriptor,
-    InvalidError,
-    Mount,
-    NotFoundError,
-    RefcacheError,
-)
-from storage._archive import decompressed_stream, detect_compression
-from storage._leases import Resource
-from storage._types import frozen_map
+from ._core import CacheCore, get_result
+from ._types import DescHandler, Remote
 
 __all__ = [
     "compute_blob_chain",

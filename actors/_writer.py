@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from storage import DB_RECORDS, MetadataStore, RefcacheError, StorageItem
+from ..storage import DB_RECORDS, MetadataStore, RefcacheError, StorageItem
 
 __all__ = ["MetadataWriter"]
 

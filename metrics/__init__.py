@@ -1,7 +1,7 @@
 """Prometheus exposition of refcache (reads the manager's statistics; never mutates)."""
 
-from metrics._collector import LATENCY_BUCKETS, CacheCollector
-from metrics._exposition import MetricsServer, serve, wsgi_app
+from ._collector import LATENCY_BUCKETS, CacheCollector
+from ._exposition import MetricsServer, serve, wsgi_app
 
 __all__ = [
     "CacheCollector",

@@ -28,9 +28,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
-from actors._types import CacheStatistics
-from storage import AlreadyExistsError, InvalidError
+from ..actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
+from ..actors._types import CacheStatistics
+from ..storage import AlreadyExistsError, InvalidError
 
 __all__ = [
     "CacheCollector",

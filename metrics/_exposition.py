@@ -19,8 +19,8 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
-from metrics._collector import CacheCollector, StatisticsSource
-from storage import FailedPreconditionError, InvalidError
+from ..storage import FailedPreconditionError, InvalidError
+from ._collector import CacheCollector, StatisticsSource
 
 __all__ = ["MetricsServer", "serve", "wsgi_app"]
 

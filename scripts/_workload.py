@@ -37,12 +37,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import storage  # noqa: E402
-from actors import (  # noqa: E402
+from refcache.actors import (
     Cache,
     CacheManager,
     ImmutableRef,
@@ -52,7 +47,9 @@ from actors import (  # noqa: E402
     NotFoundError,
     PrunePolicy,
 )
-from actors._demo import GeneratedImage, LayerRegistry, generate_images  # noqa: E402
+from refcache.actors._demo import GeneratedImage, LayerRegistry, generate_images
+
+from refcache import storage
 
 EXIT_VIOLATIONS = 1
 EXIT_WATCHDOG = 3

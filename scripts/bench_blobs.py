@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -37,13 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from actors import Cache, DescHandler, ImmutableRef, open_cache  # noqa: E402
-from storage import Descriptor, LocalContentStore, MetaEnv, TarApplier, digest_of  # noqa: E402
-from storage._overlay import make_snapshotter  # noqa: E402
+from refcache.actors import Cache, DescHandler, ImmutableRef, open_cache
+from refcache.storage import Descriptor, LocalContentStore, MetaEnv, TarApplier, digest_of
+from refcache.storage._overlay import make_snapshotter
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 MEDIA = {"uncompressed": OCI, "gzip": OCI + "+gzip", "zstd": OCI + "+zstd"}

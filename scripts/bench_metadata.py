@@ -25,15 +25,12 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from storage._env import MetaEnv
-from storage._metadata import (
+from refcache.storage._env import MetaEnv
+from refcache.storage._metadata import (
     INDEX_BLOB_CHAIN,
     INDEX_CHAIN,
     KEY_BLOB,

@@ -19,16 +19,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import MappingProxyType
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pykka
 from prometheus_client import CollectorRegistry, generate_latest
-
-from actors._types import CacheStatistics
-from metrics import LATENCY_BUCKETS, CacheCollector
+from refcache.actors._types import CacheStatistics
+from refcache.metrics import LATENCY_BUCKETS, CacheCollector
 
 DEFAULT_CAP = 1000
 TARGET_SECONDS = 0.100

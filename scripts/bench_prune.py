@@ -29,22 +29,17 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import pykka  # noqa: E402
-
-from actors import ImmutableRef, PrunePolicy, UsageInfo, open_cache  # noqa: E402
-from actors._entry import new_id  # noqa: E402
-from actors._prune import CacheListener  # noqa: E402
-from storage import (  # noqa: E402
+import pykka
+from refcache.actors import ImmutableRef, PrunePolicy, UsageInfo, open_cache
+from refcache.actors._entry import new_id
+from refcache.actors._prune import CacheListener
+from refcache.storage import (
     KEY_COMMITTED,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
@@ -53,8 +48,8 @@ from storage import (  # noqa: E402
     MetadataStore,
     MetaEnv,
 )
-from storage._leases import LmdbLeaseManager, Resource  # noqa: E402
-from storage._native import NativeSnapshotter  # noqa: E402
+from refcache.storage._leases import LmdbLeaseManager, Resource
+from refcache.storage._native import NativeSnapshotter
 
 BATCH = 500  #: records per write transaction while building the cache
 

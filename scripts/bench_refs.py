@@ -31,13 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import pykka  # noqa: E402
-
-from actors import ImmutableRef, open_cache  # noqa: E402
-from storage import (  # noqa: E402  # noqa: E402
+import pykka
+from refcache.actors import ImmutableRef, open_cache
+from refcache.storage import (
     KEY_COMMITTED,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
@@ -169,9 +165,8 @@ def bench_new_commit_release(cache: Any, threads: int, seconds: float) -> dict[s
 
 OPEN_CHILD = """
     import json, resource, sys, threading, time
-    sys.path.insert(0, sys.argv[2])
     t0 = time.perf_counter()
-    from actors import open_cache
+    from refcache.actors import open_cache
     t_import = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -211,7 +206,7 @@ def bench_open(n: int, workdir: Path) -> dict[str, float]:
         store.commit_many(items)
     env.close()
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(OPEN_CHILD), str(root), str(ROOT)],
+        [sys.executable, "-c", textwrap.dedent(OPEN_CHILD), str(root)],
         capture_output=True,
         text=True,
         timeout=900,

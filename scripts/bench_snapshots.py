@@ -38,7 +38,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,17 +46,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from storage._applier import TarApplier
-from storage._content import LocalContentStore
-from storage._differ import WalkingDiffer
-from storage._env import MetaEnv
-from storage._mount import local_mount, probe_overlay
-from storage._native import NativeSnapshotter
-from storage._overlay import OverlaySnapshotter
-from storage._snapshotter import BaseSnapshotter, copy_tree, disk_usage, sync_filesystem
-from storage._types import Descriptor
+from refcache.storage._applier import TarApplier
+from refcache.storage._content import LocalContentStore
+from refcache.storage._differ import WalkingDiffer
+from refcache.storage._env import MetaEnv
+from refcache.storage._mount import local_mount, probe_overlay
+from refcache.storage._native import NativeSnapshotter
+from refcache.storage._overlay import OverlaySnapshotter
+from refcache.storage._snapshotter import BaseSnapshotter, copy_tree, disk_usage, sync_filesystem
+from refcache.storage._types import Descriptor
 
 COMPRESSIONS = ("uncompressed", "gzip", "zstd")
 #: GNU tar flags per compression of the diff baselines (zstd -3 is the tool's default and the

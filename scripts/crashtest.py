@@ -58,9 +58,9 @@ from _workload import (
     make_registry,
     snapshot_dirs,
 )
+from refcache.actors import NotFoundError, PrunePolicy, RefcacheError, open_cache
 
-import storage
-from actors import NotFoundError, PrunePolicy, RefcacheError, open_cache
+from refcache import storage
 
 #: The child's mix: the load test's, with more prunes and extracts (the kill targets).
 CHILD_WEIGHTS = {**WEIGHTS, "prune": 2.5, "extract": 6.0, "get_by_blob": 10.0}

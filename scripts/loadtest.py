@@ -45,8 +45,7 @@ from _workload import (
     make_seeds,
     ops_table,
 )
-
-from actors import open_cache
+from refcache.actors import open_cache
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

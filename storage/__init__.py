@@ -3,12 +3,12 @@
 Never imports pykka or ``actors``: everything here is plain, synchronous and thread-safe.
 """
 
-from storage._applier import Applier, TarApplier
-from storage._archive import ApplyResult, apply_tar, detect_compression, write_diff
-from storage._check import check, repair
-from storage._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
-from storage._differ import Differ, WalkingDiffer
-from storage._env import (
+from ._applier import Applier, TarApplier
+from ._archive import ApplyResult, apply_tar, detect_compression, write_diff
+from ._check import check, repair
+from ._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
+from ._differ import Differ, WalkingDiffer
+from ._env import (
     DB_CONTENT,
     DB_EXTERNAL,
     DB_INDEX,
@@ -22,7 +22,7 @@ from storage._env import (
     ReadTxn,
     WriteTxn,
 )
-from storage._errors import (
+from ._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     FailedPreconditionError,
@@ -34,10 +34,10 @@ from storage._errors import (
     RefcacheError,
     StoreFullError,
 )
-from storage._filters import Filter, parse_filters
-from storage._gc import GCStats, collect
-from storage._leases import Lease, LeaseManager, LmdbLeaseManager, Resource
-from storage._metadata import (
+from ._filters import Filter, parse_filters
+from ._gc import GCStats, collect
+from ._leases import Lease, LeaseManager, LmdbLeaseManager, Resource
+from ._metadata import (
     EXTERNAL_FILELIST,
     INDEX_BLOB_CHAIN,
     INDEX_CHAIN,
@@ -70,11 +70,11 @@ from storage._metadata import (
     StorageItem,
     validate_record_id,
 )
-from storage._mount import local_mount, probe_overlay, readonly_mounts
-from storage._native import NativeSnapshotter
-from storage._overlay import OverlaySnapshotter, make_snapshotter
-from storage._snapshotter import Snapshotter
-from storage._types import (
+from ._mount import local_mount, probe_overlay, readonly_mounts
+from ._native import NativeSnapshotter
+from ._overlay import OverlaySnapshotter, make_snapshotter
+from ._snapshotter import Snapshotter
+from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,
     MEDIA_TYPE_OCI_LAYER,

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from storage._archive import apply_tar, decompressed_stream
-from storage._content import ContentStore
-from storage._errors import FailedPreconditionError, InvalidError, RefcacheError
-from storage._mount import is_overlay_mount, local_mount
-from storage._types import MEDIA_TYPE_OCI_LAYER, Descriptor, Mount
+from ._archive import apply_tar, decompressed_stream
+from ._content import ContentStore
+from ._errors import FailedPreconditionError, InvalidError, RefcacheError
+from ._mount import is_overlay_mount, local_mount
+from ._types import MEDIA_TYPE_OCI_LAYER, Descriptor, Mount
 
 __all__ = ["Applier", "TarApplier"]
 

@@ -82,7 +82,7 @@ from typing import IO, BinaryIO, Final, Literal, Protocol, cast
 
 import zstandard
 
-from storage._errors import (
+from ._errors import (
     FailedPreconditionError,
     InvalidError,
     RefcacheError,

@@ -24,11 +24,11 @@ import fcntl
 import os
 from pathlib import Path
 
-from storage._content import LocalContentStore
-from storage._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv
-from storage._errors import CorruptMetadataError, LockedError, NotFoundError, RefcacheError
-from storage._leases import parse_resource_key
-from storage._metadata import (
+from ._content import LocalContentStore
+from ._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv
+from ._errors import CorruptMetadataError, LockedError, NotFoundError, RefcacheError
+from ._leases import parse_resource_key
+from ._metadata import (
     KEY_BLOB_ONLY,
     KEY_COMMITTED,
     KEY_EQUAL_MUTABLE,
@@ -39,10 +39,10 @@ from storage._metadata import (
     KEY_UPPER_DIFF_PARENT,
     MetadataStore,
 )
-from storage._native import NativeSnapshotter
-from storage._overlay import OverlaySnapshotter
-from storage._snapshotter import Snapshotter, stored_snapshotter_name
-from storage._types import Kind
+from ._native import NativeSnapshotter
+from ._overlay import OverlaySnapshotter
+from ._snapshotter import Snapshotter, stored_snapshotter_name
+from ._types import Kind
 
 __all__ = ["check", "repair"]
 

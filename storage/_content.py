@@ -63,8 +63,8 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import msgpack
 
-from storage._env import DB_CONTENT, MetaEnv, ReadTxn, WriteTxn
-from storage._errors import (
+from ._env import DB_CONTENT, MetaEnv, ReadTxn, WriteTxn
+from ._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     FailedPreconditionError,
@@ -74,8 +74,8 @@ from storage._errors import (
     RefcacheError,
     StoreFullError,
 )
-from storage._filters import Adaptor, map_field, parse_filters
-from storage._types import (
+from ._filters import Adaptor, map_field, parse_filters
+from ._types import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     ContentInfo,
     Descriptor,

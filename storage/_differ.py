@@ -16,11 +16,11 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from storage._archive import COMPRESSIONS, compressed_writer, write_diff
-from storage._content import ContentStore, ContentWriter, validate_labels
-from storage._errors import AlreadyExistsError, InvalidError, NotFoundError
-from storage._mount import local_mount
-from storage._types import (
+from ._archive import COMPRESSIONS, compressed_writer, write_diff
+from ._content import ContentStore, ContentWriter, validate_labels
+from ._errors import AlreadyExistsError, InvalidError, NotFoundError
+from ._mount import local_mount
+from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_OCI_LAYER,
     MEDIA_TYPE_OCI_LAYER_GZIP,

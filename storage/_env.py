@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import lmdb
 import msgpack
 
-from storage._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
+from ._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
 
 __all__ = [
     "DB_CONTENT",

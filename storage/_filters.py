@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from storage._errors import InvalidError
+from ._errors import InvalidError
 
 __all__ = [
     "Adaptor",

@@ -43,15 +43,15 @@ from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
-from storage._env import DB_CONTENT, DB_LEASE_RESOURCES, DB_LEASES, DB_SNAPSHOTS, MetaEnv, WriteTxn
-from storage._errors import (
+from ._env import DB_CONTENT, DB_LEASE_RESOURCES, DB_LEASES, DB_SNAPSHOTS, MetaEnv, WriteTxn
+from ._errors import (
     CorruptMetadataError,
     FailedPreconditionError,
     InvalidError,
     LockedError,
     NotFoundError,
 )
-from storage._leases import (
+from ._leases import (
     LABEL_GC_FLAT,
     RESOURCE_CONTENT,
     RESOURCE_INGESTS,

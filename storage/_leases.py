@@ -44,15 +44,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 
-from storage._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv, ReadTxn, WriteTxn
-from storage._errors import (
+from ._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv, ReadTxn, WriteTxn
+from ._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     InvalidError,
     NotFoundError,
 )
-from storage._filters import Adaptor, map_field, parse_filters
-from storage._types import frozen_map, validate_digest
+from ._filters import Adaptor, map_field, parse_filters
+from ._types import frozen_map, validate_digest
 
 __all__ = [
     "LABEL_GC_EXPIRE",

@@ -35,8 +35,8 @@ from typing import Any, Final
 
 import msgpack
 
-from storage._env import DB_EXTERNAL, DB_INDEX, DB_RECORDS, MetaEnv, ReadTxn, WriteTxn
-from storage._errors import CorruptMetadataError, InvalidError, NotFoundError
+from ._env import DB_EXTERNAL, DB_INDEX, DB_RECORDS, MetaEnv, ReadTxn, WriteTxn
+from ._errors import CorruptMetadataError, InvalidError, NotFoundError
 
 __all__ = [
     "EXTERNAL_FILELIST",

@@ -34,8 +34,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
-from storage._errors import FailedPreconditionError, InvalidError, RefcacheError
-from storage._types import Mount
+from ._errors import FailedPreconditionError, InvalidError, RefcacheError
+from ._types import Mount
 
 __all__ = [
     "in_user_namespace",

@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from storage._env import MetaEnv
-from storage._snapshotter import (
+from ._env import MetaEnv
+from ._snapshotter import (
     BaseSnapshotter,
     _chain,
     _check_key,
@@ -37,7 +37,7 @@ from storage._snapshotter import (
     copy_tree,
     scan_tree,
 )
-from storage._types import Kind, Mount
+from ._types import Kind, Mount
 
 __all__ = ["NativeSnapshotter"]
 

@@ -35,11 +35,11 @@ import logging
 import os
 from pathlib import Path
 
-from storage._env import MetaEnv
-from storage._errors import FailedPreconditionError, InvalidError
-from storage._mount import overlay_options, probe_overlay
-from storage._native import NativeSnapshotter
-from storage._snapshotter import (
+from ._env import MetaEnv
+from ._errors import FailedPreconditionError, InvalidError
+from ._mount import overlay_options, probe_overlay
+from ._native import NativeSnapshotter
+from ._snapshotter import (
     BaseSnapshotter,
     Snapshotter,
     _check_key,
@@ -50,7 +50,7 @@ from storage._snapshotter import (
     overlay_tree,
     stored_snapshotter_name,
 )
-from storage._types import Kind, Mount
+from ._types import Kind, Mount
 
 __all__ = ["OverlaySnapshotter", "make_snapshotter"]
 

@@ -62,9 +62,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import lmdb
 import msgpack
 
-from storage._content import MAX_LABEL_SIZE, validate_labels
-from storage._env import DB_SNAPSHOTS, MetaEnv, ReadTxn, WriteTxn
-from storage._errors import (
+from ._content import MAX_LABEL_SIZE, validate_labels
+from ._env import DB_SNAPSHOTS, MetaEnv, ReadTxn, WriteTxn
+from ._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     FailedPreconditionError,
@@ -72,8 +72,8 @@ from storage._errors import (
     NotFoundError,
     RefcacheError,
 )
-from storage._filters import map_field, parse_filters
-from storage._types import Kind, Mount, SnapshotInfo, Usage
+from ._filters import map_field, parse_filters
+from ._types import Kind, Mount, SnapshotInfo, Usage
 
 __all__ = [
     "MAX_LABEL_SIZE",

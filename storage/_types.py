@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from storage._errors import InvalidError
+from ._errors import InvalidError
 
 __all__ = [
     "ANNOTATION_UNCOMPRESSED",

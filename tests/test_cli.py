@@ -19,9 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from actors import Cache, ImmutableRef, open_cache
-from actors._cli import UsageError, format_bytes, parse_duration, parse_size
+from refcache.actors import Cache, ImmutableRef, open_cache
+from refcache.actors._cli import UsageError, format_bytes, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0
@@ -31,11 +30,11 @@ def _command() -> list[str]:
     script = Path(sys.executable).parent / "refcache"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "actors._cli"]
+    return [sys.executable, "-m", "refcache.actors._cli"]
 
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     return subprocess.run(
         [*_command(), "--root", str(root), *args],
         capture_output=True,

@@ -23,10 +23,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from refcache.actors._demo import generate_images, generate_layer
+from refcache.storage import ANNOTATION_UNCOMPRESSED
 
-import storage
-from actors._demo import generate_images, generate_layer
-from storage import ANNOTATION_UNCOMPRESSED
+from refcache import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -243,7 +243,7 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from actors._demo import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from refcache.actors._demo import main; sys.exit(main(sys.argv[1:]))",
         "--root",
         str(root),
         "--metrics-port",
@@ -285,7 +285,16 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     assert storage.check(root) == []
 
     again = run_script(
-        ["-m", "actors._demo", "--root", str(root), "--metrics-port", "-1", "--builds", "2"],
+        [
+            "-m",
+            "refcache.actors._demo",
+            "--root",
+            str(root),
+            "--metrics-port",
+            "-1",
+            "--builds",
+            "2",
+        ],
         timeout=100,
     )
     assert again.returncode == 0
@@ -308,7 +317,7 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     ),
 )
 def test_statistics_see_the_sizes_disk_usage_measured(tmp_path: Path) -> None:
-    from actors import open_cache
+    from refcache.actors import open_cache
 
     with open_cache(tmp_path / "cache", snapshotter="native", timeout=30) as cache:
         m = cache.manager.new().get(timeout=30)

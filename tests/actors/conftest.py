@@ -8,8 +8,7 @@ from typing import Any
 
 import pykka
 import pytest
-
-from actors import Cache, open_cache
+from refcache.actors import Cache, open_cache
 
 _STOP_TIMEOUT = 5.0
 

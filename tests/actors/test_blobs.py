@@ -23,9 +23,7 @@ from typing import Any
 
 import pytest
 import zstandard
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     DescHandler,
     FailedPreconditionError,
@@ -37,9 +35,11 @@ from actors import (
     RefcacheError,
     open_cache,
 )
-from actors._blobs import chain_id, link_blob, measure_record
-from actors._remote import compute_chain_metadata, set_blob
-from storage import Descriptor, MetaEnv, NativeSnapshotter, digest_of
+from refcache.actors._blobs import chain_id, link_blob, measure_record
+from refcache.actors._remote import compute_chain_metadata, set_blob
+from refcache.storage import Descriptor, MetaEnv, NativeSnapshotter, digest_of
+
+from refcache import storage
 
 WAIT = 30.0
 OCI = "application/vnd.oci.image.layer.v1.tar"

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     ImmutableRef,
     InvalidError,
@@ -30,6 +28,8 @@ from actors import (
     NotFoundError,
     open_cache,
 )
+
+from refcache import storage
 
 WAIT = 30.0
 THREADS = 12

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from actors import Cache, ImmutableRef, MutableRef, open_cache
-from actors._offline import offline_usage
-from actors._prune import (
+from refcache.actors import Cache, ImmutableRef, MutableRef, open_cache
+from refcache.actors._offline import offline_usage
+from refcache.actors._prune import (
     TableRow,
     compute_usage,
     in_use_ids,
@@ -27,7 +26,7 @@ from actors._prune import (
     measure_row,
     visible_ids,
 )
-from storage import (
+from refcache.storage import (
     KEY_BLOB,
     KEY_COMMITTED,
     KEY_CREATED_AT,
@@ -39,7 +38,7 @@ from storage import (
     MetaEnv,
     parse_filters,
 )
-from storage._types import ContentInfo
+from refcache.storage._types import ContentInfo
 
 WAIT = 30.0
 

@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     CacheManager,
     DescHandler,
@@ -40,8 +38,10 @@ from actors import (
     StoreFullError,
     open_cache,
 )
-from actors._demo import generate_layer
-from storage import MetaEnv, NativeSnapshotter, NotFoundError
+from refcache.actors._demo import generate_layer
+from refcache.storage import MetaEnv, NativeSnapshotter, NotFoundError
+
+from refcache import storage
 
 WAIT = 30.0
 HAS_GET_BY_BLOB = hasattr(CacheManager, "get_by_blob")
@@ -572,9 +572,8 @@ def test_a_failed_finalize_leaves_no_lease_behind(
 
 CRASH_IN_FINALIZE = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
-from storage import NativeSnapshotter
-from actors import open_cache
+from refcache.storage import NativeSnapshotter
+from refcache.actors import open_cache
 
 class DiesInCommit(NativeSnapshotter):
     def commit(self, name, key, **kw):

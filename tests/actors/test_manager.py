@@ -13,9 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     ImmutableRef,
     InvalidError,
@@ -25,8 +23,10 @@ from actors import (
     PrunePolicy,
     RefcacheError,
 )
-from storage import KEY_DELETED, Kind
-from storage._leases import Resource
+from refcache.storage import KEY_DELETED, Kind
+from refcache.storage._leases import Resource
+
+from refcache import storage
 
 WAIT = 30.0
 
@@ -706,7 +706,7 @@ class TestRestart:
             for r in cache.manager.disk_usage().get(timeout=WAIT)
         }
         scratch = new(cache)  # default policy, still open at close: kept, unused after
-        with caplog.at_level("WARNING", logger="actors._cache"):
+        with caplog.at_level("WARNING", logger="refcache.actors._cache"):
             cache.close()
         assert "with 1 open handles" in caplog.text
 

@@ -24,9 +24,7 @@ from typing import Any
 
 import pykka
 import pytest
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     ImmutableRef,
     InvalidError,
@@ -36,10 +34,10 @@ from actors import (
     UsageInfo,
     open_cache,
 )
-from actors._entry import new_id
-from actors._offline import offline_prune_plan
-from actors._prune import CacheListener, calculate_keep_bytes, delete_order
-from storage import (
+from refcache.actors._entry import new_id
+from refcache.actors._offline import offline_prune_plan
+from refcache.actors._prune import CacheListener, calculate_keep_bytes, delete_order
+from refcache.storage import (
     KEY_BLOB,
     KEY_COMMITTED,
     KEY_CREATED_AT,
@@ -51,8 +49,10 @@ from storage import (
     MetadataStore,
     MetaEnv,
 )
-from storage._leases import LmdbLeaseManager, Resource
-from storage._native import NativeSnapshotter
+from refcache.storage._leases import LmdbLeaseManager, Resource
+from refcache.storage._native import NativeSnapshotter
+
+from refcache import storage
 
 WAIT = 30.0
 HOUR_NS = 3600 * 10**9

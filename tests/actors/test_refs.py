@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from actors import (
+from refcache.actors import (
     Cache,
     ImmutableRef,
     InvalidError,

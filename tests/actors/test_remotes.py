@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
-from actors import (
+from refcache.actors import (
     Cache,
     DescHandler,
     ImmutableRef,
@@ -32,16 +31,16 @@ from actors import (
     PrunePolicy,
     Remote,
 )
-from actors._blobs import (
+from refcache.actors._blobs import (
     GC_VARIANT_LABEL,
     blob_desc,
     convert_blob,
     link_blob,
     needs_conversion,
 )
-from actors._remote import blob_with_compression_of
-from storage import Descriptor, digest_of
-from storage._archive import compressed_writer, decompressed_stream
+from refcache.actors._remote import blob_with_compression_of
+from refcache.storage import Descriptor, digest_of
+from refcache.storage._archive import compressed_writer, decompressed_stream
 
 WAIT = 30.0
 OCI = "application/vnd.oci.image.layer.v1.tar"

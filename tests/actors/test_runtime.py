@@ -22,9 +22,8 @@ import pykka
 import pytest
 from pykka import ActorDeadError, ActorRef, ActorRegistry
 from pykka._envelope import Envelope
-
-from actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
-from storage._errors import InvalidError
+from refcache.actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
+from refcache.storage._errors import InvalidError
 
 TIMEOUT = 5.0
 

@@ -17,9 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-import storage
-from actors import (
+from refcache.actors import (
     Cache,
     ImmutableRef,
     InvalidError,
@@ -28,6 +26,8 @@ from actors import (
     NotFoundError,
     open_cache,
 )
+
+from refcache import storage
 
 WAIT = 30.0
 

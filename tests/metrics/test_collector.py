@@ -14,10 +14,9 @@ from typing import Any
 import pykka
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-
-from actors._types import CacheStatistics
-from metrics import LATENCY_BUCKETS, CacheCollector
-from storage import AlreadyExistsError, InvalidError, NotFoundError
+from refcache.actors._types import CacheStatistics
+from refcache.metrics import LATENCY_BUCKETS, CacheCollector
+from refcache.storage import AlreadyExistsError, InvalidError, NotFoundError
 
 _STOP_TIMEOUT = 5.0
 

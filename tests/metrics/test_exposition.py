@@ -22,10 +22,9 @@ from wsgiref.util import setup_testing_defaults
 import pykka
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-
-from actors._types import CacheStatistics
-from metrics import LATENCY_BUCKETS, CacheCollector, MetricsServer, serve, wsgi_app
-from storage import FailedPreconditionError, InvalidError
+from refcache.actors._types import CacheStatistics
+from refcache.metrics import LATENCY_BUCKETS, CacheCollector, MetricsServer, serve, wsgi_app
+from refcache.storage import FailedPreconditionError, InvalidError
 
 _STOP_TIMEOUT = 5.0
 _HTTP_TIMEOUT = 10.0
@@ -473,7 +472,7 @@ def test_open_cache_serves_metrics_when_asked_and_stops_at_close(tmp_path: Path)
     import urllib.error
     import urllib.request
 
-    from actors import open_cache
+    from refcache.actors import open_cache
 
     with open_cache(tmp_path / "cache", snapshotter="native", metrics_port=0) as cache:
         server = cache.metrics_server

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from actors import open_cache
-from metrics import serve
+from refcache.actors import open_cache
+from refcache.metrics import serve
 
 pytestmark = pytest.mark.integration
 

@@ -11,15 +11,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from storage._applier import Applier, TarApplier
-from storage._archive import decompressed_stream
-from storage._content import LocalContentStore
-from storage._differ import Differ, WalkingDiffer
-from storage._env import MetaEnv
-from storage._errors import FailedPreconditionError, InvalidError, NotFoundError
-from storage._mount import local_mount, probe_overlay
-from storage._types import (
+from refcache.storage._applier import Applier, TarApplier
+from refcache.storage._archive import decompressed_stream
+from refcache.storage._content import LocalContentStore
+from refcache.storage._differ import Differ, WalkingDiffer
+from refcache.storage._env import MetaEnv
+from refcache.storage._errors import FailedPreconditionError, InvalidError, NotFoundError
+from refcache.storage._mount import local_mount, probe_overlay
+from refcache.storage._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_OCI_LAYER,
     MEDIA_TYPE_OCI_LAYER_GZIP,

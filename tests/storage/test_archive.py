@@ -21,8 +21,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from storage._archive import (
+from refcache.storage._archive import (
     MAX_ENTRY_SIZE,
     ApplyResult,
     apply_tar,
@@ -31,7 +30,7 @@ from storage._archive import (
     detect_compression,
     write_diff,
 )
-from storage._errors import InvalidError
+from refcache.storage._errors import InvalidError
 
 IS_ROOT = os.geteuid() == 0
 SEC = 1_700_000_000
@@ -404,7 +403,7 @@ def test_pax_overlay_xattrs_are_ignored(arena: Arena, caplog: pytest.LogCaptureF
         "SCHILY.xattr.trusted.overlay.redirect": "/elsewhere",
         "SCHILY.xattr.user.overlay.opaque": "y",
     }
-    with caplog.at_level(logging.WARNING, logger="storage._archive"):
+    with caplog.at_level(logging.WARNING, logger="refcache.storage._archive"):
         arena.apply(make_tar((info, data)))
     assert os.listxattr(arena.target / "d") == []
     assert "overlay xattr" in caplog.text
@@ -587,7 +586,7 @@ def test_hostile_nul_in_symlink_target_is_rejected(arena: Arena) -> None:
 def test_hostile_device_is_skipped_when_devices_are_not_allowed(
     arena: Arena, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="storage._archive"):
+    with caplog.at_level(logging.WARNING, logger="refcache.storage._archive"):
         arena.apply(make_tar(chardev("mem", 1, 1), reg("after", b"ok")), allow_devices=False)
     assert not (arena.target / "mem").exists()
     assert (arena.target / "after").read_bytes() == b"ok"

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from storage import (
+from refcache.storage import (
     DB_LEASE_RESOURCES,
     KEY_COMMITTED,
     KEY_PARENT,
@@ -22,7 +21,7 @@ from storage import (
     check,
     repair,
 )
-from storage._leases import Resource, resource_key
+from refcache.storage._leases import Resource, resource_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,14 +94,14 @@ def test_work_in_progress_of_a_live_cache_is_not_an_orphan(cache_root: Path) -> 
             [
                 sys.executable,
                 "-c",
-                "import sys; from storage import check; print(check(sys.argv[1]))",
+                "import sys; from refcache.storage import check; print(check(sys.argv[1]))",
                 str(cache_root),
             ],
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=dict(os.environ),
         )
         assert out.stdout.strip() == "[]"
     finally:
@@ -116,7 +115,7 @@ def test_repair_refuses_a_cache_open_elsewhere(cache_root: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         code = (
-            "import sys\nfrom storage import repair, LockedError\n"
+            "import sys\nfrom refcache.storage import repair, LockedError\n"
             "try:\n    repair(sys.argv[1])\nexcept LockedError as e:\n    print('locked', e)\n"
         )
         out = subprocess.run(
@@ -125,7 +124,7 @@ def test_repair_refuses_a_cache_open_elsewhere(cache_root: Path) -> None:
             text=True,
             timeout=60,
             check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=dict(os.environ),
         )
         assert out.stdout.startswith("locked cache ")
     finally:

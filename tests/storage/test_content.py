@@ -24,17 +24,16 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from storage import _content
-from storage._content import (
+from refcache.storage import _content
+from refcache.storage._content import (
     MAX_LABEL_SIZE,
     ContentStatus,
     ContentStore,
     ContentWriter,
     LocalContentStore,
 )
-from storage._env import DB_CONTENT, MetaEnv, WriteTxn
-from storage._errors import (
+from refcache.storage._env import DB_CONTENT, MetaEnv, WriteTxn
+from refcache.storage._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     FailedPreconditionError,
@@ -43,7 +42,12 @@ from storage._errors import (
     NotFoundError,
     StoreFullError,
 )
-from storage._types import MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP, ContentInfo, Descriptor
+from refcache.storage._types import (
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    ContentInfo,
+    Descriptor,
+)
 
 GC_ROOT = "containerd.io/gc.root"
 EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from storage._env import DB_INFO, DB_RECORDS, SCHEMA_VERSION, MetaEnv
-from storage._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
-from storage._metadata import KEY_DESCRIPTION, MetadataStore
+from refcache.storage._env import DB_INFO, DB_RECORDS, SCHEMA_VERSION, MetaEnv
+from refcache.storage._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
+from refcache.storage._metadata import KEY_DESCRIPTION, MetadataStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +25,7 @@ def run_child(code: str, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=dict(os.environ),
     )
 
 
@@ -144,8 +143,8 @@ def test_unknown_database_names_are_a_clear_error(env: MetaEnv) -> None:
 
 WRITER = """
     import sys
-    from storage._env import MetaEnv
-    from storage._metadata import MetadataStore
+    from refcache.storage._env import MetaEnv
+    from refcache.storage._metadata import MetadataStore
     env = MetaEnv(sys.argv[1])
     store = MetadataStore(env)
     i = 0
@@ -188,7 +187,7 @@ def test_committed_writes_survive_kill_9_of_the_writer(tmp_path: Path) -> None:
 
 READER = """
     import sys
-    from storage._env import MetaEnv, DB_RECORDS
+    from refcache.storage._env import MetaEnv, DB_RECORDS
     env = MetaEnv(sys.argv[1], readonly=True)
     seen = set()
     print("ready", flush=True)

@@ -6,9 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-
-from storage._errors import InvalidError
-from storage._filters import Adaptor, map_field, parse_filters
+from refcache.storage._errors import InvalidError
+from refcache.storage._filters import Adaptor, map_field, parse_filters
 
 
 @dataclass(frozen=True)

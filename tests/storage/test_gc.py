@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-
-from storage._content import ContentStatus, LocalContentStore
-from storage._env import DB_LEASE_RESOURCES, DB_SNAPSHOTS, MetaEnv, WriteTxn
-from storage._errors import CorruptMetadataError, InvalidError
-from storage._gc import (
+from refcache.storage._content import ContentStatus, LocalContentStore
+from refcache.storage._env import DB_LEASE_RESOURCES, DB_SNAPSHOTS, MetaEnv, WriteTxn
+from refcache.storage._errors import CorruptMetadataError, InvalidError
+from refcache.storage._gc import (
     NODE_CONTENT,
     NODE_INGEST,
     NODE_LEASE,
@@ -31,15 +30,15 @@ from storage._gc import (
     removal_order,
     snapshot_node,
 )
-from storage._leases import (
+from refcache.storage._leases import (
     LABEL_GC_EXPIRE,
     LABEL_GC_FLAT,
     LmdbLeaseManager,
     Resource,
     format_rfc3339,
 )
-from storage._native import NativeSnapshotter
-from storage._types import ContentInfo, digest_of
+from refcache.storage._native import NativeSnapshotter
+from refcache.storage._types import ContentInfo, digest_of
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 ROOT = "containerd.io/gc.root"

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from storage._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv
-from storage._errors import (
+from refcache.storage._env import DB_LEASE_RESOURCES, DB_LEASES, MetaEnv
+from refcache.storage._errors import (
     AlreadyExistsError,
     CorruptMetadataError,
     InvalidError,
     NotFoundError,
 )
-from storage._leases import (
+from refcache.storage._leases import (
     LABEL_GC_EXPIRE,
     LABEL_GC_FLAT,
     LABEL_LEASE_TEMPORARY,

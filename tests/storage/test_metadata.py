@@ -8,10 +8,9 @@ from typing import Any
 
 import msgpack
 import pytest
-
-from storage._env import DB_INDEX, DB_RECORDS, MetaEnv
-from storage._errors import CorruptMetadataError, InvalidError, NotFoundError
-from storage._metadata import (
+from refcache.storage._env import DB_INDEX, DB_RECORDS, MetaEnv
+from refcache.storage._errors import CorruptMetadataError, InvalidError, NotFoundError
+from refcache.storage._metadata import (
     INDEX_CHAIN,
     KEY_CHAIN_ID,
     KEY_CREATED_AT,

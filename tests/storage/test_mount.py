@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-
-from storage._errors import InvalidError, RefcacheError
-from storage._mount import (
+from refcache.storage._errors import InvalidError, RefcacheError
+from refcache.storage._mount import (
     is_overlay_mount,
     local_mount,
     mount_all,
@@ -18,7 +17,7 @@ from storage._mount import (
     readonly_mounts,
     unmount,
 )
-from storage._types import Mount
+from refcache.storage._types import Mount
 
 
 def _mounted(path: Path) -> bool:

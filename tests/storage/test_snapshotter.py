@@ -20,20 +20,19 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from storage._env import DB_SNAPSHOTS, MetaEnv
-from storage._errors import (
+from refcache.storage._env import DB_SNAPSHOTS, MetaEnv
+from refcache.storage._errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidError,
     NotFoundError,
     RefcacheError,
 )
-from storage._mount import local_mount, mount_all, probe_overlay, unmount
-from storage._native import NativeSnapshotter
-from storage._overlay import OverlaySnapshotter, make_snapshotter
-from storage._snapshotter import BaseSnapshotter, Snapshotter, disk_usage
-from storage._types import Kind, Mount, SnapshotInfo, Usage
+from refcache.storage._mount import local_mount, mount_all, probe_overlay, unmount
+from refcache.storage._native import NativeSnapshotter
+from refcache.storage._overlay import OverlaySnapshotter, make_snapshotter
+from refcache.storage._snapshotter import BaseSnapshotter, Snapshotter, disk_usage
+from refcache.storage._types import Kind, Mount, SnapshotInfo, Usage
 
 GC_ROOT = {"containerd.io/gc.root": "2026-01-01T00:00:00Z"}
 IS_ROOT = os.geteuid() == 0
