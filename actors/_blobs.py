@@ -680,6 +680,7 @@ def write_layer(
     compression: str,
     *,
     lease: BlobLease | None = None,
+    mount_root: Path | None = None,
 ) -> Descriptor:
     """The walking differ (containerd ``walking.Compare``) with a leased commit.
 
@@ -691,6 +692,7 @@ def write_layer(
         upper: Mounts of the changed tree (``None``: an empty tree).
         compression: Compression of the blob.
         lease: Where the blob is held from its commit on.
+        mount_root: Where temporary mount points go (``<cache root>/mounts``).
 
     Returns:
         The blob's descriptor with annotation ``containerd.io/uncompressed``.
@@ -699,9 +701,13 @@ def write_layer(
     with contextlib.ExitStack() as stack:
         lower_dir: Path | None = None
         if lower:
-            lower_dir = stack.enter_context(local_mount(list(lower), readonly=True))
+            lower_dir = stack.enter_context(
+                local_mount(list(lower), readonly=True, tmp_root=mount_root)
+            )
         if upper:
-            upper_dir = stack.enter_context(local_mount(list(upper), readonly=True))
+            upper_dir = stack.enter_context(
+                local_mount(list(upper), readonly=True, tmp_root=mount_root)
+            )
         else:
             upper_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
 

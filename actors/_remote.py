@@ -285,7 +285,9 @@ def _ensure_record_blob(
             if upper_id:
                 upper = stack.enter_context(_snapshot_mounts(core, upper_id, handlers))
             lease = BlobLease(core.env, core.leases, node.id)
-            desc = write_layer(core.content, lower, upper, compression, lease=lease)
+            desc = write_layer(
+                core.content, lower, upper, compression, lease=lease, mount_root=core.mount_root
+            )
         set_blob(core, node.id, desc)
 
     core.flights.do(f"{node.id}-blob-{create}", compute, timeout=core.timeout)

@@ -102,6 +102,9 @@ from ._tree import (
 __all__ = [
     "COMPRESSIONS",
     "MAX_ENTRY_SIZE",
+    "MAX_LAYER_ENTRIES",
+    "MAX_LAYER_SIZE",
+    "LayerLimitError",
     "ApplyResult",
     "Compression",
     "apply_tar",
@@ -120,6 +123,10 @@ COMPRESSIONS: Final[tuple[str, ...]] = ("uncompressed", "gzip", "zstd")
 
 #: Default cap on one entry's size (1 TiB): larger headers are hostile or corrupt.
 MAX_ENTRY_SIZE: Final = 1 << 40
+#: Default cap on a layer's uncompressed size (64 GiB): a decompression bomb stops here.
+MAX_LAYER_SIZE: Final = 64 << 30
+#: Default cap on a layer's number of tar entries (10 million).
+MAX_LAYER_ENTRIES: Final = 10_000_000
 
 WHITEOUT_PREFIX: Final = ".wh."
 WHITEOUT_META_PREFIX: Final = ".wh..wh."
@@ -311,6 +318,10 @@ def compressed_writer(
 # Applying
 
 
+class LayerLimitError(InvalidError):
+    """A layer exceeds the uncompressed-size or entry cap of the applier."""
+
+
 class _HashingReader:
     """Hashes and counts every byte read; remembers a window of recent bytes.
 
@@ -319,8 +330,9 @@ class _HashingReader:
     archive, where Go's ``archive/tar`` (containerd) reports an error.
     """
 
-    def __init__(self, source: _Readable) -> None:
+    def __init__(self, source: _Readable, limit: int = MAX_LAYER_SIZE) -> None:
         self._source = source
+        self._limit = limit
         self._hash = hashlib.sha256()
         self.count = 0
         self._window = bytearray()
@@ -337,6 +349,12 @@ class _HashingReader:
         if data:
             self._hash.update(data)
             self.count += len(data)
+            if self.count > self._limit:
+                msg = (
+                    f"layer is larger than the cap of {self._limit} uncompressed bytes "
+                    "(a decompression bomb, or raise max_layer_size)"
+                )
+                raise LayerLimitError(msg)
             self._window += data
             if len(self._window) > 2 * _WINDOW:
                 drop = len(self._window) - _WINDOW
@@ -966,6 +984,8 @@ def apply_tar(
     allow_devices: bool = True,
     userxattr: bool = False,
     max_entry_size: int = MAX_ENTRY_SIZE,
+    max_size: int = MAX_LAYER_SIZE,
+    max_entries: int = MAX_LAYER_ENTRIES,
 ) -> ApplyResult:
     """Streams an uncompressed layer tar into ``target`` (containerd ``archive.Apply``).
 
@@ -984,16 +1004,21 @@ def apply_tar(
             unprivileged applier must; ``True`` still skips them when ``mknod`` is refused.
         userxattr: Mark opaque dirs with ``user.overlay.opaque`` (overlay ``userxattr``).
         max_entry_size: Largest accepted entry size.
+        max_size: Largest accepted uncompressed size of the whole stream.
+        max_entries: Largest accepted number of tar entries.
 
     Returns:
         The diffID (sha256 of all uncompressed bytes, trailing bytes included) and size.
 
     Raises:
+        LayerLimitError: The stream passed ``max_size`` bytes or ``max_entries`` entries
+            (an :class:`InvalidError`; what was applied so far stays in ``target``, which
+            the caller discards).
         InvalidError: A malformed or hostile archive (the entry is named).
         StoreFullError: The disk is full.
         FailedPreconditionError: Other file-system failures (permissions, read-only).
     """
-    hashing = _HashingReader(stream)
+    hashing = _HashingReader(stream, max_size)
     try:
         root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -1009,14 +1034,14 @@ def apply_tar(
         max_entry_size=max_entry_size,
     )
     try:
-        _apply_entries(hashing, unpacker)
+        _apply_entries(hashing, unpacker, max_entries)
     finally:
         unpacker.close()
         os.close(root_fd)
     return ApplyResult(hashing.diff_id, hashing.count)
 
 
-def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
+def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker, max_entries: int) -> None:
     try:
         tf = tarfile.open(  # noqa: SIM115 - closed by the with block below
             None, "r|", cast(IO[bytes], hashing), _TAR_BUFSIZE
@@ -1028,9 +1053,14 @@ def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
         raise InvalidError(msg) from exc
     with tf:
         name = "<first entry>"
+        count = 0
         try:
             while (member := tf.next()) is not None:
                 name = member.name
+                count += 1
+                if count > max_entries:
+                    msg = f"layer has more than the cap of {max_entries} entries"
+                    raise LayerLimitError(msg)
                 # Stream mode keeps every TarInfo in tf.members; nothing here needs them.
                 tf.members.clear()  # type: ignore[attr-defined]
                 try:
@@ -1042,12 +1072,12 @@ def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
         except RefcacheError:
             raise
         except tarfile.TarError as exc:
-            msg = f"corrupt layer tar at or after entry {name!r}: {exc}"
+            msg = f"corrupt layer tar at or after entry {_short(name)!r}: {exc}"
             raise InvalidError(msg) from exc
         except OSError as exc:
             raise _os_error(name, exc) from exc
         except (ValueError, OverflowError) as exc:
-            msg = f"layer entry {name!r}: {exc}"
+            msg = f"layer entry {_short(name)!r}: {exc}"
             raise InvalidError(msg) from exc
         end = tf.offset
     _check_archive_end(hashing, end)

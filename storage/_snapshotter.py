@@ -72,6 +72,7 @@ from ._errors import (
     RefcacheError,
 )
 from ._filters import map_field, parse_filters
+from ._layout import make_private_dir
 from ._tree import (
     DirCursor,
     PathNode,
@@ -1251,7 +1252,8 @@ class BaseSnapshotter:
         # clean=False: an inspecting view of a cache that another object may be writing
         # (``storage.check``); it must neither record a name nor remove anything.
         if clean and not env.readonly:
-            self._dirs.mkdir(parents=True, exist_ok=True)
+            # Private (0700): snapshots hold set-id files and devices of extracted layers.
+            make_private_dir(self._dirs, parents=True)
             if stored is None:
                 with env.write_txn() as txn:
                     if txn.get(DB_SNAPSHOTS, SNAPSHOTTER_NAME_KEY) is None:
