@@ -429,19 +429,26 @@ class MetaEnv:
         if verify is None:
             verify = "header" if readonly and _writer_active(self.path) else "full"
         check_data_file(data, full=verify == "full")
+        options: dict[str, Any] = {
+            "map_size": map_size,
+            "max_dbs": _MAX_DBS,
+            "max_readers": _MAX_READERS,
+            "readonly": readonly,
+            "create": False,
+            "mode": PRIVATE_FILE_MODE,
+            "sync": True,
+            "metasync": False,
+            "readahead": False,
+        }
         try:
-            self._env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                max_dbs=_MAX_DBS,
-                max_readers=_MAX_READERS,
-                readonly=readonly,
-                create=False,
-                mode=PRIVATE_FILE_MODE,
-                sync=True,
-                metasync=False,
-                readahead=False,
-            )
+            try:
+                self._env = lmdb.open(str(self.path), **options)
+            except lmdb.Error as exc:
+                if not (readonly and getattr(exc, "code", 0) == errno.EROFS):
+                    raise
+                # A cache on a read-only file system: nobody can be writing it, so a reader
+                # needs no lock table (LMDB's documented use of MDB_NOLOCK).
+                self._env = lmdb.open(str(self.path), lock=False, **options)
         except lmdb.Error as exc:
             raise self.error("cannot open the metadata environment", exc) from exc
         self._closed = False

@@ -70,6 +70,7 @@ from ._errors import (
     InvalidError,
     NotFoundError,
     RefcacheError,
+    StoreFullError,
 )
 from ._filters import map_field, parse_filters
 from ._layout import make_private_dir
@@ -1505,6 +1506,8 @@ class BaseSnapshotter:
             self._discard(tmp, None)
             if isinstance(exc, OSError):
                 msg = f"cannot build snapshot {plan.key!r} in {tmp}: {exc}"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFullError(msg) from exc
                 raise RefcacheError(msg) from exc
             raise
         return tmp, usage
@@ -1801,7 +1804,12 @@ class BaseSnapshotter:
                 wtxn.delete(DB_SNAPSHOTS, _child_key(rec.parent, key))
             if self._owns_dir(rec.kind, bool(rec.parent)):
                 sid = rec.id
-                wtxn.after_commit(lambda: self._retire_dir(sid))
+                # Renamed inside the transaction, before its commit: a reader of the committed
+                # state (storage.check) never sees the directory of a snapshot it does not
+                # know any more. A rollback renames it back; a crash before the commit
+                # leaves rm-<id> of a live snapshot, which the next open renames back.
+                self._retire_dir(sid)
+                wtxn.after_rollback(lambda: self._unretire_dir(sid))
                 wtxn.after_unlock(lambda: self._purge_dir(sid))
 
         if txn is not None:
@@ -1821,6 +1829,43 @@ class BaseSnapshotter:
             os.rename(src, doomed)
         except FileNotFoundError:
             self._forget_inflight(doomed.name)
+
+    def _unretire_dir(self, sid: str) -> None:
+        # The removing transaction rolled back: the snapshot is still recorded.
+        doomed = self._dirs / f"rm-{sid}"
+        try:
+            os.rename(doomed, self._snapshot_dir(sid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot restore snapshot directory %s: %s", doomed, exc)
+        finally:
+            self._forget_inflight(doomed.name)
+
+    def _restore_retired(self, live: set[str]) -> list[str]:
+        """Renames ``rm-<id>`` of still-recorded snapshots back (a removal that crashed
+        before its commit); returns what was restored."""
+        restored: list[str] = []
+        try:
+            names = os.listdir(self._dirs)
+        except FileNotFoundError:
+            return restored
+        for name in names:
+            sid = name.removeprefix("rm-")
+            if sid == name or sid not in live or os.path.lexists(self._dirs / sid):
+                continue
+            try:
+                os.rename(self._dirs / name, self._dirs / sid)
+            except OSError as exc:
+                logger.warning("cannot restore snapshot directory %s: %s", name, exc)
+                continue
+            restored.append(sid)
+            logger.warning(
+                "snapshot directory %s restored from %s (its removal never committed)",
+                self._dirs / sid,
+                name,
+            )
+        return restored
 
     def _purge_dir(self, sid: str) -> None:
         # The slow part (a tree of files), after the write lock is released, so that GC of
@@ -1978,6 +2023,32 @@ class BaseSnapshotter:
 
     # -- consistency ------------------------------------------------------------------------
 
+    def owned_dirs(self, txn: ReadTxn) -> dict[str, str]:
+        """``{directory name: snapshot key}`` of every snapshot that owns a directory, and
+        the last id handed out, as ``txn`` sees them (for ``storage.check``)."""
+        owners: dict[str, str] = {}
+        for raw_key, raw in txn.items(DB_SNAPSHOTS):
+            if raw_key.startswith(b"\x00"):
+                continue
+            rec = _decode(raw_key.decode("utf-8", "surrogateescape"), raw)
+            if self._owns_dir(rec.kind, bool(rec.parent)):
+                owners[rec.id] = rec.key
+        return owners
+
+    @staticmethod
+    def last_id(txn: ReadTxn) -> int:
+        """The last snapshot id handed out as ``txn`` sees it (ids are never reused, so a
+        directory named by a larger id belongs to a transaction that has not committed)."""
+        raw = txn.get(DB_SNAPSHOTS, _SEQ_KEY)
+        if raw is None:
+            return 0
+        value = msgpack.unpackb(raw)
+        return value if isinstance(value, int) else 0
+
+    def dir_of(self, sid: str) -> Path:
+        """The directory whose existence says snapshot directory ``sid`` is there."""
+        return self._usage_dir(sid)
+
     def _live_dirs(self) -> tuple[set[str], list[_Record]]:
         live: set[str] = set()
         owning: list[_Record] = []
@@ -2018,6 +2089,10 @@ class BaseSnapshotter:
             raise FailedPreconditionError(msg)
         if self._pending:
             self._sweep()
+        live, _ = self._live_dirs()
+        with self._lock:
+            busy = set(self._inflight)
+        self._restore_retired(live - {n.removeprefix("rm-") for n in busy})
         removed = []
         for path in self.orphans():
             try:
