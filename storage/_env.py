@@ -628,7 +628,10 @@ class MetaEnv:
                 wtxn._txn.abort()
 
     def _grow(self) -> None:
-        current = int(self._env.info()["map_size"])
+        try:
+            current = int(self._env.info()["map_size"])
+        except lmdb.Error as exc:
+            raise self.error("reading the metadata map size", exc) from exc
         new = current * 2
         if new > self._max_map_size:
             msg = (
@@ -641,7 +644,10 @@ class MetaEnv:
             try:
                 while self._readers:
                     self._gate.wait()
-                self._env.set_mapsize(new)
+                try:
+                    self._env.set_mapsize(new)
+                except lmdb.Error as exc:
+                    raise self.error("growing the metadata map", exc, write=True) from exc
             finally:
                 self._growing = False
                 self._gate.notify_all()
