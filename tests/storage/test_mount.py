@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 from refcache.actors import open_cache
-from refcache.storage import check
+from refcache.storage import check, repair
 from refcache.storage._errors import InvalidError, RefcacheError
 from refcache.storage._mount import (
     is_overlay_mount,
@@ -226,11 +226,10 @@ def overlay_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_a_mount_left_by_a_killed_process_is_reported_and_removed_at_open(
-    overlay_root: Path,
-) -> None:
+def _leave_a_mount(root: Path) -> Path:
+    """Runs a process that mounts an overlay of the cache at ``root`` and SIGKILLs it."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_A_MOUNT, str(overlay_root)],
+        [sys.executable, "-c", _HOLD_A_MOUNT, str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -240,7 +239,7 @@ def test_a_mount_left_by_a_killed_process_is_reported_and_removed_at_open(
         line = proc.stdout.readline().strip()  # the child prints once mounted (or dies)
         assert line, proc.stderr.read() if proc.stderr else ""
         point = Path(line)
-        assert point.parent == overlay_root / "mounts"  # under the root, not /tmp
+        assert point.parent == root / "mounts"  # under the root, not /tmp
         assert _mounted(point)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -249,11 +248,25 @@ def test_a_mount_left_by_a_killed_process_is_reported_and_removed_at_open(
             if stream is not None:
                 stream.close()
     assert _mounted(point)  # SIGKILL runs no clean-up
-    assert f"mounts: {point} is still mounted (left by a process that died)" in check(overlay_root)
+    return point
+
+
+def test_a_mount_left_by_a_killed_process_is_reported_and_removed_at_open(
+    overlay_root: Path,
+) -> None:
+    point = _leave_a_mount(overlay_root)
+    problem = f"mounts: {point} is still mounted (left by a process that died)"
+    assert problem in check(overlay_root)
     with open_cache(overlay_root, snapshotter="overlay", timeout=30) as cache:
         assert not _mounted(point)
         assert os.listdir(overlay_root / "mounts") == []
         assert check(cache.root) == []
+    assert check(overlay_root) == []
+
+    point = _leave_a_mount(overlay_root)
+    assert f"mounts: {point} is still mounted (left by a process that died)" in check(overlay_root)
+    assert f"unmounted stale mount {point}" in repair(overlay_root)
+    assert not _mounted(point)
     assert check(overlay_root) == []
 
 
