@@ -420,6 +420,7 @@ class MetaEnv:
         else:
             try:
                 make_private_dir(self.path, parents=True)
+                self._remove_staging_leftovers()
                 if not data.exists():
                     self._create(map_size)
             except OSError as exc:
@@ -708,18 +709,19 @@ class MetaEnv:
             return InvalidError(f"{where}: {exc}")
         return RefcacheError(f"{where}: {exc}")
 
+    def _remove_staging_leftovers(self) -> None:
+        # A creation killed half-way (the cache's lock makes this the only writer).
+        for leftover in self.path.parent.glob(_staging_prefix(self.path) + "*"):
+            with contextlib.suppress(OSError):
+                remove_tree(leftover)
+
     def _create(self, map_size: int) -> None:
         """Creates a new, empty environment in a staging directory, then moves it in.
 
         ``data.mdb`` appears complete (valid meta pages, the schema version written) or not
         at all, so an empty or half-written ``data.mdb`` is always damage, never "new".
         """
-        parent = self.path.parent
-        prefix = f".{self.path.name}.new-"
-        for leftover in parent.glob(prefix + "*"):
-            with contextlib.suppress(OSError):
-                remove_tree(leftover)
-        stage = parent / (prefix + secrets.token_hex(6))
+        stage = self.path.parent / (_staging_prefix(self.path) + secrets.token_hex(6))
         make_private_dir(stage)
         try:
             env = lmdb.open(str(stage), map_size=map_size, max_dbs=_MAX_DBS, mode=PRIVATE_FILE_MODE)
@@ -742,6 +744,11 @@ class MetaEnv:
 
 
 _DATA_FILE = "data.mdb"
+
+
+def _staging_prefix(path: Path) -> str:
+    return f".{path.name}.new-"
+
 
 # LMDB errors that mean the environment itself is damaged.
 _CORRUPTION: tuple[type[lmdb.Error], ...] = tuple(

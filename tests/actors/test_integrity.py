@@ -104,6 +104,8 @@ def test_a_blob_lying_about_its_diffid_never_becomes_the_honest_layer(cache: Cac
     # Nothing committed: no snapshot under the chain ID, no temporary snapshot or lease.
     chain = honest.annotations[UNCOMPRESSED]  # a base layer's chain ID is its diffID
     assert chain not in {info.name for info in cache.snapshotter.walk()}
+    # The liar lost its chain IDs: no index finds it any more.
+    assert cache.metadata.search("chainid:" + chain) == []
     assert leftovers(cache) == []
     # The lying blob is quarantined: gone from the content store, never served again.
     assert not cache.content.exists(evil.digest)
