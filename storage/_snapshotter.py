@@ -429,7 +429,23 @@ def disk_usage(root: Path, *, exclude: set[tuple[int, int]] | None = None) -> Us
     ``size`` is the sum of ``st_blocks * 512`` over unique ``(st_dev, st_ino)``. Inodes in
     ``exclude`` are skipped entirely (BuildKit's merge usage leaves out the inodes it
     hardlinked from other snapshots). The walk is iterative and descriptor-based: any depth.
+    A live tree whose directories move under the walk is measured again (three times at
+    most).
+
+    Raises:
+        FailedPreconditionError: The tree kept changing under the walk.
     """
+    for _ in range(3):
+        try:
+            return _disk_usage(root, exclude)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+    msg = f"cannot measure {root}: its directories keep moving while it is walked"
+    raise FailedPreconditionError(msg)
+
+
+def _disk_usage(root: Path, exclude: set[tuple[int, int]] | None) -> Usage:
     seen: set[tuple[int, int]] = set()
     size = 0
     inodes = 0
