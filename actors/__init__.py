@@ -5,8 +5,10 @@ Re-exports every error class of :mod:`storage`, so that callers catch one hierar
 
 from ..storage import (
     AlreadyExistsError,
+    CorruptedError,
     CorruptMetadataError,
     Descriptor,
+    DiffIDMismatchError,
     FailedPreconditionError,
     IncompatibleSchemaError,
     InvalidError,
@@ -14,6 +16,7 @@ from ..storage import (
     Mount,
     NeedsRemoteProviderError,
     NotFoundError,
+    PermissionDeniedError,
     RefcacheError,
     StoreFullError,
 )
@@ -67,7 +70,10 @@ __all__ = [
     "AlreadyExistsError",
     "FailedPreconditionError",
     "IncompatibleSchemaError",
+    "CorruptedError",
     "CorruptMetadataError",
+    "DiffIDMismatchError",
     "NeedsRemoteProviderError",
+    "PermissionDeniedError",
     "StoreFullError",
 ]

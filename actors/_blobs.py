@@ -62,6 +62,7 @@ from ..storage import (
     ContentInfo,
     CorruptMetadataError,
     Descriptor,
+    DiffIDMismatchError,
     FailedPreconditionError,
     InvalidError,
     MetaEnv,
@@ -106,6 +107,8 @@ __all__ = [
     "media_type_compression",
     "needs_conversion",
     "oci_desc",
+    "quarantine",
+    "refuse_poisoned",
     "snapshot_usage",
     "to_distributable",
     "to_non_distributable",
@@ -332,6 +335,7 @@ class BlobNode:
     media_type: str
     mutable: bool
     finalized: bool  #: no equal mutable (BuildKit: ``equalMutable == nil``)
+    poisoned: bool = False  #: its blob lied about its diffID (see :func:`quarantine`)
 
 
 def node_of(core: CacheCore, record_id: str) -> BlobNode:
@@ -589,12 +593,14 @@ def _write_blob_stream(
     compression: str,
     lease: BlobLease | None,
     what: str,
+    source: Descriptor | None = None,
 ) -> tuple[str, int, str]:
     """Streams ``produce``'s uncompressed bytes through ``compression`` into a new blob.
 
     Returns ``(digest, size, diffID)``. The blob carries the ``containerd.io/uncompressed``
     label; with ``lease`` it is committed in the transaction that leases it. On failure the
-    ingest is removed.
+    ingest is removed. With ``source`` (a conversion), the diffID must be the one ``source``
+    claims, or nothing is committed (:class:`DiffIDMismatchError`).
     """
     ref = f"refcache-{what}-{uuid.uuid4().hex}"
     writer = content.writer(ref)
@@ -606,6 +612,9 @@ def _write_blob_stream(
         produce(cast(BinaryIO, uncompressed))
         sink.close()
         digest, size, diff_id = compressed.digest, compressed.count, uncompressed.digest
+        claimed = source.annotations.get(ANNOTATION_UNCOMPRESSED) if source else None
+        if source is not None and claimed is not None and claimed != diff_id:
+            raise DiffIDMismatchError(source.digest, claimed, diff_id)
         labels = {ANNOTATION_UNCOMPRESSED: diff_id}
         if lease is None:
             try:
@@ -650,6 +659,8 @@ def convert_blob(
     :func:`needs_conversion` says so (converting to the same compression re-encodes).
 
     Raises:
+        DiffIDMismatchError: ``desc`` claims a diffID its content does not have; nothing is
+            committed.
         InvalidError: unknown compression.
         NotFoundError: ``desc`` is not in the content store.
     """
@@ -664,7 +675,9 @@ def convert_blob(
             finally:
                 stream.close()
 
-    digest, size, diff_id = _write_blob_stream(content, produce, compression, lease, "convert")
+    digest, size, diff_id = _write_blob_stream(
+        content, produce, compression, lease, "convert", source=desc
+    )
     return Descriptor(
         compression_media_type(compression, desc.media_type),
         digest,
@@ -680,6 +693,7 @@ def write_layer(
     compression: str,
     *,
     lease: BlobLease | None = None,
+    mount_root: Path | None = None,
 ) -> Descriptor:
     """The walking differ (containerd ``walking.Compare``) with a leased commit.
 
@@ -691,6 +705,7 @@ def write_layer(
         upper: Mounts of the changed tree (``None``: an empty tree).
         compression: Compression of the blob.
         lease: Where the blob is held from its commit on.
+        mount_root: Where temporary mount points go (``<cache root>/mounts``).
 
     Returns:
         The blob's descriptor with annotation ``containerd.io/uncompressed``.
@@ -699,9 +714,13 @@ def write_layer(
     with contextlib.ExitStack() as stack:
         lower_dir: Path | None = None
         if lower:
-            lower_dir = stack.enter_context(local_mount(list(lower), readonly=True))
+            lower_dir = stack.enter_context(
+                local_mount(list(lower), readonly=True, tmp_root=mount_root)
+            )
         if upper:
-            upper_dir = stack.enter_context(local_mount(list(upper), readonly=True))
+            upper_dir = stack.enter_context(
+                local_mount(list(upper), readonly=True, tmp_root=mount_root)
+            )
         else:
             upper_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
 
@@ -910,6 +929,7 @@ def _unlazy_diff_merge(
 def _unlazy_layer(
     core: CacheCore, node: BlobNode, handlers: Mapping[str, DescHandler], ensure_content: bool
 ) -> None:
+    refuse_poisoned(node)
     exists = snapshot_exists(core, node.snapshot_id)
     if not node.blob_only and exists:
         return
@@ -957,6 +977,12 @@ def apply_layer(core: CacheCore, node: BlobNode, desc: Descriptor, parent_sid: s
     The temporary active snapshot ``extract-<rand> <chainID>`` is held by a temporary lease
     from before it exists; on any failure it is removed (nothing half-applied stays), and a
     snapshot committed meanwhile by someone else is accepted (``AlreadyExists``).
+
+    The diffID the applier computed must be the record's (the descriptor's
+    ``containerd.io/uncompressed``) *before* the commit: the snapshot is named and shared by
+    the chain ID built from that diffID, so a blob that lies about it would become another
+    layer's content. A mismatch commits nothing, quarantines the record and its blob
+    (:func:`quarantine`) and raises :class:`DiffIDMismatchError` naming both digests.
     """
     sn = core.snapshotter
     token = uuid.uuid4().hex
@@ -970,7 +996,7 @@ def apply_layer(core: CacheCore, node: BlobNode, desc: Descriptor, parent_sid: s
     try:
         mounts = sn.prepare(key, parent_sid)
         try:
-            core.applier.apply(blob, mounts)
+            _check_applied(node, core.applier.apply(blob, mounts))
             try:
                 sn.commit(node.snapshot_id, key)
             except AlreadyExistsError:
@@ -979,9 +1005,49 @@ def apply_layer(core: CacheCore, node: BlobNode, desc: Descriptor, parent_sid: s
             with contextlib.suppress(RefcacheError):
                 sn.remove(key)
             raise
+    except DiffIDMismatchError as exc:
+        quarantine(core, node, exc)
+        raise
     finally:
         with contextlib.suppress(NotFoundError):
             core.leases.delete(lease_id)
+
+
+def refuse_poisoned(node: BlobNode) -> None:
+    """Raises ``InvalidError`` for a quarantined record (see :func:`quarantine`)."""
+    if node.poisoned:
+        msg = (
+            f"record {node.id} was quarantined: its blob {node.blob} does not have the "
+            f"diffID {node.diff_id} it claims"
+        )
+        raise InvalidError(msg)
+
+
+def _check_applied(node: BlobNode, applied: Descriptor) -> None:
+    # Checked here too: an embedder's applier may not check the annotation.
+    if node.diff_id and applied.digest != node.diff_id:
+        raise DiffIDMismatchError(node.blob, node.diff_id, applied.digest)
+
+
+def quarantine(core: CacheCore, node: BlobNode, exc: DiffIDMismatchError) -> None:
+    """A record's blob lied about its diffID: make sure it is never used again.
+
+    The record is marked poisoned and loses its chain IDs (so ``get_by_blob`` never finds
+    it, nothing is built or extracted on it, and it is never exported); the blob leaves the
+    content store unless another record claims the diffID the blob really has (for that
+    record it is honest). A record whose blob is gone is cleared at the next open.
+    """
+    logger.warning(
+        "record %s quarantined: blob %s claims diffID %s, its content has %s",
+        node.id,
+        exc.blob,
+        exc.expected,
+        exc.actual,
+    )
+    delete = core.ask_manager(("poisoned", node.id, exc.actual))
+    if delete:
+        with contextlib.suppress(NotFoundError):
+            core.content.delete(exc.blob)
 
 
 # -- sizes ----------------------------------------------------------------------------------

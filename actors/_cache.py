@@ -1,6 +1,8 @@
 """``open_cache``: the one wiring function (ordered start, reverse stop in ``finally``).
 
-Open order: lock file -> metadata environment -> snapshotter -> content store -> leases
+Open order: lock file -> private permissions (the root and its trees made ``0700`` again if
+they were wider, with a warning) -> stale mounts under ``<root>/mounts`` unmounted ->
+metadata environment (checked before it is mapped) -> snapshotter -> content store -> leases
 (temporary leases from an earlier run deleted) -> load the record table -> record actor pool
 -> manager actor -> ping. :meth:`Cache.close` stops them in reverse and stops only this
 cache's actors.
@@ -23,8 +25,12 @@ from typing import Any, Self, cast
 import pykka
 
 from ..storage import LockedError, MetadataStore, MetaEnv, RefcacheError
+from ..storage._applier import check_cap
+from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
 from ..storage._content import LocalContentStore
+from ..storage._layout import PRIVATE_FILE_MODE, access_error, make_private_dir, secure_root
 from ..storage._leases import LmdbLeaseManager
+from ..storage._mount import MOUNTS_DIR, clean_mount_dir
 from ..storage._overlay import make_snapshotter
 from ..storage._snapshotter import Snapshotter
 from ._core import CacheCore, get_result
@@ -137,6 +143,8 @@ def open_cache(
     map_size: int = 1 << 30,
     metrics_port: int | None = None,
     metrics_addr: str = "127.0.0.1",
+    max_layer_size: int = MAX_LAYER_SIZE,
+    max_layer_entries: int = MAX_LAYER_ENTRIES,
     **options: Any,
 ) -> Cache:
     """Opens (creating if needed) the embedded cache under ``root``.
@@ -158,18 +166,32 @@ def open_cache(
         metrics_port: Serve Prometheus ``/metrics`` for this cache on this port (0: any
             free port; see ``cache.metrics_server.port``); stopped by :meth:`Cache.close`.
         metrics_addr: Address for ``metrics_port`` (loopback by default).
+        max_layer_size: Cap on the uncompressed size of one layer when it is applied
+            (default 64 GiB); a larger layer fails with ``InvalidError`` naming its blob.
+        max_layer_entries: Cap on the number of tar entries of one layer (default 10
+            million), likewise.
         **options: Reserved for future options; unknown ones are rejected.
 
     Raises:
         LockedError: another process has the cache open for writing.
+        PermissionDeniedError: the root is on a read-only file system, or this process may
+            not write it (``EROFS``/``EACCES``); the message names the root.
+        CorruptedError: the metadata environment is damaged (checked before it is mapped).
         InvalidError / RefcacheError: bad arguments or unreadable stores.
     """
     if options:
         msg = f"unknown open_cache options: {', '.join(sorted(options))}"
         raise RefcacheError(msg)
+    check_cap("max_layer_size", max_layer_size)
+    check_cap("max_layer_entries", max_layer_entries)
     root_path = Path(root)
-    root_path.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(root_path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        make_private_dir(root_path, parents=True)
+        lock_fd = os.open(
+            root_path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
+        )
+    except OSError as exc:
+        raise access_error("cannot open cache", root_path, exc) from exc
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -178,6 +200,10 @@ def open_cache(
         raise LockedError(msg) from exc
     stack = contextlib.ExitStack()
     try:
+        # Nobody else has the cache open now: its modes and its mount dir are ours to fix.
+        secure_root(root_path)
+        for line in clean_mount_dir(root_path / MOUNTS_DIR):
+            logger.warning("cache %s: %s (left by a process that died)", root_path, line)
         env = MetaEnv(root_path / "meta", map_size=map_size)
         stack.callback(env.close)
         if callable(snapshotter):
@@ -206,6 +232,8 @@ def open_cache(
             pool=actor_pool,
             io_workers=io_workers,
             timeout=timeout,
+            max_layer_size=max_layer_size,
+            max_layer_entries=max_layer_entries,
         )
         core.ref_checker = ref_checker
         stack.callback(core.writer.close)

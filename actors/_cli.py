@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import pykka
 
-from ..storage import LockedError, RefcacheError, check, repair
+from ..storage import CorruptedError, LockedError, RefcacheError, check, repair
 from ._cache import open_cache
 from ._offline import (
     RecordDetails,
@@ -478,11 +478,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
         except LockedError as exc:
             msg = f"cannot repair {root}: the cache is open in another process; stop it first"
             raise UsageError(msg) from exc
+        except CorruptedError as exc:
+            # A damaged metadata environment is a finding, not a usage error: one line.
+            print(f"metadata: {exc}")
+            print("1 problem(s) found; the metadata cannot be repaired here", file=sys.stderr)
+            return EXIT_PROBLEMS
         for line in fixed:
             print(f"fixed: {line}")
     problems = check(root)
-    with read_only_env(root) as env:
-        pending = offline_table(env).deleted
+    pending: list[str] = []
+    if not any(line.startswith("metadata: ") for line in problems):
+        with read_only_env(root) as env:
+            pending = offline_table(env).deleted
     for line in problems:
         print(line)
     if pending:

@@ -22,6 +22,8 @@ import pykka
 
 from ..storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
 from ..storage._applier import Applier, TarApplier
+from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
+from ..storage._mount import MOUNTS_DIR
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
 
@@ -134,6 +136,8 @@ class CacheCore:
         pool: Record actor pool (owned by the cache).
         io_workers: Threads of the I/O executor.
         timeout: Default timeout of every wait on an actor or a job.
+        max_layer_size: Cap on a layer's uncompressed size when it is applied.
+        max_layer_entries: Cap on a layer's number of tar entries when it is applied.
     """
 
     def __init__(
@@ -147,8 +151,12 @@ class CacheCore:
         pool: ActorPool,
         io_workers: int = 4,
         timeout: float = 300.0,
+        max_layer_size: int = MAX_LAYER_SIZE,
+        max_layer_entries: int = MAX_LAYER_ENTRIES,
     ) -> None:
         self.root = root
+        #: Where temporary mount points go (found and removed at open after a crash).
+        self.mount_root = root / MOUNTS_DIR
         self.env = env
         self.store = MetadataStore(env)
         self.snapshotter = snapshotter
@@ -156,7 +164,12 @@ class CacheCore:
         self.leases = leases
         #: Unpacks layer blobs into snapshots (extraction of lazy records). Replaceable, e.g.
         #: by a counting subclass in tests or a baseline in benchmarks.
-        self.applier: Applier = TarApplier(content)
+        self.applier: Applier = TarApplier(
+            content,
+            mount_root=self.mount_root,
+            max_size=max_layer_size,
+            max_entries=max_layer_entries,
+        )
         self.pool = pool
         self.timeout = timeout
         self.writer = MetadataWriter(self.store)

@@ -70,6 +70,7 @@ class RecordEntry:
         "media_type",
         "mutable",
         "parents",
+        "poisoned",
         "record_type",
         "retain",
         "size",
@@ -100,6 +101,9 @@ class RecordEntry:
         self.chain_id = ""
         self.blob_chain_id = ""
         self.media_type = ""
+        #: Its blob was found to lie about its diffID: never found, extracted or exported
+        #: again (in memory only: the blob is gone, so the next open clears the record).
+        self.poisoned = False
         self.actor: pykka.ActorRef[Any] | None = None
         self.acquires = 0  # manager acquires sent to the current actor (stale idle tells)
         self.finalizing: ThreadingFuture[Any] | None = None

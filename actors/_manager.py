@@ -653,14 +653,18 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             bcid = chain_id(p.blob_chain_id, bcid)
         for item in self.core.store.search(INDEX_BLOB_CHAIN + bcid):
             e = self.entries.get(item.id)
-            if e is None or e.dead or e.mutable or self._lazy_digests(e, request.handlers):
+            if e is None or e.dead or e.mutable or e.poisoned:
+                continue
+            if self._lazy_digests(e, request.handlers):
                 continue  # BuildKit skips not-found and needs-provider matches
             rid, hid, actor = self._acquire(e, True)
             return ImmutableRef(self.core, rid, hid, actor, request.handlers)
         snapshot_id = cid
         for item in self.core.store.search(INDEX_CHAIN + cid):
             e = self.entries.get(item.id)
-            if e is None or e.dead or e.mutable or self._lazy_digests(e, request.handlers):
+            if e is None or e.dead or e.mutable or e.poisoned:
+                continue
+            if self._lazy_digests(e, request.handlers):
                 continue
             snapshot_id = e.snapshot_id  # re-use the linked record's snapshot
             break
@@ -1276,6 +1280,31 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             media_type=e.media_type,
             mutable=e.mutable,
             finalized=e.equal_mutable is None,
+            poisoned=e.poisoned,
+        )
+
+    def _op_poisoned(self, record_id: str, actual_diff_id: str) -> bool:
+        """The record's blob does not have the diffID the record claims (found by an apply
+        or a conversion): the record may never be found by chain ID, lend or take a
+        snapshot, or be exported again. Its chain IDs and their index entries go.
+
+        Returns whether the blob should leave the content store too: yes, unless another
+        live record claims the diffID the blob really has (for that record it is honest).
+        """
+        e = self.entries.get(record_id)
+        if e is None:
+            return True
+        e.poisoned = True
+        if e.chain_id or e.blob_chain_id:
+            item = self.core.store.get(record_id)
+            # None deletes the value and its chainid:/blobchainid: index entry.
+            item.queue_many({KEY_CHAIN_ID: None, KEY_BLOB_CHAIN_ID: None})
+            item.commit()
+            e.chain_id = e.blob_chain_id = ""
+        return not any(
+            o.blob == e.blob and o.diff_id == actual_diff_id and not o.poisoned and not o.dead
+            for o in self.entries.values()
+            if o is not e
         )
 
     def _op_size_inputs(self, record_id: str) -> tuple[str, bool]:
@@ -1335,6 +1364,12 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
     def _op_chain_metadata(self, record_id: str, layers: frozenset[str]) -> None:
         """BuildKit ``computeChainMetadata`` for one record (parents computed before)."""
         e = self._entry(record_id)
+        if e.poisoned:
+            msg = (
+                f"record {record_id} was quarantined: its blob {e.blob} does not have the "
+                f"diffID {e.diff_id} it claims"
+            )
+            raise InvalidError(msg)
         if e.chain_id:
             return
         cid = bcid = ""

@@ -72,15 +72,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Mountable:
-    """The mounts of a ref, containerd style, and a way to get a local directory for them."""
+    """The mounts of a ref, containerd style, and a way to get a local directory for them.
+
+    Attributes:
+        readonly: Whether the mounts are read-only.
+        mounts: The mount descriptions.
+        mount_root: Where :meth:`local` makes its mount point: ``<cache root>/mounts``
+            for a ref's mounts (a mount left by a killed process is removed at the next
+            open); the system temp dir when ``None``.
+    """
 
     readonly: bool
     mounts: tuple[Mount, ...]
+    mount_root: Path | None = None
 
     @contextmanager
     def local(self) -> Iterator[Path]:
         """Yields a local directory: a bind source directly, an overlay really mounted."""
-        with local_mount(list(self.mounts)) as path:
+        with local_mount(list(self.mounts), tmp_root=self.mount_root) as path:
             yield Path(path)
 
 
@@ -393,7 +402,7 @@ class ImmutableRef(_Ref):
                 finalize_record(self._core, self._id)
             extract_record(self._core, self._id, self._desc_handlers)
             mounts = self._mounts("mount")
-        return Mountable(True, tuple(readonly_mounts(list(mounts))))
+        return Mountable(True, tuple(readonly_mounts(list(mounts))), self._core.mount_root)
 
     def extract(self, desc_handlers: Mapping[str, DescHandler] | None = None) -> None:
         """Materialises the snapshot of a lazy (blob-only), merge or diff record.
@@ -524,7 +533,7 @@ class MutableRef(_Ref):
             mounts = list(self._mounts("mount"))
         if readonly:
             mounts = readonly_mounts(mounts)
-        return Mountable(readonly, tuple(mounts))
+        return Mountable(readonly, tuple(mounts), self._core.mount_root)
 
 
 class RefList(list[ImmutableRef]):

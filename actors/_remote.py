@@ -29,6 +29,7 @@ from ..storage import (
     KEY_EQUAL_MUTABLE,
     AlreadyExistsError,
     Descriptor,
+    DiffIDMismatchError,
     InvalidError,
     Mount,
     NotFoundError,
@@ -50,6 +51,8 @@ from ._blobs import (
     needs_conversion,
     node_of,
     oci_desc,
+    quarantine,
+    refuse_poisoned,
     tar_names,
     unlazy,
     walk_blob,
@@ -285,7 +288,9 @@ def _ensure_record_blob(
             if upper_id:
                 upper = stack.enter_context(_snapshot_mounts(core, upper_id, handlers))
             lease = BlobLease(core.env, core.leases, node.id)
-            desc = write_layer(core.content, lower, upper, compression, lease=lease)
+            desc = write_layer(
+                core.content, lower, upper, compression, lease=lease, mount_root=core.mount_root
+            )
         set_blob(core, node.id, desc)
 
     core.flights.do(f"{node.id}-blob-{create}", compute, timeout=core.timeout)
@@ -307,6 +312,7 @@ def ensure_compression(
 
     def ensure() -> None:
         node = node_of(core, record_id)
+        refuse_poisoned(node)
         desc = oci_desc(core, node, handlers, prefer_non_dist=True)
         if not needs_conversion(desc, compression):
             if is_lazy(core, node):
@@ -318,7 +324,12 @@ def ensure_compression(
             return
         ensure_blob(core, node, desc, handlers.get(desc.digest))
         lease = BlobLease(core.env, core.leases, node.id + "-variants", create=True)
-        new = convert_blob(core.content, desc, compression, lease=lease)
+        try:
+            new = convert_blob(core.content, desc, compression, lease=lease)
+        except DiffIDMismatchError as exc:
+            # The conversion found what an apply would: the blob lies about its diffID.
+            quarantine(core, node, exc)
+            raise
         link_blob(core, node.id, node.blob, new)
 
     core.flights.do(f"ensure-{record_id}-{compression}", ensure, timeout=core.timeout)

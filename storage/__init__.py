@@ -24,13 +24,16 @@ from ._env import (
 )
 from ._errors import (
     AlreadyExistsError,
+    CorruptedError,
     CorruptMetadataError,
+    DiffIDMismatchError,
     FailedPreconditionError,
     IncompatibleSchemaError,
     InvalidError,
     LockedError,
     NeedsRemoteProviderError,
     NotFoundError,
+    PermissionDeniedError,
     RefcacheError,
     StoreFullError,
 )
@@ -99,8 +102,11 @@ __all__ = [
     "AlreadyExistsError",
     "FailedPreconditionError",
     "IncompatibleSchemaError",
+    "CorruptedError",
     "CorruptMetadataError",
+    "DiffIDMismatchError",
     "NeedsRemoteProviderError",
+    "PermissionDeniedError",
     "StoreFullError",
     # environment
     "MetaEnv",

@@ -13,20 +13,36 @@ an upperdir, is refused: applying writes.
 A blob whose bytes do not match its descriptor raises ``FailedPreconditionError`` naming
 the digest. The check completes when the blob has been read to its end, so the snapshot may
 already hold a partial layer then; the caller discards it (as it does for any failed apply).
+
+The diffID is checked too: when the descriptor carries ``containerd.io/uncompressed`` (the
+diffID snapshots are shared by, through chain IDs), the digest of the uncompressed stream
+must equal it, or :class:`~storage._errors.DiffIDMismatchError` (an ``InvalidError``) names
+both digests. A blob that lies about its diffID would otherwise be committed under another
+layer's chain ID and served as that layer's content.
+
+Caps: a layer stops with ``InvalidError`` (naming the blob) past ``max_size`` uncompressed
+bytes (default 64 GiB) or ``max_entries`` tar entries (default 10 million).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from ._archive import apply_tar, decompressed_stream
+from ._archive import (
+    MAX_LAYER_ENTRIES,
+    MAX_LAYER_SIZE,
+    LayerLimitError,
+    apply_tar,
+    decompressed_stream,
+)
 from ._content import ContentStore
-from ._errors import FailedPreconditionError, InvalidError, RefcacheError
+from ._errors import DiffIDMismatchError, FailedPreconditionError, InvalidError, RefcacheError
 from ._mount import is_overlay_mount, local_mount
-from ._types import MEDIA_TYPE_OCI_LAYER, Descriptor, Mount
+from ._types import ANNOTATION_UNCOMPRESSED, MEDIA_TYPE_OCI_LAYER, Descriptor, Mount
 
 __all__ = ["Applier", "TarApplier"]
 
@@ -129,10 +145,27 @@ class TarApplier:
 
     Args:
         content: Where blobs are read from (``reader_at``).
+        mount_root: Where temporary mount points go (a cache passes ``<root>/mounts``);
+            the system temp dir when ``None``.
+        max_size: Cap on a layer's uncompressed size in bytes.
+        max_entries: Cap on a layer's number of tar entries.
+
+    Raises:
+        InvalidError: A cap that is not a positive integer.
     """
 
-    def __init__(self, content: ContentStore) -> None:
+    def __init__(
+        self,
+        content: ContentStore,
+        *,
+        mount_root: str | os.PathLike[str] | None = None,
+        max_size: int = MAX_LAYER_SIZE,
+        max_entries: int = MAX_LAYER_ENTRIES,
+    ) -> None:
         self._content = content
+        self._mount_root = mount_root
+        self.max_size = check_cap("max_layer_size", max_size)
+        self.max_entries = check_cap("max_layer_entries", max_entries)
 
     def apply(self, desc: Descriptor, mounts: Sequence[Mount]) -> Descriptor:
         """Unpacks the blob ``desc`` onto ``mounts`` (containerd ``Applier.Apply``).
@@ -145,7 +178,10 @@ class TarApplier:
             ``Descriptor(MEDIA_TYPE_OCI_LAYER, diffID, uncompressed size)``.
 
         Raises:
-            InvalidError: Bad arguments, or a malformed/hostile archive (the entry is named).
+            DiffIDMismatchError: ``desc`` claims a diffID (``containerd.io/uncompressed``)
+                that its content does not have (an ``InvalidError`` naming both digests).
+            InvalidError: Bad arguments, a malformed/hostile archive (the entry is named), or
+                a layer past the size or entry cap (the blob is named).
             NotFoundError: The blob is not in the content store.
             FailedPreconditionError: The blob does not match ``desc`` (digest or size), or
                 the mounts are read-only or cannot be written.
@@ -179,15 +215,25 @@ class TarApplier:
                             overlay=True,
                             parents=[Path(d) for d in lowers],
                             userxattr=userxattr,
+                            max_size=self.max_size,
+                            max_entries=self.max_entries,
                         )
                     else:
-                        with local_mount(items) as root:
-                            result = apply_tar(stream, root)
+                        with local_mount(items, tmp_root=self._mount_root) as root:
+                            result = apply_tar(
+                                stream,
+                                root,
+                                max_size=self.max_size,
+                                max_entries=self.max_entries,
+                            )
                 finally:
                     stream.close()
                 problem = verifier.finish()
             except FailedPreconditionError:
                 raise
+            except LayerLimitError as exc:
+                msg = f"cannot apply blob {desc.digest}: {exc}"
+                raise InvalidError(msg) from exc
             except RefcacheError as exc:
                 # A corrupt blob usually fails to decompress before its digest can be
                 # checked: report the digest mismatch, which is the real cause.
@@ -199,7 +245,18 @@ class TarApplier:
                 raise FailedPreconditionError(problem)
         finally:
             source.close()
+        claimed = desc.annotations.get(ANNOTATION_UNCOMPRESSED)
+        if claimed is not None and claimed != result.diff_id:
+            raise DiffIDMismatchError(desc.digest, claimed, result.diff_id)
         return Descriptor(MEDIA_TYPE_OCI_LAYER, result.diff_id, result.size)
+
+
+def check_cap(name: str, value: object) -> int:
+    """Returns ``value`` if it is a positive integer cap, else raises ``InvalidError``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        msg = f"{name} must be a positive integer, got {value!r}"
+        raise InvalidError(msg)
+    return value
 
 
 def _check_mounts(mounts: Sequence[Mount]) -> list[Mount]:

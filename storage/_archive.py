@@ -64,6 +64,7 @@ Diffing (:func:`write_diff`) is continuity's double walk (``fs.Changes``) plus c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -71,7 +72,6 @@ import io
 import logging
 import os
 import re
-import shutil
 import stat
 import tarfile
 import zlib
@@ -88,10 +88,23 @@ from ._errors import (
     RefcacheError,
     StoreFullError,
 )
+from ._tree import (
+    DirCursor,
+    PathNode,
+    display_path,
+    list_entries,
+    node_parts,
+    post_order,
+    proc_path,
+    remove_tree,
+)
 
 __all__ = [
     "COMPRESSIONS",
     "MAX_ENTRY_SIZE",
+    "MAX_LAYER_ENTRIES",
+    "MAX_LAYER_SIZE",
+    "LayerLimitError",
     "ApplyResult",
     "Compression",
     "apply_tar",
@@ -110,6 +123,10 @@ COMPRESSIONS: Final[tuple[str, ...]] = ("uncompressed", "gzip", "zstd")
 
 #: Default cap on one entry's size (1 TiB): larger headers are hostile or corrupt.
 MAX_ENTRY_SIZE: Final = 1 << 40
+#: Default cap on a layer's uncompressed size (64 GiB): a decompression bomb stops here.
+MAX_LAYER_SIZE: Final = 64 << 30
+#: Default cap on a layer's number of tar entries (10 million).
+MAX_LAYER_ENTRIES: Final = 10_000_000
 
 WHITEOUT_PREFIX: Final = ".wh."
 WHITEOUT_META_PREFIX: Final = ".wh..wh."
@@ -123,6 +140,8 @@ _CHUNK: Final = 1 << 20
 _TAR_BUFSIZE: Final = 64 << 10
 _WINDOW: Final = 4 * _TAR_BUFSIZE
 _MAX_SYMLINKS: Final = 255  # filepath-securejoin's limit
+# Parent directories kept open between entries (a bounded cache, whatever the depth).
+_FD_CACHE: Final = 64
 _MAX_ID: Final = (1 << 32) - 2
 _NS: Final = 1_000_000_000
 _INT64_MAX: Final = (1 << 63) - 1
@@ -299,6 +318,10 @@ def compressed_writer(
 # Applying
 
 
+class LayerLimitError(InvalidError):
+    """A layer exceeds the uncompressed-size or entry cap of the applier."""
+
+
 class _HashingReader:
     """Hashes and counts every byte read; remembers a window of recent bytes.
 
@@ -307,8 +330,9 @@ class _HashingReader:
     archive, where Go's ``archive/tar`` (containerd) reports an error.
     """
 
-    def __init__(self, source: _Readable) -> None:
+    def __init__(self, source: _Readable, limit: int = MAX_LAYER_SIZE) -> None:
         self._source = source
+        self._limit = limit
         self._hash = hashlib.sha256()
         self.count = 0
         self._window = bytearray()
@@ -325,6 +349,12 @@ class _HashingReader:
         if data:
             self._hash.update(data)
             self.count += len(data)
+            if self.count > self._limit:
+                msg = (
+                    f"layer is larger than the cap of {self._limit} uncompressed bytes "
+                    "(a decompression bomb, or raise max_layer_size)"
+                )
+                raise LayerLimitError(msg)
             self._window += data
             if len(self._window) > 2 * _WINDOW:
                 drop = len(self._window) - _WINDOW
@@ -350,6 +380,11 @@ def _clean(name: str, *, what: str, entry: str) -> list[str]:
     if "\x00" in name:
         msg = f"layer entry {entry!r}: {what} contains a NUL byte"
         raise InvalidError(msg)
+    if name and name[0] != "/" and "//" not in name:
+        padded = f"/{name.rstrip('/')}/"
+        if "/./" not in padded and "/../" not in padded:
+            # Already clean, the usual case: substring searches in C, whatever the depth.
+            return padded[1:-1].split("/")
     parts: list[str] = []
     for comp in name.split("/"):
         if comp in ("", "."):
@@ -387,7 +422,7 @@ def _clamp_ns(ns: int) -> int:
 
 def _os_error(entry: str, exc: OSError) -> RefcacheError:
     """Wraps an OSError met while applying ``entry`` in the matching refcache error."""
-    msg = f"applying layer entry {entry!r}: {exc.strerror or exc}"
+    msg = f"applying layer entry {_short(entry)!r}: {exc.strerror or exc}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFullError(msg)
     if exc.errno in (
@@ -405,16 +440,18 @@ def _os_error(entry: str, exc: OSError) -> RefcacheError:
     return FailedPreconditionError(msg)
 
 
+def _short(name: str) -> str:
+    """An entry name for a message: very long (deep) names keep their two ends."""
+    if len(name) <= 300:
+        return name
+    return f"{name[:120]}...({name.count('/') + 1} components)...{name[-120:]}"
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _proc_path(dir_fd: int, name: str) -> str:
-    # Path-based l*xattr on a name relative to a directory fd (no *xattrat in Python 3.11).
-    return f"/proc/self/fd/{dir_fd}/{name}"
 
 
 @dataclass(slots=True)
@@ -424,8 +461,31 @@ class _DirMeta:
     mtime: int
 
 
+class _TrieNode(PathNode):
+    """A real directory position in the target, with what this layer did there.
+
+    ``unpacked``: the layer unpacked this directory itself; ``below``: it unpacked something
+    below it; ``files``: names of non-directories it unpacked here; ``meta``: the mode and
+    times to set once the stream is done.
+    """
+
+    __slots__ = ("below", "files", "meta", "unpacked")
+
+    def __init__(self, parent: PathNode | None = None, name: str = "") -> None:
+        super().__init__(parent, name)
+        self.unpacked = False
+        self.below = False
+        self.files: set[str] | None = None
+        self.meta: _DirMeta | None = None
+
+
 class _Unpacker:
-    """One application of a layer into a target; owns the directory descriptors it opens."""
+    """One application of a layer into a target; owns the directory descriptors it opens.
+
+    Positions are :class:`_TrieNode` chains (one per real directory touched), descriptors
+    are opened one component at a time and never one per level, so layers of any depth
+    apply with a bounded number of descriptors and memory linear in the number of entries.
+    """
 
     def __init__(
         self,
@@ -445,13 +505,12 @@ class _Unpacker:
         self.allow_devices = allow_devices
         self.opaque_xattr = opaque_xattr
         self.max_entry_size = max_entry_size
-        # requested parent path -> (open descriptor, real path from the root)
-        self._cache: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
+        self.top = _TrieNode()
+        # requested parent path -> (open descriptor, real directory node)
+        self._cache: dict[tuple[str, ...], tuple[int, _TrieNode]] = {}
         self._retired: list[int] = []
-        # Real paths unpacked by this layer, and their ancestors (the opaque rule).
-        self._unpacked: set[tuple[str, ...]] = set()
-        self._ancestors: set[tuple[str, ...]] = set()
-        self._dirs: dict[tuple[str, ...], _DirMeta] = {}
+        # One cursor per lower dir (overlay parents), opened when a parent is first made.
+        self._lowers: dict[int, DirCursor | None] = {}
 
     # -- descriptors -------------------------------------------------------------------------
 
@@ -472,15 +531,19 @@ class _Unpacker:
     def close(self) -> None:
         self.retire()
         self.end_entry()
+        for cursor in self._lowers.values():
+            if cursor is not None:
+                cursor.close()
+        self._lowers.clear()
 
     def resolve_dir(
         self, parts: Sequence[str], *, create: bool, entry: str
-    ) -> tuple[int, tuple[str, ...]]:
+    ) -> tuple[int, _TrieNode]:
         """Resolves a directory inside the root (securejoin semantics).
 
         Returns:
-            A borrowed descriptor of the directory and its real path (components from the
-            root). Valid until the end of the current entry.
+            A borrowed descriptor of the directory and its real position. The descriptor is
+            valid until the end of the current entry.
 
         Raises:
             FileNotFoundError: A component is missing and ``create`` is false.
@@ -489,22 +552,39 @@ class _Unpacker:
         """
         key = tuple(parts)
         if not key:
-            return self.root_fd, ()
+            return self.root_fd, self.top
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        result = self._walk(key, create=create, entry=entry)
-        if len(self._cache) >= 256:
+        # The entries of a layer usually come parent first: resume from the parent's walk.
+        start = self._cache.get(key[:-1]) if len(key) > 1 else None
+        if start is not None:
+            fd, node, owned = self._walk(key[-1:], start[0], start[1], create=create, entry=entry)
+        else:
+            fd, node, owned = self._walk(key, self.root_fd, self.top, create=create, entry=entry)
+        if not owned:
+            return fd, node  # the root, or a cached descriptor
+        if len(self._cache) >= _FD_CACHE:
             self.retire()
-        if result[1]:
-            self._cache[key] = result
-        return result
+        self._cache[key] = (fd, node)
+        return fd, node
 
     def _walk(
-        self, parts: tuple[str, ...], *, create: bool, entry: str
-    ) -> tuple[int, tuple[str, ...]]:
-        fds: list[int] = []
-        names: list[str] = []
+        self, parts: Sequence[str], start_fd: int, start: _TrieNode, *, create: bool, entry: str
+    ) -> tuple[int, _TrieNode, bool]:
+        """Walks ``parts`` from ``start``; returns (descriptor, real node, owned?).
+
+        Holds one descriptor at a time: ``..`` re-opens the parent (clamped at the root,
+        lexically on the *resolved* path, as securejoin does).
+        """
+        cur, owned, node = start_fd, False, start
+
+        def move(fd: int, to: _TrieNode) -> None:
+            nonlocal cur, owned, node
+            if owned:
+                os.close(cur)
+            cur, owned, node = fd, fd != self.root_fd, to
+
         pending = list(reversed(parts))
         links = 0
         done = False
@@ -514,18 +594,20 @@ class _Unpacker:
                 if comp in ("", "."):
                     continue
                 if comp == "..":
-                    # Lexical on the *resolved* path, clamped at the root (securejoin).
-                    if names:
-                        names.pop()
-                        os.close(fds.pop())
+                    parent = node.parent
+                    if parent is not None:
+                        assert isinstance(parent, _TrieNode)
+                        if parent.parent is None:
+                            move(self.root_fd, parent)
+                        else:
+                            move(os.open("..", _DIR_FLAGS, dir_fd=cur), parent)
                     continue
-                cur = fds[-1] if fds else self.root_fd
                 try:
                     st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
                 except FileNotFoundError:
                     if not create:
                         raise
-                    self._mkparent(cur, (*names, comp), comp)
+                    self._mkparent(cur, node, comp)
                     st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     links += 1
@@ -534,32 +616,40 @@ class _Unpacker:
                     target = os.readlink(comp, dir_fd=cur)
                     if target.startswith("/"):
                         # An absolute link is relative to the target root (chroot semantics).
-                        for fd in fds:
-                            os.close(fd)
-                        fds.clear()
-                        names.clear()
+                        move(self.root_fd, self.top)
                     pending.extend(reversed(target.split("/")))
                     continue
                 if not stat.S_ISDIR(st.st_mode):
-                    path = "/".join((*names, comp))
+                    path = display_path("", [*node_parts(node), comp])
                     raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
-                fds.append(os.open(comp, _DIR_FLAGS, dir_fd=cur))
-                names.append(comp)
+                child = node.child(comp)
+                assert isinstance(child, _TrieNode)
+                move(os.open(comp, _DIR_FLAGS, dir_fd=cur), child)
             done = True
         finally:
-            # On success keep only the last descriptor (returned); on failure none.
-            for fd in fds[:-1] if done else fds:
-                os.close(fd)
-        return (fds[-1] if fds else self.root_fd), tuple(names)
+            if not done and owned:
+                os.close(cur)
+        return cur, node, owned
 
-    def _mkparent(self, dir_fd: int, real: tuple[str, ...], name: str) -> None:
+    def _lower_cursor(self, index: int) -> DirCursor | None:
+        if index not in self._lowers:
+            try:
+                self._lowers[index] = DirCursor.open(self.parents[index], self.top)
+            except OSError:
+                self._lowers[index] = None
+        return self._lowers[index]
+
+    def _mkparent(self, dir_fd: int, parent: _TrieNode, name: str) -> None:
         # containerd mkparent: missing parents are 0755; with overlay "parents" the metadata
         # (and xattrs) come from the first lower dir that has the directory.
         os.mkdir(name, 0o755, dir_fd=dir_fd)
-        for lower in self.parents:
-            src = lower.joinpath(*real)
+        for index in range(len(self.parents)):
+            cursor = self._lower_cursor(index)
+            if cursor is None:
+                continue
             try:
-                st = os.lstat(src)
+                cursor.goto(parent)
+                st = os.stat(name, dir_fd=cursor.fd, follow_symlinks=False)
             except OSError:
                 continue
             if not stat.S_ISDIR(st.st_mode):
@@ -568,8 +658,11 @@ class _Unpacker:
             try:
                 if self.same_owner:
                     os.fchown(fd, st.st_uid, st.st_gid)
-                for key, value in _read_xattrs(str(src), skip_overlay=True).items():
-                    self._setxattr(fd, key, value, entry="/".join(real))
+                xattrs = _read_xattrs(proc_path(cursor.fd, name), skip_overlay=True)
+                if xattrs:
+                    where = display_path("", [*node_parts(parent), name])
+                    for key, value in xattrs.items():
+                        self._setxattr(fd, key, value, entry=where)
                 os.fchmod(fd, stat.S_IMODE(st.st_mode))
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
@@ -592,8 +685,7 @@ class _Unpacker:
 
     def _remove(self, dir_fd: int, name: str, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):
-            # shutil.rmtree with dir_fd is the fd-based, symlink-safe variant.
-            shutil.rmtree(name, dir_fd=dir_fd)
+            remove_tree(name, dir_fd=dir_fd)  # iterative, descriptor-based, never follows
         else:
             os.unlink(name, dir_fd=dir_fd)
         self.retire()
@@ -605,10 +697,21 @@ class _Unpacker:
             return
         self._remove(dir_fd, name, st)
 
-    def _mark(self, real: tuple[str, ...]) -> None:
-        self._unpacked.add(real)
-        for i in range(1, len(real)):
-            self._ancestors.add(real[:i])
+    @staticmethod
+    def _mark(parent: _TrieNode, name: str, is_dir: bool) -> None:
+        if is_dir:
+            node = parent.child(name)
+            assert isinstance(node, _TrieNode)
+            node.unpacked = True
+        else:
+            if parent.files is None:
+                parent.files = set()
+            parent.files.add(name)
+        # Ancestors are marked bottom up until one already is (each is marked once).
+        up: PathNode | None = parent
+        while isinstance(up, _TrieNode) and not up.below:
+            up.below = True
+            up = up.parent
 
     def apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         name = member.name
@@ -639,7 +742,6 @@ class _Unpacker:
             raise InvalidError(msg)
 
         pfd, real_parent = self.resolve_dir(parent, create=True, entry=name)
-        real = (*real_parent, base)
         existing = _stat_or_none(pfd, base)
         link_src = self._link_source(member) if member.islnk() else None
         if (
@@ -648,7 +750,7 @@ class _Unpacker:
             and os.path.samestat(link_src[2], existing)
         ):
             # Already this inode (a link to itself): removing it first would lose the target.
-            self._mark(real)
+            self._mark(real_parent, base, is_dir=False)
             return
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
             self._remove(pfd, base, existing)
@@ -695,8 +797,9 @@ class _Unpacker:
             finally:
                 os.close(fd)
             # Directory modes and times go last (containerd sets dir times after the stream).
-            self._dirs.pop(real, None)
-            self._dirs[real] = _DirMeta(mode, atime, mtime)
+            node = real_parent.child(base)
+            assert isinstance(node, _TrieNode)
+            node.meta = _DirMeta(mode, atime, mtime)
         elif member.issym():
             if "\x00" in member.linkname:
                 msg = f"layer entry {name!r}: symlink target contains a NUL byte"
@@ -723,7 +826,7 @@ class _Unpacker:
                 logger.warning("layer entry %r skipped: cannot create device: %s", name, exc)
                 return
             self._finish_path(pfd, base, member, xattrs=xattrs, mode=mode, atime=atime, mtime=mtime)
-        self._mark(real)
+        self._mark(real_parent, base, is_dir=member.isdir())
 
     def _link_source(self, member: tarfile.TarInfo) -> tuple[int, str, os.stat_result]:
         name = member.name
@@ -757,7 +860,7 @@ class _Unpacker:
         if self.same_owner:
             os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
         for key, value in xattrs:
-            self._setxattr(_proc_path(dir_fd, name), key, value, entry=member.name)
+            self._setxattr(proc_path(dir_fd, name), key, value, entry=member.name)
         if mode is not None:
             # Follows symlinks (Linux has no lchmod) - safe: ``name`` was just created by us
             # as a non-symlink (or hard-linked to one checked not to be a symlink).
@@ -805,38 +908,49 @@ class _Unpacker:
             return
         self._clear_lower(pfd, real)
 
-    def _clear_lower(self, dir_fd: int, real: tuple[str, ...]) -> None:
+    def _clear_lower(self, dir_fd: int, top: _TrieNode) -> None:
         # Everything in an opaque dir that this layer did not unpack came from lower layers.
         # Unlike containerd, implicit parents of unpacked entries are kept (and descended).
-        for child in sorted(os.listdir(dir_fd)):
-            path = (*real, child)
-            st = os.stat(child, dir_fd=dir_fd, follow_symlinks=False)
-            if path in self._unpacked or path in self._ancestors:
-                if stat.S_ISDIR(st.st_mode):
-                    sub = os.open(child, _DIR_FLAGS, dir_fd=dir_fd)
-                    try:
-                        self._clear_lower(sub, path)
-                    finally:
-                        os.close(sub)
-                continue
-            self._remove(dir_fd, child, st)
+        with DirCursor(dir_fd, top, own=False) as cursor:
+            stack = [top]
+            while stack:
+                node = stack.pop()
+                cursor.goto(node)
+                fd = cursor.fd
+                files = node.files or set()
+                children = node.children or {}
+                for child in sorted(os.listdir(fd)):
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    sub = children.get(child)
+                    if child in files or (
+                        isinstance(sub, _TrieNode) and (sub.unpacked or sub.below)
+                    ):
+                        if stat.S_ISDIR(st.st_mode) and isinstance(sub, _TrieNode):
+                            stack.append(sub)
+                        continue
+                    self._remove(fd, child, st)
 
     def finish_dirs(self) -> None:
         # Children first: a parent made read-only must not block its children's updates.
-        for real, meta in reversed(self._dirs.items()):
-            try:
-                pfd, _ = self.resolve_dir(real[:-1], create=False, entry="/".join(real))
-                st = os.stat(real[-1], dir_fd=pfd, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # deleted later in the stream
-            try:
+        # A directory's mode and times are set from its parent, after leaving it.
+        with DirCursor(self.root_fd, self.top, own=False) as cursor:
+            for node in post_order(self.top):
+                meta = node.meta if isinstance(node, _TrieNode) else None
+                if meta is None or node.parent is None:
+                    continue
+                try:
+                    cursor.goto(node.parent)
+                    st = os.stat(node.name, dir_fd=cursor.fd, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # deleted later in the stream
                 if stat.S_ISDIR(st.st_mode):
-                    os.chmod(real[-1], meta.mode, dir_fd=pfd)
+                    os.chmod(node.name, meta.mode, dir_fd=cursor.fd)
                     os.utime(
-                        real[-1], ns=(meta.atime, meta.mtime), dir_fd=pfd, follow_symlinks=False
+                        node.name,
+                        ns=(meta.atime, meta.mtime),
+                        dir_fd=cursor.fd,
+                        follow_symlinks=False,
                     )
-            finally:
-                self.end_entry()
 
 
 def _stat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
@@ -870,6 +984,8 @@ def apply_tar(
     allow_devices: bool = True,
     userxattr: bool = False,
     max_entry_size: int = MAX_ENTRY_SIZE,
+    max_size: int = MAX_LAYER_SIZE,
+    max_entries: int = MAX_LAYER_ENTRIES,
 ) -> ApplyResult:
     """Streams an uncompressed layer tar into ``target`` (containerd ``archive.Apply``).
 
@@ -888,16 +1004,21 @@ def apply_tar(
             unprivileged applier must; ``True`` still skips them when ``mknod`` is refused.
         userxattr: Mark opaque dirs with ``user.overlay.opaque`` (overlay ``userxattr``).
         max_entry_size: Largest accepted entry size.
+        max_size: Largest accepted uncompressed size of the whole stream.
+        max_entries: Largest accepted number of tar entries.
 
     Returns:
         The diffID (sha256 of all uncompressed bytes, trailing bytes included) and size.
 
     Raises:
+        LayerLimitError: The stream passed ``max_size`` bytes or ``max_entries`` entries
+            (an :class:`InvalidError`; what was applied so far stays in ``target``, which
+            the caller discards).
         InvalidError: A malformed or hostile archive (the entry is named).
         StoreFullError: The disk is full.
         FailedPreconditionError: Other file-system failures (permissions, read-only).
     """
-    hashing = _HashingReader(stream)
+    hashing = _HashingReader(stream, max_size)
     try:
         root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -913,14 +1034,14 @@ def apply_tar(
         max_entry_size=max_entry_size,
     )
     try:
-        _apply_entries(hashing, unpacker)
+        _apply_entries(hashing, unpacker, max_entries)
     finally:
         unpacker.close()
         os.close(root_fd)
     return ApplyResult(hashing.diff_id, hashing.count)
 
 
-def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
+def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker, max_entries: int) -> None:
     try:
         tf = tarfile.open(  # noqa: SIM115 - closed by the with block below
             None, "r|", cast(IO[bytes], hashing), _TAR_BUFSIZE
@@ -932,9 +1053,14 @@ def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
         raise InvalidError(msg) from exc
     with tf:
         name = "<first entry>"
+        count = 0
         try:
             while (member := tf.next()) is not None:
                 name = member.name
+                count += 1
+                if count > max_entries:
+                    msg = f"layer has more than the cap of {max_entries} entries"
+                    raise LayerLimitError(msg)
                 # Stream mode keeps every TarInfo in tf.members; nothing here needs them.
                 tf.members.clear()  # type: ignore[attr-defined]
                 try:
@@ -946,12 +1072,12 @@ def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker) -> None:
         except RefcacheError:
             raise
         except tarfile.TarError as exc:
-            msg = f"corrupt layer tar at or after entry {name!r}: {exc}"
+            msg = f"corrupt layer tar at or after entry {_short(name)!r}: {exc}"
             raise InvalidError(msg) from exc
         except OSError as exc:
             raise _os_error(name, exc) from exc
         except (ValueError, OverflowError) as exc:
-            msg = f"layer entry {name!r}: {exc}"
+            msg = f"layer entry {_short(name)!r}: {exc}"
             raise InvalidError(msg) from exc
         end = tf.offset
     _check_archive_end(hashing, end)
@@ -1001,19 +1127,32 @@ def _fs_key(name: str) -> bytes:
     return os.fsencode(name)
 
 
-def _same_content(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            ca = fa.read(_CHUNK)
-            cb = fb.read(_CHUNK)
-            if ca != cb:
-                return False
-            if not ca:
-                return True
+def _same_content(lfd: int, ufd: int, name: str) -> bool:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fa = os.open(name, flags, dir_fd=lfd)
+    try:
+        fb = os.open(name, flags, dir_fd=ufd)
+        try:
+            offset = 0
+            while True:
+                ca = os.pread(fa, _CHUNK, offset)
+                cb = os.pread(fb, _CHUNK, offset)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+                offset += len(ca)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
-def _same_file(lpath: str, upath: str, lst: os.stat_result, ust: os.stat_result) -> bool:
-    """continuity ``sameFile``, plus xattrs, dir mtimes and symlink targets (see write_diff)."""
+def _same_file(lfd: int, ufd: int, name: str, lst: os.stat_result, ust: os.stat_result) -> bool:
+    """continuity ``sameFile``, plus xattrs, dir mtimes and symlink targets (see write_diff).
+
+    ``name`` is in the lower directory ``lfd`` and the upper directory ``ufd``.
+    """
     if lst.st_dev == ust.st_dev and lst.st_ino == ust.st_ino:
         return True
     if (lst.st_mode, lst.st_uid, lst.st_gid, lst.st_rdev) != (
@@ -1023,7 +1162,8 @@ def _same_file(lpath: str, upath: str, lst: os.stat_result, ust: os.stat_result)
         ust.st_rdev,
     ):
         return False
-    if _read_xattrs(lpath, skip_overlay=True) != _read_xattrs(upath, skip_overlay=True):
+    lxattrs = _read_xattrs(proc_path(lfd, name), skip_overlay=True)
+    if lxattrs != _read_xattrs(proc_path(ufd, name), skip_overlay=True):
         return False
     if stat.S_ISDIR(ust.st_mode):
         return lst.st_mtime_ns == ust.st_mtime_ns
@@ -1032,7 +1172,10 @@ def _same_file(lpath: str, upath: str, lst: os.stat_result, ust: os.stat_result)
     if stat.S_ISLNK(ust.st_mode):
         # Targets are cheap to compare: always do it (continuity only when mtimes are
         # truncated), and mtimes must match too.
-        return os.readlink(lpath) == os.readlink(upath) and lst.st_mtime_ns == ust.st_mtime_ns
+        return (
+            os.readlink(name, dir_fd=lfd) == os.readlink(name, dir_fd=ufd)
+            and lst.st_mtime_ns == ust.st_mtime_ns
+        )
     lsec, lns = divmod(lst.st_mtime_ns, _NS)
     usec, uns = divmod(ust.st_mtime_ns, _NS)
     if lsec != usec:
@@ -1040,76 +1183,106 @@ def _same_file(lpath: str, upath: str, lst: os.stat_result, ust: os.stat_result)
     if lns == 0 and uns == 0:
         # Both may have been truncated by a tar round trip: compare the bytes.
         if stat.S_ISREG(ust.st_mode) and ust.st_size > 0:
-            return _same_content(lpath, upath)
+            return _same_content(lfd, ufd, name)
         return True
     return lns == uns
 
 
+class _DNode(PathNode):
+    """A directory of the upper tree met by the double walk.
+
+    ``st``: its lstat in the upper; ``in_lower``: the lower has a directory here too.
+    """
+
+    __slots__ = ("in_lower", "st")
+
+    def __init__(self, parent: PathNode | None = None, name: str = "") -> None:
+        super().__init__(parent, name)
+        self.in_lower = False
+        self.st: os.stat_result | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Change:
-    rel: tuple[str, ...]
+    parent: _DNode  # the upper directory holding the entry
+    name: str
     st: os.stat_result | None  # None: deleted
 
 
 @dataclass(slots=True)
 class _Walk:
+    top: _DNode
     changes: list[_Change] = field(default_factory=list)
-    # (dev, ino) -> path of an unchanged, multiply-linked upper file (continuity reports
-    # these so that added links to them can be written as tar hardlinks).
-    unchanged_links: dict[tuple[int, int], tuple[str, ...]] = field(default_factory=dict)
+    # (dev, ino) -> an unchanged, multiply-linked upper file (continuity reports these so
+    # that added links to them can be written as tar hardlinks).
+    unchanged_links: dict[tuple[int, int], tuple[_DNode, str]] = field(default_factory=dict)
 
 
-def _join(root: str, rel: tuple[str, ...]) -> str:
-    return root + "/" + "/".join(rel) if rel else root
-
-
-def _lstat_entries(root: str, rel: tuple[str, ...]) -> dict[str, os.stat_result]:
-    base = _join(root, rel)
-    return {name: os.lstat(base + "/" + name) for name in os.listdir(base)}
+def _entries(dir_fd: int) -> dict[str, os.stat_result]:
+    return {entry.name: entry.stat(follow_symlinks=False) for entry in list_entries(dir_fd)}
 
 
 def _double_walk(lower: str | None, upper: str) -> _Walk:
-    """continuity ``fs.Changes``: depth first, children in byte order of their names."""
-    walk = _Walk()
-    # Stack items: a directory to scan (rel, lower has it as a dir) or a change to record.
-    stack: list[tuple[tuple[str, ...], bool] | _Change] = [((), lower is not None)]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, _Change):
-            walk.changes.append(item)
-            continue
-        rel, lower_is_dir = item
-        lchildren = _lstat_entries(lower, rel) if lower is not None and lower_is_dir else {}
-        # Sockets cannot be carried by a tar (containerd skips them): treat them as absent.
-        uchildren = {
-            n: st for n, st in _lstat_entries(upper, rel).items() if not stat.S_ISSOCK(st.st_mode)
-        }
-        events: list[tuple[tuple[str, ...], bool] | _Change] = []
-        for child in sorted(lchildren.keys() | uchildren.keys(), key=_fs_key):
-            path = (*rel, child)
-            lst = lchildren.get(child)
-            ust = uchildren.get(child)
-            if ust is None:
-                events.append(_Change(path, None))  # a removed dir implies its subtree
+    """continuity ``fs.Changes``: depth first, children in byte order of their names.
+
+    Iterative, with one cursor per side: trees of any depth.
+    """
+    walk = _Walk(_DNode())
+    top = walk.top
+    top.in_lower = lower is not None
+    with contextlib.ExitStack() as stack:
+        ucur = stack.enter_context(DirCursor.open(upper, top))
+        lcur = stack.enter_context(DirCursor.open(lower, top)) if lower is not None else None
+        # Stack items: a directory to scan, or a change to record.
+        pending: list[_DNode | _Change] = [top]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, _Change):
+                walk.changes.append(item)
                 continue
-            udir = stat.S_ISDIR(ust.st_mode)
-            if lst is None:
-                events.append(_Change(path, ust))
+            node = item
+            ucur.goto(node)
+            lchildren: dict[str, os.stat_result] = {}
+            if lcur is not None and node.in_lower:
+                lcur.goto(node)
+                lchildren = _entries(lcur.fd)
+            # Sockets cannot be carried by a tar (containerd skips them): treat them as absent.
+            uchildren = {
+                n: st for n, st in _entries(ucur.fd).items() if not stat.S_ISSOCK(st.st_mode)
+            }
+            events: list[_DNode | _Change] = []
+            for child in sorted(lchildren.keys() | uchildren.keys(), key=_fs_key):
+                lst = lchildren.get(child)
+                ust = uchildren.get(child)
+                if ust is None:
+                    events.append(_Change(node, child, None))  # a removed dir implies its subtree
+                    continue
+                udir = stat.S_ISDIR(ust.st_mode)
+                if lst is None:
+                    events.append(_Change(node, child, ust))
+                    if udir:
+                        events.append(_subdir(node, child, ust, in_lower=False))
+                    continue
+                assert lcur is not None
+                ldir = stat.S_ISDIR(lst.st_mode)
+                same = stat.S_IFMT(lst.st_mode) == stat.S_IFMT(ust.st_mode) and _same_file(
+                    lcur.fd, ucur.fd, child, lst, ust
+                )
+                if not same:
+                    events.append(_Change(node, child, ust))
+                elif not udir and ust.st_nlink > 1:
+                    walk.unchanged_links.setdefault((ust.st_dev, ust.st_ino), (node, child))
                 if udir:
-                    events.append((path, False))
-                continue
-            ldir = stat.S_ISDIR(lst.st_mode)
-            same = stat.S_IFMT(lst.st_mode) == stat.S_IFMT(ust.st_mode) and _same_file(
-                _join(lower or "", path), _join(upper, path), lst, ust
-            )
-            if not same:
-                events.append(_Change(path, ust))
-            elif not udir and ust.st_nlink > 1:
-                walk.unchanged_links.setdefault((ust.st_dev, ust.st_ino), path)
-            if udir:
-                events.append((path, ldir))
-        stack.extend(reversed(events))
+                    events.append(_subdir(node, child, ust, in_lower=ldir))
+            pending.extend(reversed(events))
     return walk
+
+
+def _subdir(parent: _DNode, name: str, st: os.stat_result, *, in_lower: bool) -> _DNode:
+    node = parent.child(name)
+    assert isinstance(node, _DNode)
+    node.st, node.in_lower = st, in_lower
+    return node
 
 
 class _DiffWriter:
@@ -1118,40 +1291,77 @@ class _DiffWriter:
     def __init__(
         self,
         tf: tarfile.TarFile,
-        upper: str,
-        unchanged: Mapping[tuple[int, int], tuple[str, ...]],
+        cursor: DirCursor,
+        unchanged: Mapping[tuple[int, int], tuple[_DNode, str]],
     ) -> None:
         self._tf = tf
-        self._upper = upper
+        self._cursor = cursor
         self._unchanged = unchanged
-        self._written: dict[tuple[int, int], tuple[str, ...]] = {}
-        self._dirs: set[tuple[str, ...]] = set()
+        self._written: dict[tuple[int, int], tuple[_DNode, str]] = {}
+        self._dirs: set[_DNode] = set()
+        # The tar name prefix of the last directory written into, and of each of its
+        # ancestors (as lengths): the next prefix is found from the common ancestor, so
+        # names cost what changed, not the depth.
+        top = cursor.node
+        assert isinstance(top, _DNode)
+        self._chain: list[PathNode] = [top]
+        self._lens: list[int] = [0]
+        self._text = ""
+
+    def _name(self, parent: _DNode, name: str) -> str:
+        chain, lens = self._chain, self._lens
+        downs: list[PathNode] = []
+        current: PathNode | None = parent
+        while current is not None and (
+            current.depth >= len(chain) or chain[current.depth] is not current
+        ):
+            downs.append(current)
+            current = current.parent
+        assert current is not None
+        keep = current.depth + 1
+        del chain[keep:], lens[keep:]
+        prefix = self._text[: lens[-1]]
+        for step in reversed(downs):
+            prefix += step.name + "/"
+            chain.append(step)
+            lens.append(len(prefix))
+        self._text = prefix
+        return prefix + name
 
     def add(self, change: _Change) -> None:
-        rel = change.rel
-        for i in range(1, len(rel)):
-            parent = rel[:i]
-            if parent not in self._dirs:
-                self._dirs.add(parent)
-                self._entry(parent, os.lstat(_join(self._upper, parent)))
+        chain: list[_DNode] = []
+        parent: PathNode | None = change.parent
+        while isinstance(parent, _DNode) and parent.parent is not None:
+            if parent in self._dirs:
+                break
+            chain.append(parent)
+            parent = parent.parent
+        for node in reversed(chain):
+            self._dirs.add(node)
+            assert isinstance(node.parent, _DNode)
+            assert node.st is not None
+            self._entry(node.parent, node.name, node.st)
         if change.st is None:
-            self._whiteout(rel)
+            self._whiteout(change.parent, change.name)
             return
         if stat.S_ISDIR(change.st.st_mode):
-            self._dirs.add(rel)
-        self._entry(rel, change.st)
+            child = change.parent.child(change.name)
+            assert isinstance(child, _DNode)
+            self._dirs.add(child)
+        self._entry(change.parent, change.name, change.st)
 
-    def _whiteout(self, rel: tuple[str, ...]) -> None:
-        info = tarfile.TarInfo("/".join((*rel[:-1], WHITEOUT_PREFIX + rel[-1])))
+    def _whiteout(self, parent: _DNode, name: str) -> None:
+        info = tarfile.TarInfo(self._name(parent, WHITEOUT_PREFIX + name))
         info.type = tarfile.REGTYPE
         info.mode = 0
         info.mtime = 0  # containerd >= 2.0: whiteouts carry the Unix epoch
         info.uname = info.gname = ""
         self._tf.addfile(info)
 
-    def _entry(self, rel: tuple[str, ...], st: os.stat_result) -> None:
-        path = _join(self._upper, rel)
-        info = tarfile.TarInfo("/".join(rel))
+    def _entry(self, parent: _DNode, name: str, st: os.stat_result) -> None:
+        self._cursor.goto(parent)
+        dir_fd = self._cursor.fd
+        info = tarfile.TarInfo(self._name(parent, name))
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid = st.st_uid
         info.gid = st.st_gid
@@ -1162,7 +1372,7 @@ class _DiffWriter:
         if frac:
             # Nanoseconds are kept (containerd truncates to seconds): see write_diff.
             pax["mtime"] = _format_ns(st.st_mtime_ns)
-        for xname, value in _read_xattrs(path, skip_overlay=True).items():
+        for xname, value in _read_xattrs(proc_path(dir_fd, name), skip_overlay=True).items():
             pax["SCHILY.xattr." + xname] = value.decode("utf-8", "surrogateescape")
         info.pax_headers = pax
         fmt = stat.S_IFMT(st.st_mode)
@@ -1173,22 +1383,22 @@ class _DiffWriter:
         if st.st_nlink > 1:
             inode = (st.st_dev, st.st_ino)
             source = self._unchanged.get(inode) or self._written.get(inode)
-            if source is not None and source != rel:
+            if source is not None and source != (parent, name):
                 info.type = tarfile.LNKTYPE
-                info.linkname = "/".join(source)
+                info.linkname = "/".join([*node_parts(source[0]), source[1]])
                 self._tf.addfile(info)
                 return
-            self._written.setdefault(inode, rel)
+            self._written.setdefault(inode, (parent, name))
         if fmt == stat.S_IFREG:
             info.type = tarfile.REGTYPE
             info.size = st.st_size
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as src:
                 self._tf.addfile(info, src)
             return
         if fmt == stat.S_IFLNK:
             info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(path)
+            info.linkname = os.readlink(name, dir_fd=dir_fd)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             info.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
             info.devmajor = os.major(st.st_rdev)
@@ -1237,8 +1447,11 @@ def write_diff(lower: Path | None, upper: Path, out: BinaryIO | IO[bytes]) -> No
     upper_str = os.fspath(upper)
     try:
         walk = _double_walk(lower_str, upper_str)
-        with tarfile.open(None, "w|", out, _TAR_BUFSIZE, format=tarfile.PAX_FORMAT) as tf:
-            writer = _DiffWriter(tf, upper_str, walk.unchanged_links)
+        with (
+            DirCursor.open(upper_str, walk.top) as cursor,
+            tarfile.open(None, "w|", out, _TAR_BUFSIZE, format=tarfile.PAX_FORMAT) as tf,
+        ):
+            writer = _DiffWriter(tf, cursor, walk.unchanged_links)
             for change in walk.changes:
                 writer.add(change)
     except RefcacheError:

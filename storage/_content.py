@@ -50,12 +50,11 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -75,6 +74,8 @@ from ._errors import (
     StoreFullError,
 )
 from ._filters import Adaptor, map_field, parse_filters
+from ._layout import make_private_dir
+from ._tree import remove_tree
 from ._types import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     ContentInfo,
@@ -323,8 +324,11 @@ class LocalContentStore:
         self._unconfirmed_lock = threading.Lock()
         if not self._readonly:
             try:
-                (self._blobs / "sha256").mkdir(parents=True, exist_ok=True)
-                self._ingest.mkdir(parents=True, exist_ok=True)
+                # Private (0700): blobs of other users' builds are nobody else's business.
+                make_private_dir(self.root, parents=True)
+                make_private_dir(self._blobs)
+                make_private_dir(self._blobs / "sha256")
+                make_private_dir(self._ingest)
             except OSError as exc:
                 msg = f"cannot create content store directories under {self.root}: {exc}"
                 raise _disk_error(msg, exc) from exc
@@ -575,8 +579,8 @@ class LocalContentStore:
         hasher = _HASHES[algorithm]()
         path = self._ingest_path(ref)
         try:
-            self._ingest.mkdir(parents=True, exist_ok=True)
-            path.mkdir()
+            make_private_dir(self._ingest, parents=True)
+            path.mkdir(0o700)
             created = True
         except FileExistsError:
             created = False
@@ -612,7 +616,7 @@ class LocalContentStore:
                     _write_atomic(path / "total", str(total).encode())
                 else:
                     (path / "total").unlink(missing_ok=True)
-                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 started_at, updated_at, offset = now, now, 0
             else:
                 fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
@@ -622,7 +626,7 @@ class LocalContentStore:
                 total = total or status.total
         except OSError as exc:
             if created:
-                shutil.rmtree(path, ignore_errors=True)
+                _rmtree(path)
             msg = f"cannot open ingest for ref {ref!r} at {path}: {exc}"
             raise _disk_error(msg, exc) from exc
         return _LocalWriter(
@@ -992,7 +996,7 @@ class LocalContentStore:
         for entry in entries:
             if entry.name.endswith(_ABORT_SUFFIX):
                 logger.info("removing interrupted ingest abort %s", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _rmtree(Path(entry.path))
 
     @contextmanager
     def _reading(self, txn: ReadTxn | None) -> Iterator[ReadTxn]:
@@ -1065,7 +1069,7 @@ class LocalContentStore:
                 key = digest.encode()
                 if wtxn.get(DB_CONTENT, key) is not None:
                     # containerd: the ingest goes, and the caller learns the blob is there.
-                    shutil.rmtree(writer.path, ignore_errors=True)
+                    _rmtree(writer.path)
                     self._require_absent(digest, f"commit of ref {writer.ref!r}", wtxn)
                 # Tracked before the rename: should this transaction roll back, the store's
                 # next write transaction removes the file again.
@@ -1079,7 +1083,7 @@ class LocalContentStore:
                     "labels": dict(labels),
                 }
                 wtxn.put(DB_CONTENT, key, msgpack.packb(record))
-                shutil.rmtree(writer.path, ignore_errors=True)
+                _rmtree(writer.path)
         except AlreadyExistsError:
             raise
         except BaseException:
@@ -1453,8 +1457,14 @@ def _remove_ingest(path: Path, ref: str) -> bool:
     except OSError as exc:
         msg = f"cannot remove ingest ref {ref!r} at {path}: {exc}"
         raise RefcacheError(msg) from exc
-    shutil.rmtree(doomed, ignore_errors=True)
+    _rmtree(doomed)
     return True
+
+
+def _rmtree(path: Path) -> None:
+    """Removes an ingest directory; what cannot go is left for the next open's cleanup."""
+    with suppress(OSError):
+        remove_tree(path)
 
 
 def _place_blob(source: Path, target: Path, ref: str) -> None:

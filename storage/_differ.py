@@ -10,6 +10,7 @@ uncompressed bytes are hashed on the way for the diffID, which is stored as the 
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, suppress
@@ -88,10 +89,15 @@ class WalkingDiffer:
 
     Args:
         content: Where the blobs are written.
+        mount_root: Where temporary mount points go (a cache passes ``<root>/mounts``);
+            the system temp dir when ``None``.
     """
 
-    def __init__(self, content: ContentStore) -> None:
+    def __init__(
+        self, content: ContentStore, *, mount_root: str | os.PathLike[str] | None = None
+    ) -> None:
         self._content = content
+        self._mount_root = mount_root
 
     def compare(
         self,
@@ -140,8 +146,12 @@ class WalkingDiffer:
         with ExitStack() as stack:
             lower_dir: Path | None = None
             if lower_items:
-                lower_dir = stack.enter_context(local_mount(lower_items, readonly=True))
-            upper_dir = stack.enter_context(local_mount(upper_items, readonly=True))
+                lower_dir = stack.enter_context(
+                    local_mount(lower_items, readonly=True, tmp_root=self._mount_root)
+                )
+            upper_dir = stack.enter_context(
+                local_mount(upper_items, readonly=True, tmp_root=self._mount_root)
+            )
             digest, size, diff_id = self._write(lower_dir, upper_dir, compression, extra)
         return Descriptor(
             media_type or _MEDIA_TYPES[compression],

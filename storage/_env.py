@@ -36,19 +36,37 @@ repairs what that can leave behind (records whose files went: see ``actors/_load
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import secrets
+import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lmdb
 import msgpack
 
-from ._errors import IncompatibleSchemaError, RefcacheError, StoreFullError
+from ._errors import (
+    CorruptedError,
+    IncompatibleSchemaError,
+    InvalidError,
+    RefcacheError,
+    StoreFullError,
+)
+from ._layout import PRIVATE_FILE_MODE, access_error, make_private_dir
+from ._tree import remove_tree
+
+try:  # py-lmdb >= 3.0: an offline structural verifier that never maps the file
+    from lmdb import verify as _lmdb_verify
+except ImportError:  # pragma: no cover - older py-lmdb: the header check alone
+    _lmdb_verify = None  # type: ignore[assignment]
 
 __all__ = [
     "DB_CONTENT",
@@ -112,30 +130,39 @@ class ReadTxn:
 
     def get(self, db: str, key: bytes) -> bytes | None:
         """Returns the raw value stored under ``key`` in ``db``, or ``None``."""
-        value = self._txn.get(key, db=self._env.handle(db))
+        try:
+            value = self._txn.get(key, db=self._env.handle(db))
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata read of {db!r} key {key!r}", exc) from exc
         return None if value is None else bytes(value)
 
     def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """Yields ``(key, value)`` pairs of ``db`` whose key starts with ``prefix``, in order."""
-        with self._txn.cursor(db=self._env.handle(db)) as cursor:
-            if not cursor.set_range(prefix):
-                return
-            for raw, value in cursor:
-                key = bytes(raw)
-                if not key.startswith(prefix):
+        try:
+            with self._txn.cursor(db=self._env.handle(db)) as cursor:
+                if not cursor.set_range(prefix):
                     return
-                yield key, bytes(value)
+                for raw, value in cursor:
+                    key = bytes(raw)
+                    if not key.startswith(prefix):
+                        return
+                    yield key, bytes(value)
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata scan of {db!r}", exc) from exc
 
     def keys(self, db: str, prefix: bytes = b"") -> Iterator[bytes]:
         """Yields the keys of ``db`` that start with ``prefix``, in key order."""
-        with self._txn.cursor(db=self._env.handle(db)) as cursor:
-            if not cursor.set_range(prefix):
-                return
-            for raw in cursor.iternext(keys=True, values=False):
-                key = bytes(raw)
-                if not key.startswith(prefix):
+        try:
+            with self._txn.cursor(db=self._env.handle(db)) as cursor:
+                if not cursor.set_range(prefix):
                     return
-                yield key
+                for raw in cursor.iternext(keys=True, values=False):
+                    key = bytes(raw)
+                    if not key.startswith(prefix):
+                        return
+                    yield key
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata scan of {db!r}", exc) from exc
 
     def get_many(self, db: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
         """Returns ``{key: value}`` for those of ``keys`` that exist in ``db``.
@@ -143,9 +170,12 @@ class ReadTxn:
         One C-level lookup loop (LMDB cursor ``getmulti``) instead of a Python call per key:
         batch writers check which of their records already exist this way.
         """
-        with self._txn.cursor(db=self._env.handle(db)) as cursor:
-            found = cursor.getmulti(keys)
-        return {bytes(key): bytes(value) for key, value in found}
+        try:
+            with self._txn.cursor(db=self._env.handle(db)) as cursor:
+                found = cursor.getmulti(keys)
+            return {bytes(key): bytes(value) for key, value in found}
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata read of {db!r}", exc) from exc
 
     def views(self, db: str) -> Iterator[tuple[Any, Any]]:
         """Yields every ``(key, value)`` of ``db`` in key order, without copying.
@@ -155,12 +185,18 @@ class ReadTxn:
         transaction ends. Decode them inside the transaction and never keep them (copy with
         ``bytes()`` what must outlive it). Otherwise they are ``bytes``.
         """
-        with self._txn.cursor(db=self._env.handle(db)) as cursor:
-            yield from cursor.iternext()
+        try:
+            with self._txn.cursor(db=self._env.handle(db)) as cursor:
+                yield from cursor.iternext()
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata scan of {db!r}", exc) from exc
 
     def count(self, db: str) -> int:
         """Returns the number of entries in ``db``."""
-        return int(self._txn.stat(self._env.handle(db))["entries"])
+        try:
+            return int(self._txn.stat(self._env.handle(db))["entries"])
+        except lmdb.Error as exc:
+            raise self._env.error(f"metadata count of {db!r}", exc) from exc
 
 
 class WriteTxn(ReadTxn):
@@ -195,8 +231,7 @@ class WriteTxn(ReadTxn):
             self._txn.abort()
             self._env._regrow(self)
         except lmdb.Error as exc:
-            msg = f"metadata write to {db!r} key {key!r} failed: {exc}"
-            raise RefcacheError(msg) from exc
+            raise self._env.error(f"metadata write to {db!r} key {key!r}", exc, write=True) from exc
 
     def put_many(self, db: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Stores every ``(key, value)`` of ``pairs`` in ``db`` (overwriting), in that order.
@@ -277,8 +312,7 @@ class WriteTxn(ReadTxn):
                 what = f"key {bad[0]!r}" if bad else f"of {len(key)} entries"
             else:
                 what = f"key {key!r}"
-            msg = f"metadata write to {db!r} {what} failed: {exc}"
-            raise RefcacheError(msg) from exc
+            raise self._env.error(f"metadata write to {db!r} {what}", exc, write=True) from exc
 
     def _replay(self) -> bool:
         self._replaying = True
@@ -332,10 +366,17 @@ class MetaEnv:
         readonly: Open for reading only (another process may be writing).
         map_size: Initial map size in bytes (grown on demand when writable).
         max_map_size: Growth stops here; past it a write raises :class:`StoreFullError`.
+        verify: How ``data.mdb`` is checked before it is mapped: ``"full"`` walks every
+            page (py-lmdb's offline verifier), ``"header"`` checks both meta pages and the
+            file size only. Default: ``"header"`` for a read-only open of a cache whose
+            writer is running (its pages change under a walk), ``"full"`` otherwise.
 
     Raises:
         IncompatibleSchemaError: The stored schema version is newer or unknown.
-        NotFoundError-like RefcacheError: a read-only open of a missing environment.
+        CorruptedError: ``data.mdb`` is damaged (truncated, overwritten, broken pages):
+            found before it is mapped, so damage never crashes the process.
+        PermissionDeniedError: The environment is on a read-only file system or not ours.
+        RefcacheError: A read-only open of a missing environment, or another LMDB failure.
     """
 
     #: Environments open in this process, by real path (LMDB allows one handle per process).
@@ -358,6 +399,7 @@ class MetaEnv:
         readonly: bool = False,
         map_size: int = _DEFAULT_MAP_SIZE,
         max_map_size: int = _MAX_MAP_SIZE,
+        verify: Literal["full", "header"] | None = None,
     ) -> None:
         self.path = Path(path)
         self.readonly = readonly
@@ -370,31 +412,54 @@ class MetaEnv:
         self._gate = threading.Condition(self._gate_lock)
         self._readers = 0
         self._growing = False
+        data = self.path / _DATA_FILE
         if readonly:
-            if not (self.path / "data.mdb").exists():
+            if not data.exists():
                 msg = f"no refcache metadata at {self.path}"
                 raise RefcacheError(msg)
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                make_private_dir(self.path, parents=True)
+                self._remove_staging_leftovers()
+                if not data.exists():
+                    self._create(map_size)
+            except OSError as exc:
+                raise access_error(
+                    "cannot create the metadata environment", self.path, exc
+                ) from exc
+        if verify is None:
+            verify = "header" if readonly and _writer_active(self.path) else "full"
+        check_data_file(data, full=verify == "full")
+        options: dict[str, Any] = {
+            "map_size": map_size,
+            "max_dbs": _MAX_DBS,
+            "max_readers": _MAX_READERS,
+            "readonly": readonly,
+            "create": False,
+            "mode": PRIVATE_FILE_MODE,
+            "sync": True,
+            "metasync": False,
+            "readahead": False,
+        }
         try:
-            self._env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                max_dbs=_MAX_DBS,
-                max_readers=_MAX_READERS,
-                readonly=readonly,
-                sync=True,
-                metasync=False,
-                readahead=False,
-            )
+            try:
+                self._env = lmdb.open(str(self.path), **options)
+            except lmdb.Error as exc:
+                if not (readonly and getattr(exc, "code", 0) == errno.EROFS):
+                    raise
+                # A cache on a read-only file system: nobody can be writing it, so a reader
+                # needs no lock table (LMDB's documented use of MDB_NOLOCK).
+                self._env = lmdb.open(str(self.path), lock=False, **options)
         except lmdb.Error as exc:
-            msg = f"cannot open metadata environment {self.path}: {exc}"
-            raise RefcacheError(msg) from exc
+            raise self.error("cannot open the metadata environment", exc) from exc
         self._closed = False
-        self._max_key_size = int(self._env.max_key_size())
         try:
+            self._max_key_size = int(self._env.max_key_size())
             self._open_dbs()
             self._check_schema()
+        except lmdb.Error as exc:
+            self._env.close()
+            raise self.error("cannot read the metadata environment", exc) from exc
         except BaseException:
             # LMDB allows one open handle per environment and process: never leak one.
             self._env.close()
@@ -544,9 +609,9 @@ class MetaEnv:
             self._regrow(wtxn)
             self._commit(wtxn)
         except lmdb.Error as exc:
-            wtxn._txn.abort()
-            msg = f"metadata commit in {self.path} failed: {exc}"
-            raise _wrap_disk_error(msg, exc) from exc
+            with contextlib.suppress(lmdb.Error):
+                wtxn._txn.abort()
+            raise self.error("metadata commit", exc, write=True) from exc
 
     def _regrow(self, wtxn: WriteTxn) -> bool:
         """Grows the map and replays every logged write of ``wtxn`` in a new transaction.
@@ -564,7 +629,10 @@ class MetaEnv:
                 wtxn._txn.abort()
 
     def _grow(self) -> None:
-        current = int(self._env.info()["map_size"])
+        try:
+            current = int(self._env.info()["map_size"])
+        except lmdb.Error as exc:
+            raise self.error("reading the metadata map size", exc) from exc
         new = current * 2
         if new > self._max_map_size:
             msg = (
@@ -577,7 +645,10 @@ class MetaEnv:
             try:
                 while self._readers:
                     self._gate.wait()
-                self._env.set_mapsize(new)
+                try:
+                    self._env.set_mapsize(new)
+                except lmdb.Error as exc:
+                    raise self.error("growing the metadata map", exc, write=True) from exc
             finally:
                 self._growing = False
                 self._gate.notify_all()
@@ -585,14 +656,14 @@ class MetaEnv:
 
     def _begin(self, *, write: bool, buffers: bool = False) -> lmdb.Transaction:
         try:
-            return self._begin_raw(write, buffers)
-        except lmdb.MapResizedError:
-            # Another process grew the map: adopt its size (LMDB's documented remedy).
-            self._env.set_mapsize(0)
-            return self._begin_raw(write, buffers)
+            try:
+                return self._begin_raw(write, buffers)
+            except lmdb.MapResizedError:
+                # Another process grew the map: adopt its size (LMDB's documented remedy).
+                self._env.set_mapsize(0)
+                return self._begin_raw(write, buffers)
         except lmdb.Error as exc:
-            msg = f"cannot begin a metadata transaction in {self.path}: {exc}"
-            raise RefcacheError(msg) from exc
+            raise self.error("cannot begin a metadata transaction", exc, write=write) from exc
 
     def _begin_raw(self, write: bool, buffers: bool) -> lmdb.Transaction:
         if buffers:
@@ -603,13 +674,232 @@ class MetaEnv:
 
     def map_info(self) -> tuple[int, int]:
         """Returns ``(map_size, used_bytes)`` of the environment (for metrics)."""
-        info = self._env.info()
-        stat = self._env.stat()
+        try:
+            info = self._env.info()
+            stat = self._env.stat()
+        except lmdb.Error as exc:
+            raise self.error("cannot read the metadata environment's size", exc) from exc
         used = (int(info["last_pgno"]) + 1) * int(stat["psize"])
         return int(info["map_size"]), used
 
+    def error(self, what: str, exc: lmdb.Error, *, write: bool = False) -> RefcacheError:
+        """The refcache error for an LMDB error met doing ``what`` (the storage boundary).
 
-def _wrap_disk_error(message: str, exc: lmdb.Error) -> RefcacheError:
-    if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
-        return StoreFullError(message)
-    return RefcacheError(message)
+        Damage (corrupt or missing pages, bad meta pages, a transaction LMDB gave up on)
+        is :class:`CorruptedError`; a full disk (``ENOSPC``/``EDQUOT``, or ``EIO`` while
+        writing: LMDB reports a short write as ``EIO``) is :class:`StoreFullError`;
+        ``EROFS``/``EACCES`` are :class:`PermissionDeniedError`; an unstorable key is
+        :class:`InvalidError`. The message names the environment.
+        """
+        code = getattr(exc, "code", 0)
+        where = f"{what} failed in {self.path}"
+        if isinstance(exc, _CORRUPTION):
+            return CorruptedError(f"{where}: the metadata is damaged: {exc}")
+        if isinstance(exc, lmdb.DiskError) or code in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFullError(f"{where}: the disk is full: {exc}")
+        if write and code == errno.EIO:
+            return StoreFullError(
+                f"{where}: {exc} (a short write: the disk is full or failing; "
+                f"{_free_bytes(self.path)} bytes free)"
+            )
+        if isinstance(exc, lmdb.ReadonlyError) or code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            oserr = OSError(code or errno.EACCES, os.strerror(code or errno.EACCES))
+            return access_error(f"{what}: cannot use", self.path, oserr)
+        if isinstance(exc, lmdb.BadValsizeError):
+            return InvalidError(f"{where}: {exc}")
+        return RefcacheError(f"{where}: {exc}")
+
+    def _remove_staging_leftovers(self) -> None:
+        # A creation killed half-way (the cache's lock makes this the only writer).
+        for leftover in self.path.parent.glob(_staging_prefix(self.path) + "*"):
+            with contextlib.suppress(OSError):
+                remove_tree(leftover)
+
+    def _create(self, map_size: int) -> None:
+        """Creates a new, empty environment in a staging directory, then moves it in.
+
+        ``data.mdb`` appears complete (valid meta pages, the schema version written) or not
+        at all, so an empty or half-written ``data.mdb`` is always damage, never "new".
+        """
+        stage = self.path.parent / (_staging_prefix(self.path) + secrets.token_hex(6))
+        make_private_dir(stage)
+        try:
+            env = lmdb.open(str(stage), map_size=map_size, max_dbs=_MAX_DBS, mode=PRIVATE_FILE_MODE)
+            try:
+                with env.begin(write=True) as txn:
+                    for name in DB_NAMES:
+                        env.open_db(name.encode(), txn=txn)
+                    info = env.open_db(DB_INFO.encode(), txn=txn)
+                    txn.put(_SCHEMA_KEY, msgpack.packb(SCHEMA_VERSION), db=info)
+                env.sync(True)
+            finally:
+                env.close()
+            os.rename(stage / _DATA_FILE, self.path / _DATA_FILE)
+            _fsync_dir(self.path)
+        except lmdb.Error as exc:
+            raise self.error("cannot create the metadata environment", exc, write=True) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                remove_tree(stage)
+
+
+_DATA_FILE = "data.mdb"
+
+
+def _staging_prefix(path: Path) -> str:
+    return f".{path.name}.new-"
+
+
+# LMDB errors that mean the environment itself is damaged.
+_CORRUPTION: tuple[type[lmdb.Error], ...] = tuple(
+    getattr(lmdb, name)
+    for name in (
+        "CorruptedError",
+        "PageNotFoundError",
+        "InvalidError",
+        "VersionMismatchError",
+        "PanicError",
+        "BadTxnError",
+        "BadRslotError",
+        "BadDbiError",
+        "IncompatibleError",
+        "BadChecksumError",
+        "ProblemError",
+    )
+    if hasattr(lmdb, name)
+)
+
+# On-disk constants of LMDB's meta pages (64-bit builds; both engines).
+_MDB_MAGIC = 0xBEEFC0DE
+_META_HEADER_SIZES = {16: 1, 24: 3}  # page header size -> data version (LMDB 0.9, 1.0)
+_MDB_DB_SIZE = 48
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+
+
+def _data_version() -> int:
+    """The data-file version the linked LMDB writes (1 for 0.9.x, 3 for 1.0)."""
+    major = lmdb.version()[0]
+    return 3 if major >= 1 else 1
+
+
+def _read_meta(fd: int, offset: int, hdrsz: int, data: Path, slot: int) -> tuple[int, int, int]:
+    """``(page size, last page, txnid)`` of the meta page at ``offset``."""
+    buf = os.pread(fd, hdrsz + 24 + 2 * _MDB_DB_SIZE + 16, offset)
+    if len(buf) < hdrsz + 24 + 2 * _MDB_DB_SIZE + 16:
+        msg = f"metadata file {data} is damaged: meta page {slot} is truncated"
+        raise CorruptedError(msg)
+    (magic,) = _U32.unpack_from(buf, hdrsz)
+    (version,) = _U32.unpack_from(buf, hdrsz + 4)
+    if magic != _MDB_MAGIC:
+        msg = f"metadata file {data} is damaged: meta page {slot} has bad magic {magic:#x}"
+        raise CorruptedError(msg)
+    if version != _data_version():
+        msg = (
+            f"metadata file {data} is damaged or foreign: meta page {slot} is data version "
+            f"{version}, this LMDB writes {_data_version()}"
+        )
+        raise CorruptedError(msg)
+    (psize,) = _U32.unpack_from(buf, hdrsz + 24)  # mm_psize: the free DB's md_pad
+    (last_pg,) = _U64.unpack_from(buf, hdrsz + 24 + 2 * _MDB_DB_SIZE)
+    (txnid,) = _U64.unpack_from(buf, hdrsz + 24 + 2 * _MDB_DB_SIZE + 8)
+    return psize, last_pg, txnid
+
+
+def check_data_file(data: Path, *, full: bool = True) -> None:
+    """Checks an LMDB ``data.mdb`` before it is mapped (a short file would be ``SIGBUS``).
+
+    Reads both meta pages with ``pread`` (never ``mmap``): magic and data version must be
+    right in both, their page sizes must agree, and the file must hold every page the newer
+    one commits (``(last_pg + 1) * page_size`` bytes). With ``full``, py-lmdb's offline
+    verifier then walks every reachable page (tree structure, page numbers, free list).
+
+    Raises:
+        CorruptedError: naming the file and what is wrong with it.
+    """
+    try:
+        fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise access_error("cannot read the metadata file", data, exc) from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            msg = f"metadata file {data} is damaged: it is empty (truncated)"
+            raise CorruptedError(msg)
+        head = os.pread(fd, 64, 0)
+        hdrsz = next(
+            (
+                h
+                for h in _META_HEADER_SIZES
+                if len(head) >= h + 4 and _U32.unpack_from(head, h)[0] == _MDB_MAGIC
+            ),
+            None,
+        )
+        if hdrsz is None:
+            msg = f"metadata file {data} is damaged: it is not an LMDB data file (no magic)"
+            raise CorruptedError(msg)
+        psize, last0, txn0 = _read_meta(fd, 0, hdrsz, data, 0)
+        if psize < 512 or psize > 65536 or psize & (psize - 1):
+            msg = f"metadata file {data} is damaged: implausible page size {psize}"
+            raise CorruptedError(msg)
+        psize1, last1, txn1 = _read_meta(fd, psize, hdrsz, data, 1)
+        if psize1 != psize:
+            msg = f"metadata file {data} is damaged: its meta pages disagree on the page size"
+            raise CorruptedError(msg)
+        last_pg = last1 if txn1 > txn0 else last0
+        need = (last_pg + 1) * psize
+        if size < need:
+            msg = (
+                f"metadata file {data} is damaged: it is {size} bytes, but its committed "
+                f"state needs {need} ({last_pg + 1} pages of {psize}); it was truncated"
+            )
+            raise CorruptedError(msg)
+    finally:
+        os.close(fd)
+    if full and _lmdb_verify is not None:
+        try:
+            problems = _lmdb_verify.verify(str(data), subdir=False)
+        except _lmdb_verify.VerifyError as exc:
+            msg = f"metadata file {data} is damaged: {exc}"
+            raise CorruptedError(msg) from exc
+        except OSError as exc:
+            raise access_error("cannot read the metadata file", data, exc) from exc
+        if problems:
+            shown = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+            msg = f"metadata file {data} is damaged: {len(problems)} problem(s): {shown}"
+            raise CorruptedError(msg)
+
+
+def _writer_active(path: Path) -> bool:
+    """Whether a process holds the write lock of the cache whose ``meta/`` is ``path``."""
+    try:
+        fd = os.open(path.parent / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,12 +15,15 @@ from collections.abc import Iterable
 __all__ = [
     "AlreadyExistsError",
     "CorruptMetadataError",
+    "CorruptedError",
+    "DiffIDMismatchError",
     "FailedPreconditionError",
     "IncompatibleSchemaError",
     "InvalidError",
     "LockedError",
     "NeedsRemoteProviderError",
     "NotFoundError",
+    "PermissionDeniedError",
     "RefcacheError",
     "StoreFullError",
 ]
@@ -54,7 +57,16 @@ class IncompatibleSchemaError(FailedPreconditionError):
     """The metadata on disk was written by a newer or unknown schema version."""
 
 
-class CorruptMetadataError(RefcacheError):
+class CorruptedError(RefcacheError):
+    """Stored data is damaged: the metadata environment (a truncated or overwritten LMDB
+    file, a broken page) or a stored value.
+
+    Raised before the damaged file is mapped wherever that can be checked, so damage is an
+    error, never a crash of the process (``SIGBUS``).
+    """
+
+
+class CorruptMetadataError(CorruptedError):
     """A stored value cannot be decoded or has the wrong type.
 
     Attributes:
@@ -70,6 +82,37 @@ class CorruptMetadataError(RefcacheError):
 
 class StoreFullError(RefcacheError):
     """The metadata store (or the disk under it) has no room left, even after growing."""
+
+
+class PermissionDeniedError(RefcacheError):
+    """The cache cannot be used for lack of rights: a read-only file system (``EROFS``) or
+    missing permissions (``EACCES``/``EPERM``) on its files (containerd
+    ``ErrPermissionDenied``). The message names the cache root or file."""
+
+
+class DiffIDMismatchError(InvalidError):
+    """A layer blob's uncompressed content does not have the diffID its descriptor claims.
+
+    The descriptor's ``containerd.io/uncompressed`` annotation is what snapshots are shared
+    by (chain IDs); a blob that lies about it is refused before anything is committed.
+
+    Attributes:
+        blob: The blob's digest.
+        expected: The diffID the descriptor claims.
+        actual: The diffID of the blob's content.
+    """
+
+    def __init__(self, blob: str, expected: str, actual: str) -> None:
+        self.blob = blob
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"blob {blob} claims diffID {expected} but its content has diffID {actual}; "
+            "refused (nothing was committed)"
+        )
+
+    def __reduce__(self) -> tuple[type[DiffIDMismatchError], tuple[str, str, str]]:
+        return (DiffIDMismatchError, (self.blob, self.expected, self.actual))
 
 
 class NeedsRemoteProviderError(RefcacheError):

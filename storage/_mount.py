@@ -13,6 +13,12 @@ files uses :func:`local_mount`, BuildKit's ``LocalMounter`` (``snapshot/localmou
   temporary directory and unmounted when the context exits (lazily, ``MNT_DETACH``, when the
   body raised or a plain unmount fails).
 
+Where the temporary directory goes: a cache mounts under ``<root>/mounts/`` (private, mode
+0700), never in the system temp dir. A process killed while a mount is in place leaves it
+there, where the next ``open_cache`` (or ``storage.repair``) finds it in
+``/proc/self/mountinfo`` and unmounts it (:func:`stale_mounts`, :func:`clean_mount_dir`), and
+``storage.check`` reports it meanwhile.
+
 Long overlay ``lowerdir`` lists do not fit in ``mount(2)``'s one-page data argument. Like
 containerd's ``compactLowerdirOption`` the common directory of the lower dirs is factored out
 and the mount runs from a helper process whose working directory is that common directory, so
@@ -25,7 +31,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +43,13 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 from ._errors import FailedPreconditionError, InvalidError, RefcacheError
+from ._layout import make_private_dir
+from ._tree import remove_tree
 from ._types import Mount
 
 __all__ = [
+    "MOUNTS_DIR",
+    "clean_mount_dir",
     "in_user_namespace",
     "is_overlay_mount",
     "local_mount",
@@ -45,8 +57,14 @@ __all__ = [
     "overlay_options",
     "probe_overlay",
     "readonly_mounts",
+    "stale_mounts",
     "unmount",
 ]
+
+#: The directory under a cache root that holds its temporary mount points.
+MOUNTS_DIR = "mounts"
+
+logger = logging.getLogger(__name__)
 
 # <linux/mount.h> flags (containerd mount_linux.go parseMountOptions uses the same table).
 MS_RDONLY = 0x1
@@ -421,11 +439,18 @@ def _local_mount(
         # BuildKit LocalMounter shortcut: a bind mount is its source directory.
         yield Path(items[0].source)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="refcache-mount-", dir=tmp_root))
+    if tmp_root is not None:
+        try:
+            make_private_dir(Path(tmp_root), parents=True)
+        except OSError as exc:
+            msg = f"cannot make the mount directory {tmp_root}: {exc.strerror}"
+            raise RefcacheError(msg) from exc
+    tmp = Path(tempfile.mkdtemp(prefix="mount-", dir=tmp_root))
     try:
         mount_all(items, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with suppress(OSError):
+            remove_tree(tmp)
         raise
     targets = [_target_in(tmp, m.target) for m in items]
     failed = False
@@ -461,7 +486,9 @@ def local_mount(
         mounts: Mount descriptions, as a snapshotter's ``mounts``/``prepare``/``view`` return.
         readonly: ``True`` rewrites them with :func:`readonly_mounts` first; ``None`` or
             ``False`` uses them as given.
-        tmp_root: Where the temporary mount point is made (the system temp dir by default).
+        tmp_root: Where the temporary mount point is made (created 0700 when missing); a
+            cache passes ``<root>/mounts`` so that a mount left by a killed process is found
+            and removed at the next open. The system temp dir when ``None``.
 
     Returns:
         A context manager yielding the directory. A single bind mount yields its source itself
@@ -503,8 +530,9 @@ def overlay_options() -> tuple[str, ...]:
 def probe_overlay(root: str | os.PathLike[str]) -> str | None:
     """Checks that an overlay mount works under ``root`` (BuildKit's ``auto`` probe).
 
-    Makes two lower dirs, an upper and a work dir in a temporary directory under ``root``,
-    mounts an overlay, reads a lower file through it, writes one, and unmounts.
+    Makes two lower dirs, an upper and a work dir in a temporary directory under
+    ``root/mounts`` (where a probe left by a killed process is cleaned up like any other
+    mount), mounts an overlay, reads a lower file through it, writes one, and unmounts.
 
     Args:
         root: A directory on the filesystem the overlay snapshots will live on (created when
@@ -516,8 +544,10 @@ def probe_overlay(root: str | os.PathLike[str]) -> str | None:
     if not sys.platform.startswith("linux"):
         return f"overlayfs needs Linux (platform {sys.platform})"
     try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="check-overlayfs-support", dir=root))
+        make_private_dir(Path(root), parents=True)
+        mounts = Path(root) / MOUNTS_DIR
+        make_private_dir(mounts)
+        tmp = Path(tempfile.mkdtemp(prefix="check-overlayfs-support", dir=mounts))
     except OSError as exc:
         return f"cannot make a probe directory under {root}: {exc}"
     merged = tmp / "merged"
@@ -547,4 +577,75 @@ def probe_overlay(root: str | os.PathLike[str]) -> str | None:
     except (OSError, RefcacheError) as exc:
         return f"overlay probe under {root} failed: {exc}"
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with suppress(OSError):
+            remove_tree(tmp)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def stale_mounts(directory: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``directory`` in this process's mount namespace.
+
+    Read from ``/proc/self/mountinfo``; deepest first (the order to unmount them in). Empty
+    when ``/proc`` is not there.
+    """
+    base = os.path.realpath(directory)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = _unescape(fields[4])
+        if point == base or point.startswith(base + "/"):
+            found.append(point)
+    return sorted(set(found), key=lambda p: (-p.count("/"), p))
+
+
+def clean_mount_dir(directory: str | os.PathLike[str]) -> list[str]:
+    """Unmounts what is mounted under ``directory`` and removes what is left in it.
+
+    For ``<root>/mounts`` of a cache nobody has open (the caller holds its lock): every
+    mount there was left by a process that died. Unmounts are lazy (``MNT_DETACH``): a
+    process still using files there keeps them, nothing new can reach them. Entries that are
+    still mount points after that are left alone (removal never reaches through a mount).
+
+    Returns:
+        One line per mount or directory removed.
+    """
+    done: list[str] = []
+    base = Path(directory)
+    for point in stale_mounts(base):
+        if os.path.realpath(point) == os.path.realpath(base):
+            continue
+        try:
+            unmount(point, lazy=True)
+        except RefcacheError as exc:
+            logger.warning("cannot unmount stale mount %s: %s", point, exc)
+            continue
+        done.append(f"unmounted stale mount {point}")
+    try:
+        names = sorted(os.listdir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return done
+    busy = set(stale_mounts(base))
+    real = os.path.realpath(base)
+    for name in names:
+        path = base / name
+        inside = os.path.join(real, name)
+        if any(p == inside or p.startswith(inside + "/") for p in busy):
+            continue
+        try:
+            remove_tree(path)
+        except OSError as exc:
+            logger.warning("cannot remove leftover mount directory %s: %s", path, exc)
+            continue
+        done.append(f"removed leftover mount directory {path}")
+    return done

@@ -31,9 +31,9 @@ from ._snapshotter import (
     _chain,
     _check_key,
     _must_get,
-    _Node,
     _Plan,
     _Record,
+    _Tree,
     copy_tree,
     scan_tree,
 )
@@ -82,7 +82,7 @@ class NativeSnapshotter(BaseSnapshotter):
     def _layer_dir(self, sid: str) -> Path:
         return self._snapshot_dir(sid)
 
-    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Node:
+    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Tree:
         return scan_tree(self._snapshot_dir(rec.id))
 
     def path(self, key: str) -> Path:

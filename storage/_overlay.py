@@ -44,9 +44,9 @@ from ._snapshotter import (
     Snapshotter,
     _check_key,
     _must_get,
-    _Node,
     _Plan,
     _Record,
+    _Tree,
     overlay_tree,
     stored_snapshotter_name,
 )
@@ -134,7 +134,7 @@ class OverlaySnapshotter(BaseSnapshotter):
         os.chmod(fs, 0o755)  # noqa: S103
         return fs
 
-    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Node:
+    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Tree:
         return overlay_tree([self._fs(r.id) for r in (rec, *chain)])
 
     def path(self, key: str) -> Path:

@@ -50,12 +50,11 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -71,8 +70,21 @@ from ._errors import (
     InvalidError,
     NotFoundError,
     RefcacheError,
+    StoreFullError,
 )
 from ._filters import map_field, parse_filters
+from ._layout import make_private_dir
+from ._tree import (
+    DirCursor,
+    PathNode,
+    display_path,
+    fsync_tree_dirs,
+    list_entries,
+    node_parts,
+    post_order,
+    proc_path,
+    remove_tree,
+)
 from ._types import Kind, Mount, SnapshotInfo, Usage
 
 __all__ = [
@@ -94,6 +106,8 @@ _SEQ_KEY = b"\x00seq"
 #: containerd ``pkg/labels``: a label's key and value together may not exceed this many bytes.
 
 _FICLONE = 0x40049409
+#: "Relative to the working directory": lets the ``*_at`` helpers take plain paths too.
+AT_FDCWD = -100
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _IGNORED_XATTR_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
@@ -414,43 +428,76 @@ def disk_usage(root: Path, *, exclude: set[tuple[int, int]] | None = None) -> Us
 
     ``size`` is the sum of ``st_blocks * 512`` over unique ``(st_dev, st_ino)``. Inodes in
     ``exclude`` are skipped entirely (BuildKit's merge usage leaves out the inodes it
-    hardlinked from other snapshots).
+    hardlinked from other snapshots). The walk is iterative and descriptor-based: any depth.
+    A live tree whose directories move under the walk is measured again (three times at
+    most).
+
+    Raises:
+        FailedPreconditionError: The tree kept changing under the walk.
     """
+    for _ in range(3):
+        try:
+            return _disk_usage(root, exclude)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+    msg = f"cannot measure {root}: its directories keep moving while it is walked"
+    raise FailedPreconditionError(msg)
+
+
+def _disk_usage(root: Path, exclude: set[tuple[int, int]] | None) -> Usage:
     seen: set[tuple[int, int]] = set()
     size = 0
     inodes = 0
-    try:
-        st = os.lstat(root)
-    except FileNotFoundError:
-        return Usage(0, 0)
-    pending = [root] if stat.S_ISDIR(st.st_mode) else []
-    for s in [st]:
+
+    def count(s: os.stat_result) -> None:
+        nonlocal size, inodes
         ino = (s.st_dev, s.st_ino)
+        if ino in seen:
+            return
         seen.add(ino)
-        if not exclude or ino not in exclude:
-            size += s.st_blocks * 512
-            inodes += 1
-    while pending:
-        current = pending.pop()
-        try:
-            entries = list(os.scandir(current))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
+        if exclude and ino in exclude:
+            return
+        size += s.st_blocks * 512
+        inodes += 1
+
+    def scan(fd: int) -> list[str]:
+        subdirs: list[str] = []
+        for entry in list_entries(fd):
             try:
                 est = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            ino = (est.st_dev, est.st_ino)
             if stat.S_ISDIR(est.st_mode):
-                pending.append(Path(entry.path))
-            if ino in seen:
+                subdirs.append(entry.name)
+            count(est)
+        return subdirs
+
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return Usage(0, 0)
+    count(st)
+    if not stat.S_ISDIR(st.st_mode):
+        return Usage(size=size, inodes=inodes)
+    try:
+        cursor = DirCursor.open(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return Usage(size=size, inodes=inodes)
+    with cursor:
+        pending = [scan(cursor.fd)]
+        while pending:
+            if pending[-1]:
+                name = pending[-1].pop()
+                try:
+                    cursor.down(name)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                pending.append(scan(cursor.fd))
                 continue
-            seen.add(ino)
-            if exclude and ino in exclude:
-                continue
-            size += est.st_blocks * 512
-            inodes += 1
+            pending.pop()
+            if cursor.depth:
+                cursor.up()
     return Usage(size=size, inodes=inodes)
 
 
@@ -523,12 +570,15 @@ def _copy_data(src_fd: int, dst_fd: int, size: int) -> None:
     os.ftruncate(dst_fd, size)
 
 
-def copy_file(src: str, dst: str, st: os.stat_result) -> None:
-    """Copies a regular file's data to a new file ``dst`` (holes stay holes)."""
-    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def copy_file_at(src_dir: int, src: str, dst_dir: int, dst: str, st: os.stat_result) -> None:
+    """Copies a regular file's data to a new file (holes stay holes), by directory fds."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=_dir_arg(src_dir))
     try:
         dst_fd = os.open(
-            dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            dst,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=_dir_arg(dst_dir),
         )
         try:
             _copy_data(src_fd, dst_fd, st.st_size)
@@ -536,6 +586,11 @@ def copy_file(src: str, dst: str, st: os.stat_result) -> None:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+
+
+def copy_file(src: str, dst: str, st: os.stat_result) -> None:
+    """Copies a regular file's data to a new file ``dst`` (holes stay holes)."""
+    copy_file_at(AT_FDCWD, src, AT_FDCWD, dst, st)
 
 
 def _copy_xattrs(src: str, dst: str, *, skip_overlay: bool) -> None:
@@ -560,13 +615,23 @@ def _copy_xattrs(src: str, dst: str, *, skip_overlay: bool) -> None:
             raise
 
 
-def _copy_metadata(
-    src: str, dst: str, st: os.stat_result, *, times: bool = True, skip_overlay: bool = False
+def _copy_metadata_at(
+    src_dir: int,
+    src: str,
+    dst_dir: int,
+    dst: str,
+    st: os.stat_result,
+    *,
+    times: bool = True,
+    skip_overlay: bool = False,
 ) -> None:
-    """Owner, mode, xattrs and times of ``src`` onto ``dst`` (continuity ``copyFileInfo``)."""
+    """Owner, mode, xattrs and times of ``src`` onto ``dst`` (continuity ``copyFileInfo``).
+
+    Both are names relative to directory descriptors (``AT_FDCWD`` for plain paths).
+    """
     is_link = stat.S_ISLNK(st.st_mode)
     try:
-        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+        os.chown(dst, st.st_uid, st.st_gid, dir_fd=_dir_arg(dst_dir), follow_symlinks=False)
     except OSError as exc:
         # Unprivileged (EPERM), or an id unmapped in this user namespace (EINVAL): the copy
         # belongs to us (containerd-backends.md §13, risk 3).
@@ -574,24 +639,90 @@ def _copy_metadata(
             raise
         logger.debug("cannot chown %s to %d:%d: %s", dst, st.st_uid, st.st_gid, exc)
     if not is_link:
-        # After chown, which clears the set-id bits.
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    _copy_xattrs(src, dst, skip_overlay=skip_overlay)
+        # After chown, which clears the set-id bits. ``dst`` was created by us as a
+        # non-symlink, so following it is safe (Linux has no lchmod).
+        os.chmod(dst, stat.S_IMODE(st.st_mode), dir_fd=_dir_arg(dst_dir))
+    _copy_xattrs(_at_path(src_dir, src), _at_path(dst_dir, dst), skip_overlay=skip_overlay)
     if times:
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        os.utime(
+            dst,
+            ns=(st.st_atime_ns, st.st_mtime_ns),
+            dir_fd=_dir_arg(dst_dir),
+            follow_symlinks=False,
+        )
 
 
-def _make_special(dst: str, st: os.stat_result) -> bool:
+def _copy_metadata(
+    src: str, dst: str, st: os.stat_result, *, times: bool = True, skip_overlay: bool = False
+) -> None:
+    """:func:`_copy_metadata_at` for plain paths."""
+    _copy_metadata_at(AT_FDCWD, src, AT_FDCWD, dst, st, times=times, skip_overlay=skip_overlay)
+
+
+def _dir_arg(dir_fd: int) -> int | None:
+    return None if dir_fd == AT_FDCWD else dir_fd
+
+
+def _at_path(dir_fd: int, name: str) -> str:
+    return name if dir_fd == AT_FDCWD else proc_path(dir_fd, name)
+
+
+def _make_special_at(dst_dir: int, dst: str, st: os.stat_result) -> bool:
     """mknod/mkfifo for devices, fifos and sockets; ``False`` when not permitted."""
     try:
         if stat.S_ISFIFO(st.st_mode):
-            os.mkfifo(dst, 0o600)
+            os.mkfifo(dst, 0o600, dir_fd=_dir_arg(dst_dir))
         else:
-            os.mknod(dst, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
+            os.mknod(dst, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=_dir_arg(dst_dir))
     except PermissionError:
         logger.warning("cannot create device %s (%#x): not permitted; skipped", dst, st.st_rdev)
         return False
     return True
+
+
+def _copy_entries(
+    src_fd: int,
+    dst_fd: int,
+    node: PathNode,
+    links: dict[tuple[int, int], tuple[PathNode, str]],
+    link_cursor: Callable[[], DirCursor],
+) -> list[tuple[str, os.stat_result]]:
+    """Copies the non-directories of one directory; makes (empty) copies of its subdirs."""
+    subdirs: list[tuple[str, os.stat_result]] = []
+    for entry in list_entries(src_fd):
+        name = entry.name
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dst_fd)
+            subdirs.append((name, st))
+            continue
+        if stat.S_ISREG(mode):
+            ino = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1:
+                first = links.get(ino)
+                if first is not None:
+                    cursor = link_cursor()
+                    cursor.goto(first[0])
+                    os.link(
+                        first[1],
+                        name,
+                        src_dir_fd=cursor.fd,
+                        dst_dir_fd=dst_fd,
+                        follow_symlinks=False,
+                    )
+                    continue
+                links[ino] = (node, name)
+            copy_file_at(src_fd, name, dst_fd, name, st)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+        elif stat.S_ISSOCK(mode):
+            logger.debug("skipping socket %s", name)
+            continue
+        elif not _make_special_at(dst_fd, name, st):
+            continue
+        _copy_metadata_at(src_fd, name, dst_fd, name, st)
+    return subdirs
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -600,95 +731,183 @@ def copy_tree(src: Path, dst: Path) -> None:
     Keeps modes, owners (when permitted), times (ns), xattrs (errors on privileged namespaces
     are logged and ignored), symlinks, hardlinks within the tree, devices and fifos (skipped
     when not permitted), and holes in sparse files. Directory times are set after their
-    children. Sockets are skipped, as continuity does.
+    children. Sockets are skipped, as continuity does. Iterative and descriptor-based: trees
+    of any depth are copied with a handful of descriptors open.
     """
     root_st = os.lstat(src)
     if not stat.S_ISDIR(root_st.st_mode):
         msg = f"cannot copy {src}: not a directory"
         raise InvalidError(msg)
-    links: dict[tuple[int, int], str] = {}
-    dirs: list[tuple[str, str, os.stat_result]] = [(str(src), str(dst), root_st)]
-    pending = [(str(src), str(dst))]
-    while pending:
-        sdir, ddir = pending.pop()
-        with os.scandir(sdir) as it:
-            entries = list(it)
-        for entry in entries:
-            s = entry.path
-            d = os.path.join(ddir, entry.name)
-            st = entry.stat(follow_symlinks=False)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                os.mkdir(d, 0o700)
-                dirs.append((s, d, st))
-                pending.append((s, d))
-                continue
-            if stat.S_ISREG(mode):
-                ino = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1:
-                    first = links.get(ino)
-                    if first is not None:
-                        os.link(first, d)
-                        continue
-                    links[ino] = d
-                copy_file(s, d, st)
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(s), d)
-            elif stat.S_ISSOCK(mode):
-                logger.debug("skipping socket %s", s)
-                continue
-            elif not _make_special(d, st):
-                continue
-            _copy_metadata(s, d, st)
-    # Children first, so creating entries does not disturb a parent's restored mtime.
-    for s, d, st in reversed(dirs):
-        _copy_metadata(s, d, st)
+    top = PathNode()
+    links: dict[tuple[int, int], tuple[PathNode, str]] = {}
+    extra: list[DirCursor] = []
+
+    def link_cursor() -> DirCursor:
+        if not extra:
+            extra.append(DirCursor.open(dst, top))
+        return extra[0]
+
+    with DirCursor.open(src) as scur, DirCursor.open(dst, top) as dcur:
+        try:
+            pending = [_copy_entries(scur.fd, dcur.fd, top, links, link_cursor)]
+            stats: list[os.stat_result] = []
+            while pending:
+                if pending[-1]:
+                    name, st = pending[-1].pop()
+                    scur.down(name)
+                    node = dcur.node
+                    assert isinstance(node, PathNode)
+                    dcur.down(name, node.child(name))
+                    stats.append(st)
+                    child = dcur.node
+                    assert isinstance(child, PathNode)
+                    pending.append(_copy_entries(scur.fd, dcur.fd, child, links, link_cursor))
+                    continue
+                pending.pop()
+                if scur.depth:
+                    # Children first, so creating entries does not disturb a restored mtime.
+                    name, st = scur.name, stats.pop()
+                    scur.up()
+                    dcur.up()
+                    _copy_metadata_at(scur.fd, name, dcur.fd, name, st)
+        finally:
+            for cursor in extra:
+                cursor.close()
+    _copy_metadata(str(src), str(dst), root_st)
 
 
 # -- trees, diffs and the merge applier (BuildKit diffapply) --------------------------------
 
 
-@dataclass(slots=True)
 class _Node:
-    """One entry of a snapshot's full content: the real file backing it and its lstat."""
+    """One entry of a snapshot's full content: its position, its lstat, the layer backing it.
 
-    path: str
-    st: os.stat_result
-    children: dict[str, _Node] | None = None  # a dict for directories
+    The real file is ``layers[layer]/<names from the top>`` of its :class:`_Tree`; it is
+    reached through the tree's cursors, never by path (trees may be deeper than PATH_MAX).
+    """
+
+    __slots__ = ("children", "depth", "layer", "name", "parent", "st")
+
+    def __init__(
+        self, parent: _Node | None, name: str, st: os.stat_result, layer: int, is_dir: bool
+    ) -> None:
+        self.parent = parent
+        self.name = name
+        self.depth: int = 0 if parent is None else parent.depth + 1
+        self.st = st
+        self.layer = layer
+        self.children: dict[str, _Node] | None = {} if is_dir else None
+
+    def __repr__(self) -> str:
+        return f"_Node({'/'.join(node_parts(self))!r}, layer={self.layer})"
+
+
+class _Tree:
+    """The full content of a snapshot as a :class:`_Node` tree over its layer directories.
+
+    ``layers`` are newest first (one for a native snapshot). Files are opened through one
+    :class:`DirCursor` per layer, opened on first use; :meth:`close` closes them.
+    """
+
+    def __init__(self, layers: Sequence[Path], root: _Node) -> None:
+        self.layers = list(layers)
+        self.root = root
+        self._cursors: dict[int, DirCursor] = {}
+
+    def cursor(self, layer: int) -> DirCursor:
+        cursor = self._cursors.get(layer)
+        if cursor is None:
+            cursor = self._cursors[layer] = DirCursor.open(self.layers[layer], self.root)
+        return cursor
+
+    def at(self, node: _Node) -> tuple[int, str]:
+        """``(directory fd, name)`` of ``node``'s real file; valid until the next ``at``."""
+        assert node.parent is not None
+        cursor = self.cursor(node.layer)
+        cursor.goto(node.parent)
+        return cursor.fd, node.name
+
+    def describe(self, node: _Node) -> str:
+        return display_path(self.layers[node.layer], node_parts(node))
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors.clear()
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _is_opaque(path: str) -> bool:
-    for name in _OPAQUE_XATTRS:
+def _is_opaque(dir_fd: int, name: str) -> bool:
+    path = proc_path(dir_fd, name)
+    for attr in _OPAQUE_XATTRS:
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
                 return True
         except OSError:
             continue
     return False
 
 
-def scan_tree(root: Path) -> _Node:
+def _build_tree(layers: Sequence[Path], *, overlay: bool) -> _Tree:
+    if not layers:
+        msg = "an overlay tree needs at least one layer"
+        raise InvalidError(msg)
+    top: _Node | None = None
+    tree: _Tree | None = None
+    try:
+        for index in reversed(range(len(layers))):
+            st = os.lstat(layers[index])
+            if top is None:
+                top = _Node(None, "", st, index, True)
+                tree = _Tree(layers, top)
+            else:
+                top.st, top.layer = st, index
+            assert tree is not None
+            cursor = tree.cursor(index)
+            pending = [top]
+            while pending:
+                node = pending.pop()
+                cursor.goto(node)
+                fd = cursor.fd
+                children = node.children
+                assert children is not None
+                for entry in list_entries(fd):
+                    name = entry.name
+                    est = entry.stat(follow_symlinks=False)
+                    if overlay and _is_whiteout(est):
+                        children.pop(name, None)
+                        continue
+                    if stat.S_ISDIR(est.st_mode):
+                        existing = children.get(name)
+                        if (
+                            existing is not None
+                            and existing.children is not None
+                            and not (overlay and _is_opaque(fd, name))
+                        ):
+                            existing.st, existing.layer = est, index
+                        else:
+                            existing = _Node(node, name, est, index, True)
+                            children[name] = existing
+                        pending.append(existing)
+                    else:
+                        children[name] = _Node(node, name, est, index, False)
+    except BaseException:
+        if tree is not None:
+            tree.close()
+        raise
+    assert tree is not None
+    return tree
+
+
+def scan_tree(root: Path) -> _Tree:
     """The content of a plain directory tree (a native snapshot)."""
-    top = _Node(str(root), os.lstat(root), {})
-    pending = [top]
-    while pending:
-        node = pending.pop()
-        assert node.children is not None
-        with os.scandir(node.path) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                child = _Node(entry.path, st, {} if stat.S_ISDIR(st.st_mode) else None)
-                node.children[entry.name] = child
-                if child.children is not None:
-                    pending.append(child)
-    return top
+    return _build_tree([root], overlay=False)
 
 
-def overlay_tree(layers: Sequence[Path]) -> _Node:
+def overlay_tree(layers: Sequence[Path]) -> _Tree:
     """The merged content of overlay layer dirs, newest first, as the kernel would show it.
 
     Applies the layers oldest first: a 0/0 character device deletes what is below it, an
@@ -696,64 +915,49 @@ def overlay_tree(layers: Sequence[Path]) -> _Node:
     below it, anything else replaces or (directory over directory) merges. Redirects
     (``redirect_dir``) are not followed; containerd and BuildKit do not turn them on.
     """
-    if not layers:
-        msg = "an overlay tree needs at least one layer"
-        raise InvalidError(msg)
-    top: _Node | None = None
-    for layer in reversed(layers):
-        st = os.lstat(layer)
-        if top is None:
-            top = _Node(str(layer), st, {})
-        else:
-            top.path, top.st = str(layer), st
-        pending: list[tuple[str, _Node]] = [(str(layer), top)]
-        while pending:
-            directory, node = pending.pop()
-            assert node.children is not None
-            with os.scandir(directory) as it:
-                for entry in it:
-                    est = entry.stat(follow_symlinks=False)
-                    if _is_whiteout(est):
-                        node.children.pop(entry.name, None)
-                        continue
-                    if stat.S_ISDIR(est.st_mode):
-                        existing = node.children.get(entry.name)
-                        if (
-                            existing is not None
-                            and existing.children is not None
-                            and not _is_opaque(entry.path)
-                        ):
-                            existing.path, existing.st = entry.path, est
-                        else:
-                            existing = _Node(entry.path, est, {})
-                            node.children[entry.name] = existing
-                        pending.append((entry.path, existing))
-                    else:
-                        node.children[entry.name] = _Node(entry.path, est)
-    assert top is not None
-    return top
+    return _build_tree(layers, overlay=True)
 
 
-def _same_content(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            ca = fa.read(1 << 16)
-            cb = fb.read(1 << 16)
-            if ca != cb:
-                return False
-            if not ca:
-                return True
+def _open_node(tree: _Tree, node: _Node) -> int:
+    fd, name = tree.at(node)
+    return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
 
 
-def _capability(path: str) -> bytes | None:
+def _same_content(ta: _Tree, a: _Node, tb: _Tree, b: _Node) -> bool:
+    fa = _open_node(ta, a)
     try:
-        return os.getxattr(path, "security.capability", follow_symlinks=False)
+        fb = _open_node(tb, b)
+        try:
+            offset = 0
+            while True:
+                ca = os.pread(fa, 1 << 16, offset)
+                cb = os.pread(fb, 1 << 16, offset)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+                offset += len(ca)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+def _capability(tree: _Tree, node: _Node) -> bytes | None:
+    fd, name = tree.at(node)
+    try:
+        return os.getxattr(proc_path(fd, name), "security.capability", follow_symlinks=False)
     except OSError:
         return None
 
 
-def same_file(a: _Node, b: _Node) -> bool:
-    """continuity ``sameFile``: does ``b`` carry no change relative to ``a``?"""
+def _readlink(tree: _Tree, node: _Node) -> str:
+    fd, name = tree.at(node)
+    return os.readlink(name, dir_fd=fd)
+
+
+def same_file(ta: _Tree, a: _Node, tb: _Tree, b: _Node) -> bool:
+    """continuity ``sameFile``: does ``b`` (of ``tb``) carry no change relative to ``a``?"""
     sa, sb = a.st, b.st
     if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
         return True
@@ -764,23 +968,23 @@ def same_file(a: _Node, b: _Node) -> bool:
         sb.st_rdev,
     ):
         return False
-    if _capability(a.path) != _capability(b.path):
+    if _capability(ta, a) != _capability(tb, b):
         return False
     if stat.S_ISDIR(sa.st_mode):
         return True
     if sa.st_size != sb.st_size:
         return False
-    ta, tb = sa.st_mtime_ns, sb.st_mtime_ns
-    if ta // 1_000_000_000 != tb // 1_000_000_000:
+    ta_ns, tb_ns = sa.st_mtime_ns, sb.st_mtime_ns
+    if ta_ns // 1_000_000_000 != tb_ns // 1_000_000_000:
         return False
-    if ta % 1_000_000_000 == 0 and tb % 1_000_000_000 == 0:
+    if ta_ns % 1_000_000_000 == 0 and tb_ns % 1_000_000_000 == 0:
         # Timestamps may have been truncated on both sides: compare the content.
         if stat.S_ISLNK(sa.st_mode):
-            return os.readlink(a.path) == os.readlink(b.path)
+            return _readlink(ta, a) == _readlink(tb, b)
         if sa.st_size == 0 or not stat.S_ISREG(sa.st_mode):
             return True
-        return _same_content(a.path, b.path)
-    return ta == tb
+        return _same_content(ta, a, tb, b)
+    return ta_ns == tb_ns
 
 
 ChangeKind = Literal["add", "modify", "delete"]
@@ -788,125 +992,173 @@ ChangeKind = Literal["add", "modify", "delete"]
 
 @dataclass(slots=True)
 class _Change:
-    rel: tuple[str, ...]
+    parent: _Node | None  # the upper's directory holding the entry (None: the top)
+    name: str
     kind: ChangeKind
     node: _Node | None  # the upper's entry (None for deletions)
 
 
-def _subtree_adds(node: _Node, rel: tuple[str, ...], out: list[_Change]) -> None:
-    out.append(_Change(rel, "add", node))
-    if node.children:
-        for name in sorted(node.children):
-            _subtree_adds(node.children[name], (*rel, name), out)
+def diff_trees(lower: _Tree | None, upper: _Tree | None) -> Iterator[_Change]:
+    """continuity ``Changes`` between two full trees, in path order (root itself excluded).
 
-
-def diff_trees(lower: _Node | None, upper: _Node | None) -> list[_Change]:
-    """continuity ``Changes`` between two full trees, in path order (root itself excluded)."""
-    out: list[_Change] = []
+    A generator over an explicit stack: no recursion, whatever the depth.
+    """
     if upper is None:
-        if lower is not None and lower.children:
-            out.extend(_Change((name,), "delete", None) for name in sorted(lower.children))
-        return out
-    _diff_dir(lower, upper, (), out)
-    return out
-
-
-def _diff_dir(low: _Node | None, up: _Node, rel: tuple[str, ...], out: list[_Change]) -> None:
-    lc = low.children if low is not None and low.children is not None else {}
-    uc = up.children or {}
-    for name in sorted(set(lc) | set(uc)):
-        child_rel = (*rel, name)
+        if lower is not None and lower.root.children:
+            for name in sorted(lower.root.children):
+                yield _Change(None, name, "delete", None)
+        return
+    low_root = lower.root if lower is not None else None
+    # (lower dir or None: everything below is added, upper dir, names still to compare)
+    stack: list[tuple[_Node | None, _Node, Iterator[str]]] = [
+        (low_root, upper.root, iter(_union(low_root, upper.root)))
+    ]
+    while stack:
+        low, up, names = stack[-1]
+        following = next(names, None)
+        if following is None:
+            stack.pop()
+            continue
+        name = following
+        lc = low.children if low is not None and low.children is not None else {}
+        uc = up.children or {}
         ln, un = lc.get(name), uc.get(name)
         if un is None:
-            out.append(_Change(child_rel, "delete", None))
+            yield _Change(up, name, "delete", None)
         elif ln is None:
-            _subtree_adds(un, child_rel, out)
+            yield _Change(up, name, "add", un)
+            if un.children:
+                stack.append((None, un, iter(sorted(un.children))))
         elif un.children is not None and ln.children is not None:
-            if not same_file(ln, un):
-                out.append(_Change(child_rel, "modify", un))
-            _diff_dir(ln, un, child_rel, out)
-        elif same_file(ln, un):
+            assert lower is not None
+            if not same_file(lower, ln, upper, un):
+                yield _Change(up, name, "modify", un)
+            stack.append((ln, un, iter(_union(ln, un))))
+        elif lower is not None and same_file(lower, ln, upper, un):
             continue
         else:
             # A replaced entry: everything below a new directory is added.
-            out.append(_Change(child_rel, "modify", un))
-            for sub in sorted(un.children or {}):
-                _subtree_adds((un.children or {})[sub], (*child_rel, sub), out)
+            yield _Change(up, name, "modify", un)
+            if un.children:
+                stack.append((None, un, iter(sorted(un.children))))
+
+
+def _union(low: _Node | None, up: _Node) -> list[str]:
+    lc = low.children if low is not None and low.children is not None else {}
+    return sorted(set(lc) | set(up.children or {}))
 
 
 def _remove_path(path: str) -> None:
+    remove_tree(path)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Removes a tree, logging (not raising) what cannot go: ``cleanup`` retries at open."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+        remove_tree(path)
+    except OSError as exc:
+        logger.warning("cannot remove %s: %s", path, exc)
 
 
-@dataclass
 class _Applier:
-    """BuildKit's diffapply applier for a plain target directory, with cross-snapshot links."""
+    """BuildKit's diffapply applier for a plain target directory, with cross-snapshot links.
 
-    root: Path
-    linked: set[tuple[int, int]] = field(default_factory=set)
-    dir_times: dict[tuple[str, ...], tuple[int, int]] = field(default_factory=dict)
+    Works through directory cursors (no path longer than a name), so targets of any depth
+    can be built.
+    """
 
-    def apply(self, lower: _Node | None, upper: _Node | None) -> None:
-        changes = diff_trees(lower, upper)
-        visited: set[tuple[str, ...]] = set()
-        copies: dict[tuple[int, int], str] = {}  # copy fallback: keep hardlinks of one diff
-        for change in changes:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.top = PathNode()
+        self.cursor = DirCursor.open(root, self.top)
+        self._link_cursor: DirCursor | None = None
+        self.linked: set[tuple[int, int]] = set()
+        self.dir_times: dict[PathNode, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        self.cursor.close()
+        if self._link_cursor is not None:
+            self._link_cursor.close()
+
+    def _tnode(self, node: _Node | None, memo: dict[_Node, PathNode]) -> PathNode:
+        """The target position of the upper's directory ``node`` (iterative)."""
+        chain: list[_Node] = []
+        current = node
+        found: PathNode | None = None
+        while current is not None and current.parent is not None:
+            found = memo.get(current)
+            if found is not None:
+                break
+            chain.append(current)
+            current = current.parent
+        tnode = found if found is not None else self.top
+        for step in reversed(chain):
+            tnode = tnode.child(step.name)
+            memo[step] = tnode
+        return tnode
+
+    def apply(self, lower: _Tree | None, upper: _Tree | None) -> None:
+        visited: set[_Node] = set()
+        copies: dict[tuple[int, int], tuple[PathNode, str]] = {}  # keep hardlinks of one diff
+        memo: dict[_Node, PathNode] = {}
+        for change in diff_trees(lower, upper):
             if change.kind == "delete":
-                _remove_path(self._dst(change.rel))
+                try:
+                    self.cursor.goto(self._tnode(change.parent, memo))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # nothing there to delete
+                remove_tree(change.name, dir_fd=self.cursor.fd)
                 continue
             assert change.node is not None
             assert upper is not None
-            self._check_parents(change.rel, upper, visited)
-            visited.add(change.rel)
-            self._apply_one(change.rel, change.node, copies)
-
-    def _dst(self, rel: tuple[str, ...]) -> str:
-        return os.path.join(self.root, *rel)
+            self._check_parents(upper, change.node, visited, memo)
+            visited.add(change.node)
+            self._apply_one(upper, change.node, copies, memo)
 
     def _check_parents(
-        self, rel: tuple[str, ...], upper: _Node, visited: set[tuple[str, ...]]
+        self, tree: _Tree, node: _Node, visited: set[_Node], memo: dict[_Node, PathNode]
     ) -> None:
         # BuildKit checkParent: make each parent dir exist with the upper's metadata first.
-        node = upper
-        for depth in range(1, len(rel)):
-            assert node.children is not None
-            node = node.children[rel[depth - 1]]
-            parent_rel = rel[:depth]
-            if parent_rel in visited:
-                continue
-            visited.add(parent_rel)
-            self._apply_one(parent_rel, node, {})
+        chain: list[_Node] = []
+        parent = node.parent
+        while parent is not None and parent.parent is not None and parent not in visited:
+            chain.append(parent)
+            parent = parent.parent
+        for step in reversed(chain):
+            visited.add(step)
+            self._apply_one(tree, step, {}, memo)
 
     def _apply_one(
-        self, rel: tuple[str, ...], node: _Node, copies: dict[tuple[int, int], str]
+        self,
+        tree: _Tree,
+        node: _Node,
+        copies: dict[tuple[int, int], tuple[PathNode, str]],
+        memo: dict[_Node, PathNode],
     ) -> None:
-        dst = self._dst(rel)
+        tparent = self._tnode(node.parent, memo)
+        self.cursor.goto(tparent)
+        dfd = self.cursor.fd
+        name = node.name
         st = node.st
         is_dir = node.children is not None
         try:
-            dst_st: os.stat_result | None = os.lstat(dst)
+            dst_st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             dst_st = None
         if dst_st is not None and not (is_dir and stat.S_ISDIR(dst_st.st_mode)):
-            _remove_path(dst)
+            remove_tree(name, dir_fd=dfd)
             dst_st = None
+        sfd, sname = tree.at(node)
         if is_dir:
             if dst_st is None:
-                os.mkdir(dst, 0o700)
-            _copy_metadata(node.path, dst, st, times=False, skip_overlay=True)
-            self.dir_times[rel] = (st.st_atime_ns, st.st_mtime_ns)
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            _copy_metadata_at(sfd, sname, dfd, name, st, times=False, skip_overlay=True)
+            self.dir_times[tparent.child(name)] = (st.st_atime_ns, st.st_mtime_ns)
             return
         ino = (st.st_dev, st.st_ino)
         if not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
             try:
-                os.link(node.path, dst, follow_symlinks=False)
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
                 # Hardlinks fail across filesystems, past the link limit, or on files we
                 # do not own (protected_hardlinks): copy instead, as BuildKit does.
@@ -916,28 +1168,40 @@ class _Applier:
                 self.linked.add(ino)
                 return
         if st.st_nlink > 1 and ino in copies:
-            os.link(copies[ino], dst)
+            first_dir, first_name = copies[ino]
+            if self._link_cursor is None:
+                self._link_cursor = DirCursor.open(self.root, self.top)
+            self._link_cursor.goto(first_dir)
+            os.link(
+                first_name,
+                name,
+                src_dir_fd=self._link_cursor.fd,
+                dst_dir_fd=dfd,
+                follow_symlinks=False,
+            )
             return
         if stat.S_ISREG(st.st_mode):
-            copy_file(node.path, dst, st)
+            copy_file_at(sfd, sname, dfd, name, st)
         elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(node.path), dst)
-        elif not _make_special(dst, st):
+            os.symlink(os.readlink(sname, dir_fd=sfd), name, dir_fd=dfd)
+        elif not _make_special_at(dfd, name, st):
             return
-        copies[ino] = dst
-        _copy_metadata(node.path, dst, st, skip_overlay=True)
+        copies[ino] = (tparent, name)
+        _copy_metadata_at(sfd, sname, dfd, name, st, skip_overlay=True)
 
     def flush(self) -> None:
-        """Sets the deferred directory times, deepest first (BuildKit ``Flush``)."""
-        for rel in sorted(self.dir_times, key=len, reverse=True):
-            dst = self._dst(rel)
-            try:
-                if not stat.S_ISDIR(os.lstat(dst).st_mode):
-                    continue
-            except FileNotFoundError:
+        """Sets the deferred directory times, children first (BuildKit ``Flush``)."""
+        for tnode in post_order(self.top):
+            times = self.dir_times.get(tnode)
+            if times is None or tnode.parent is None:
                 continue
-            atime, mtime = self.dir_times[rel]
-            os.utime(dst, ns=(atime, mtime), follow_symlinks=False)
+            try:
+                self.cursor.goto(tnode.parent)
+                st = os.stat(tnode.name, dir_fd=self.cursor.fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                os.utime(tnode.name, ns=times, dir_fd=self.cursor.fd, follow_symlinks=False)
 
 
 # -- the shared snapshotter -----------------------------------------------------------------
@@ -1005,7 +1269,8 @@ class BaseSnapshotter:
         # clean=False: an inspecting view of a cache that another object may be writing
         # (``storage.check``); it must neither record a name nor remove anything.
         if clean and not env.readonly:
-            self._dirs.mkdir(parents=True, exist_ok=True)
+            # Private (0700): snapshots hold set-id files and devices of extracted layers.
+            make_private_dir(self._dirs, parents=True)
             if stored is None:
                 with env.write_txn() as txn:
                     if txn.get(DB_SNAPSHOTS, SNAPSHOTTER_NAME_KEY) is None:
@@ -1044,7 +1309,7 @@ class BaseSnapshotter:
         """Where a merge writes its content inside a new snapshot directory ``sid``."""
         raise NotImplementedError
 
-    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Node:
+    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Tree:
         """The full content of committed ``rec`` (with parents), backed by real files."""
         raise NotImplementedError
 
@@ -1163,7 +1428,7 @@ class BaseSnapshotter:
         # The transaction that would have recorded the directory failed: remove what we made.
         for path in (tmp, self._snapshot_dir(sid) if sid else None):
             if path is not None:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_quietly(path)
         names = [n for n in (tmp.name if tmp else None, sid) if n]
         self._forget_inflight(*names)
 
@@ -1257,6 +1522,8 @@ class BaseSnapshotter:
             self._discard(tmp, None)
             if isinstance(exc, OSError):
                 msg = f"cannot build snapshot {plan.key!r} in {tmp}: {exc}"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFullError(msg) from exc
                 raise RefcacheError(msg) from exc
             raise
         return tmp, usage
@@ -1280,7 +1547,7 @@ class BaseSnapshotter:
         if pending.done:
             return
         pending.done = True
-        shutil.rmtree(self._snapshot_dir(pending.sid), ignore_errors=True)
+        _remove_quietly(self._snapshot_dir(pending.sid))
         self._forget_inflight(pending.sid)
 
     def _sweep(self) -> None:
@@ -1553,7 +1820,12 @@ class BaseSnapshotter:
                 wtxn.delete(DB_SNAPSHOTS, _child_key(rec.parent, key))
             if self._owns_dir(rec.kind, bool(rec.parent)):
                 sid = rec.id
-                wtxn.after_commit(lambda: self._retire_dir(sid))
+                # Renamed inside the transaction, before its commit: a reader of the committed
+                # state (storage.check) never sees the directory of a snapshot it does not
+                # know any more. A rollback renames it back; a crash before the commit
+                # leaves rm-<id> of a live snapshot, which the next open renames back.
+                self._retire_dir(sid)
+                wtxn.after_rollback(lambda: self._unretire_dir(sid))
                 wtxn.after_unlock(lambda: self._purge_dir(sid))
 
         if txn is not None:
@@ -1574,12 +1846,49 @@ class BaseSnapshotter:
         except FileNotFoundError:
             self._forget_inflight(doomed.name)
 
+    def _unretire_dir(self, sid: str) -> None:
+        # The removing transaction rolled back: the snapshot is still recorded.
+        doomed = self._dirs / f"rm-{sid}"
+        try:
+            os.rename(doomed, self._snapshot_dir(sid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot restore snapshot directory %s: %s", doomed, exc)
+        finally:
+            self._forget_inflight(doomed.name)
+
+    def _restore_retired(self, live: set[str]) -> list[str]:
+        """Renames ``rm-<id>`` of still-recorded snapshots back (a removal that crashed
+        before its commit); returns what was restored."""
+        restored: list[str] = []
+        try:
+            names = os.listdir(self._dirs)
+        except FileNotFoundError:
+            return restored
+        for name in names:
+            sid = name.removeprefix("rm-")
+            if sid == name or sid not in live or os.path.lexists(self._dirs / sid):
+                continue
+            try:
+                os.rename(self._dirs / name, self._dirs / sid)
+            except OSError as exc:
+                logger.warning("cannot restore snapshot directory %s: %s", name, exc)
+                continue
+            restored.append(sid)
+            logger.warning(
+                "snapshot directory %s restored from %s (its removal never committed)",
+                self._dirs / sid,
+                name,
+            )
+        return restored
+
     def _purge_dir(self, sid: str) -> None:
         # The slow part (a tree of files), after the write lock is released, so that GC of
         # thousands of snapshots does not hold up every other metadata write.
         doomed = self._dirs / f"rm-{sid}"
         try:
-            shutil.rmtree(doomed, ignore_errors=True)
+            _remove_quietly(doomed)
         finally:
             self._forget_inflight(doomed.name)
 
@@ -1664,16 +1973,21 @@ class BaseSnapshotter:
         _check_labels(labels)
         txn = _check_txn(txn)
         self._check_open()
-        if txn is not None:
-            trees = self._diff_trees(txn, checked)
-        else:
-            with self._env.read_txn() as rtxn:
-                trees = self._diff_trees(rtxn, checked)
+        opened: dict[str, _Tree] = {}
+        try:
+            if txn is not None:
+                trees = self._diff_trees(txn, checked, opened)
+            else:
+                with self._env.read_txn() as rtxn:
+                    trees = self._diff_trees(rtxn, checked, opened)
 
-        def build(tmp: Path, plan: _Plan) -> Usage:
-            return self._merge_into(tmp, trees)
+            def build(tmp: Path, plan: _Plan) -> Usage:
+                return self._merge_into(tmp, trees)
 
-        self._create(Kind.COMMITTED, key, "", labels, txn, build=build)
+            self._create(Kind.COMMITTED, key, "", labels, txn, build=build)
+        finally:
+            for tree in opened.values():
+                tree.close()
 
     @staticmethod
     def _check_diffs(diffs: object) -> list[tuple[str, str]]:
@@ -1690,11 +2004,9 @@ class BaseSnapshotter:
         return out
 
     def _diff_trees(
-        self, txn: ReadTxn, diffs: list[tuple[str, str]]
-    ) -> list[tuple[_Node | None, _Node | None]]:
-        cache: dict[str, _Node] = {}
-
-        def tree(key: str) -> _Node | None:
+        self, txn: ReadTxn, diffs: list[tuple[str, str]], cache: dict[str, _Tree]
+    ) -> list[tuple[_Tree | None, _Tree | None]]:
+        def tree(key: str) -> _Tree | None:
             if not key:
                 return None
             if key not in cache:
@@ -1711,18 +2023,47 @@ class BaseSnapshotter:
 
         return [(tree(lower), tree(upper)) for lower, upper in diffs]
 
-    def _merge_into(self, tmp: Path, trees: list[tuple[_Node | None, _Node | None]]) -> Usage:
+    def _merge_into(self, tmp: Path, trees: list[tuple[_Tree | None, _Tree | None]]) -> Usage:
         target = self._merge_target(tmp)
         applier = _Applier(target)
-        for lower, upper in trees:
-            applier.apply(lower, upper)
-        applier.flush()
+        try:
+            for lower, upper in trees:
+                applier.apply(lower, upper)
+            applier.flush()
+        finally:
+            applier.close()
         return disk_usage(target, exclude=applier.linked)
 
     def _merge_target(self, tmp: Path) -> Path:
         return tmp
 
     # -- consistency ------------------------------------------------------------------------
+
+    def owned_dirs(self, txn: ReadTxn) -> dict[str, str]:
+        """``{directory name: snapshot key}`` of every snapshot that owns a directory, and
+        the last id handed out, as ``txn`` sees them (for ``storage.check``)."""
+        owners: dict[str, str] = {}
+        for raw_key, raw in txn.items(DB_SNAPSHOTS):
+            if raw_key.startswith(b"\x00"):
+                continue
+            rec = _decode(raw_key.decode("utf-8", "surrogateescape"), raw)
+            if self._owns_dir(rec.kind, bool(rec.parent)):
+                owners[rec.id] = rec.key
+        return owners
+
+    @staticmethod
+    def last_id(txn: ReadTxn) -> int:
+        """The last snapshot id handed out as ``txn`` sees it (ids are never reused, so a
+        directory named by a larger id belongs to a transaction that has not committed)."""
+        raw = txn.get(DB_SNAPSHOTS, _SEQ_KEY)
+        if raw is None:
+            return 0
+        value = msgpack.unpackb(raw)
+        return value if isinstance(value, int) else 0
+
+    def dir_of(self, sid: str) -> Path:
+        """The directory whose existence says snapshot directory ``sid`` is there."""
+        return self._usage_dir(sid)
 
     def _live_dirs(self) -> tuple[set[str], list[_Record]]:
         live: set[str] = set()
@@ -1764,6 +2105,10 @@ class BaseSnapshotter:
             raise FailedPreconditionError(msg)
         if self._pending:
             self._sweep()
+        live, _ = self._live_dirs()
+        with self._lock:
+            busy = set(self._inflight)
+        self._restore_retired(live - {n.removeprefix("rm-") for n in busy})
         removed = []
         for path in self.orphans():
             try:
@@ -1784,8 +2129,7 @@ def _check_same_chain(before: _Plan, after: _Plan) -> None:
 
 def _fsync_tree_dirs(root: Path) -> None:
     """fsyncs every directory of a tree of empty directories (a new snapshot layout)."""
-    for dirpath, _dirnames, _files in os.walk(root, topdown=False):
-        _fsync_dir(Path(dirpath))
+    fsync_tree_dirs(root)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -11,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from refcache.storage import DiffIDMismatchError
 from refcache.storage._applier import Applier, TarApplier
 from refcache.storage._archive import decompressed_stream
 from refcache.storage._content import LocalContentStore
@@ -324,3 +326,70 @@ def test_applying_into_an_overlay_upperdir_hides_deleted_lower_entries(
     assert whiteout.st_rdev == 0
     with local_mount(mounts, readonly=True) as merged:
         assert snapshot(merged) == snapshot(upper)
+
+
+# -- diffIDs and caps (issue 11) ----------------------------------------------------------
+
+
+def _gzip_layer(files: dict[str, bytes]) -> tuple[bytes, str]:
+    """``(gzip blob, diffID)`` of a layer of regular files."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    tar = raw.getvalue()
+    return gzip.compress(tar, mtime=0), "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def _stored(store: LocalContentStore, blob: bytes, diff_id: str) -> Descriptor:
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    desc = Descriptor(
+        MEDIA_TYPE_OCI_LAYER_GZIP, digest, len(blob), {ANNOTATION_UNCOMPRESSED: diff_id}
+    )
+    return store.write_blob(blob, desc)
+
+
+def test_the_applier_refuses_a_blob_whose_content_has_another_diffid(
+    store: LocalContentStore, tmp_path: Path
+) -> None:
+    blob, real = _gzip_layer({"f": b"evil"})
+    claimed = "sha256:" + "ab" * 32
+    desc = _stored(store, blob, claimed)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(DiffIDMismatchError) as caught:
+        TarApplier(store).apply(desc, rw(target))
+    assert isinstance(caught.value, InvalidError)
+    assert (caught.value.expected, caught.value.actual) == (claimed, real)
+    assert desc.digest in str(caught.value)
+    # Without the annotation the applier only reports the diffID (containerd's contract).
+    bare = Descriptor(desc.media_type, desc.digest, desc.size)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert TarApplier(store).apply(bare, rw(other)).digest == real
+
+
+def test_the_applier_stops_a_gzip_bomb_at_the_size_cap(
+    store: LocalContentStore, tmp_path: Path
+) -> None:
+    blob, diff_id = _gzip_layer({"zeros": bytes(8 << 20)})
+    desc = _stored(store, blob, diff_id)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(InvalidError, match=f"{desc.digest}.*cap of {1 << 20} uncompressed"):
+        TarApplier(store, max_size=1 << 20).apply(desc, rw(target))
+    # It stopped early: far less than the layer was written.
+    assert sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) <= 2 << 20
+    with pytest.raises(InvalidError, match="max_layer_size"):
+        TarApplier(store, max_size=0)
+
+
+def test_the_applier_stops_at_the_entry_cap(store: LocalContentStore, tmp_path: Path) -> None:
+    blob, diff_id = _gzip_layer({f"f{i}": b"" for i in range(20)})
+    desc = _stored(store, blob, diff_id)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(InvalidError, match=f"{desc.digest}.*cap of 5 entries"):
+        TarApplier(store, max_entries=5).apply(desc, rw(target))

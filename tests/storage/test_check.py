@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import fcntl
+import gzip
+import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+from refcache.actors import DescHandler, open_cache
 from refcache.storage import (
     DB_LEASE_RESOURCES,
     KEY_COMMITTED,
     KEY_PARENT,
+    Descriptor,
     LocalContentStore,
     MetadataStore,
     MetaEnv,
     NativeSnapshotter,
     RefcacheError,
     check,
+    digest_of,
     repair,
 )
 from refcache.storage._leases import Resource, resource_key
@@ -129,3 +136,109 @@ def test_repair_refuses_a_cache_open_elsewhere(cache_root: Path) -> None:
         assert out.stdout.startswith("locked cache ")
     finally:
         os.close(fd)
+
+
+# -- a live cache: no false alarms for work in flight ----------------------------------------
+
+_CHECK_LOOP = """
+import json, sys
+from pathlib import Path
+from refcache.storage import check
+
+root, stop = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+runs = 0
+while not stop.exists() and runs < 100000:
+    problems = check(root)
+    runs += 1
+    if problems:
+        print(json.dumps(problems), flush=True)
+print(json.dumps({"runs": runs}), flush=True)
+"""
+
+
+def _layer_blob(i: int) -> tuple[bytes, Descriptor]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        data = f"layer {i}\n".encode()
+        info = tarfile.TarInfo(f"d{i}/f")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    tar = raw.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        digest_of(blob),
+        len(blob),
+        {"containerd.io/uncompressed": digest_of(tar)},
+    )
+    return blob, desc
+
+
+def test_check_of_a_live_cache_reports_nothing_for_work_in_flight(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    stop = tmp_path / "stop"
+    cache = open_cache(root, snapshotter="native", timeout=60)
+    checker = subprocess.Popen(
+        [sys.executable, "-c", _CHECK_LOOP, str(root), str(stop)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert checker.stdout is not None
+        assert checker.stdout.readline().strip() == "ready"
+        manager = cache.manager
+        kept = []
+        for i in range(60):
+            mutable = manager.new(description=f"w{i}").get(timeout=60)
+            with mutable.mount().local() as path:
+                (path / "f").write_text(str(i))
+            ref = mutable.commit()
+            ref.finalize()
+            if i % 4 == 0:
+                kept.append(ref)
+            else:
+                ref.release()
+            blob, desc = _layer_blob(i)
+            handlers = {desc.digest: DescHandler(lambda _d, b=blob: io.BytesIO(b))}
+            lazy = manager.get_by_blob(desc, desc_handlers=handlers, extract=True).get(timeout=60)
+            lazy.release()
+            if i % 3 == 2:
+                manager.prune().get(timeout=60)
+            if len(kept) > 3:
+                kept.pop(0).release()
+        for ref in kept:
+            ref.release()
+        manager.prune().get(timeout=60)
+    finally:
+        stop.touch()
+        out, err = checker.communicate(timeout=120)
+        cache.close()
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    summary = lines.pop()
+    assert lines == [], f"check reported problems on a live cache: {lines[:3]}\n{err[-1000:]}"
+    assert summary["runs"] >= 3  # it really ran during the writes
+    assert check(root) == []
+
+
+def test_a_removal_that_never_committed_is_restored_at_open(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    env = MetaEnv(root / "meta")
+    sn = NativeSnapshotter(root, env)
+    sn.prepare("active")
+    (sn.path("active") / "data").write_text("keep me")
+    sn.commit("layer", "active")
+    sid = sn.path("layer").name
+    sn.close()
+    env.close()
+    # A process killed between renaming the directory (inside the removing transaction)
+    # and the commit: the snapshot is still recorded, its directory is rm-<id>.
+    os.rename(root / "snapshots" / sid, root / "snapshots" / f"rm-{sid}")
+    assert any("the next open restores it" in p for p in check(root))
+    env = MetaEnv(root / "meta")
+    sn = NativeSnapshotter(root, env)
+    assert (sn.path("layer") / "data").read_text() == "keep me"
+    sn.close()
+    env.close()
+    assert check(root) == []

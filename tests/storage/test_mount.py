@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from refcache.actors import open_cache
+from refcache.storage import check, repair
 from refcache.storage._errors import InvalidError, RefcacheError
 from refcache.storage._mount import (
     is_overlay_mount,
@@ -179,7 +185,9 @@ def test_probe_overlay_answers_and_leaves_nothing_behind(tmp_path: Path) -> None
     root = tmp_path / "probe-root"
     reason = probe_overlay(root)
     assert reason is None or (isinstance(reason, str) and reason)
-    assert os.listdir(root) == []
+    # The probe mounts under <root>/mounts (where a leftover is found at the next open).
+    assert os.listdir(root) == ["mounts"]
+    assert os.listdir(root / "mounts") == []
 
 
 def test_probe_overlay_reports_an_unusable_root(tmp_path: Path) -> None:
@@ -188,3 +196,93 @@ def test_probe_overlay_reports_an_unusable_root(tmp_path: Path) -> None:
     reason = probe_overlay(blocker / "sub")
     assert reason is not None
     assert str(blocker) in reason
+
+
+# -- mounts of a cache live under its root, and a dead process's mounts are found -----------
+
+_HOLD_A_MOUNT = """
+import sys, threading
+from refcache import open_cache
+
+cache = open_cache(sys.argv[1], snapshotter="overlay", timeout=30)
+base = cache.manager.new().get(timeout=30)
+with base.mount().local() as path:
+    (path / "hello").write_text("hi")
+layer = base.commit()
+layer.finalize()
+child = cache.manager.new(layer).get(timeout=30)
+with child.mount().local() as path:  # an overlay (the child has a parent): really mounted
+    print(path, flush=True)
+    threading.Event().wait()  # until killed
+"""
+
+
+@pytest.fixture
+def overlay_root(tmp_path: Path) -> Path:
+    root = tmp_path / "cache"
+    reason = probe_overlay(root)
+    if reason is not None:
+        pytest.skip(f"overlayfs cannot be mounted here: {reason}")
+    return root
+
+
+def _leave_a_mount(root: Path) -> Path:
+    """Runs a process that mounts an overlay of the cache at ``root`` and SIGKILLs it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_MOUNT, str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()  # the child prints once mounted (or dies)
+        assert line, proc.stderr.read() if proc.stderr else ""
+        point = Path(line)
+        assert point.parent == root / "mounts"  # under the root, not /tmp
+        assert _mounted(point)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert _mounted(point)  # SIGKILL runs no clean-up
+    return point
+
+
+def test_a_mount_left_by_a_killed_process_is_reported_and_removed_at_open(
+    overlay_root: Path,
+) -> None:
+    point = _leave_a_mount(overlay_root)
+    problem = f"mounts: {point} is still mounted (left by a process that died)"
+    assert problem in check(overlay_root)
+    with open_cache(overlay_root, snapshotter="overlay", timeout=30) as cache:
+        assert not _mounted(point)
+        assert os.listdir(overlay_root / "mounts") == []
+        assert check(cache.root) == []
+    assert check(overlay_root) == []
+
+    point = _leave_a_mount(overlay_root)
+    assert f"mounts: {point} is still mounted (left by a process that died)" in check(overlay_root)
+    assert f"unmounted stale mount {point}" in repair(overlay_root)
+    assert not _mounted(point)
+    assert check(overlay_root) == []
+
+
+def test_mounts_of_a_cache_are_made_in_its_private_mounts_dir(overlay_root: Path) -> None:
+    with open_cache(overlay_root, snapshotter="overlay", timeout=30) as cache:
+        base = cache.manager.new().get(timeout=30)
+        layer = base.commit()
+        layer.finalize()
+        child = cache.manager.new(layer).get(timeout=30)
+        mountable = child.mount()
+        assert mountable.mount_root == overlay_root / "mounts"
+        with mountable.local() as path:
+            assert path.parent == overlay_root / "mounts"
+            assert _mounted(path)
+            mode = (overlay_root / "mounts").stat().st_mode
+            assert stat.S_IMODE(mode) == 0o700
+        assert not path.exists()
+        child.release()
+        layer.release()

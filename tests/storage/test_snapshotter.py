@@ -1074,7 +1074,10 @@ def test_remove_deletes_the_directory_only_after_commit(sn: BaseSnapshotter, env
     path = sn.root / "snapshots" / "1"
     with env.write_txn() as txn:
         sn.remove("a", txn=txn)
-        assert path.exists()
+        # Renamed out of the way before the commit (a reader of the committed state never
+        # sees it), but still there until the commit.
+        assert not path.exists()
+        assert (sn.root / "snapshots" / "rm-1").is_dir()
     assert not path.exists()
     assert os.listdir(sn.root / "snapshots") == []
     sn.prepare("b")
