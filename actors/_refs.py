@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ __all__ = [
     "MutableRef",
     "RefList",
     "RefMetadata",
+    "check_bool",
     # slow work in the caller's thread (defined in actors._blobs / actors._remote)
     "compute_size",
     "extract_record",
@@ -68,6 +70,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Times a handle re-asks the manager for its record's actor when it finds it passivated.
+_REACTIVATIONS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +263,7 @@ class _Ref:
         return self._desc_handlers.get(digest)
 
     def _check_usable(self, what: str) -> None:
+        self._core.check_open(f"{what} on ref {self._id!r}")
         if self._consumed:
             msg = f"cannot {what}: mutable ref {self._id!r} was consumed by commit()"
             raise InvalidError(msg)
@@ -270,12 +276,20 @@ class _Ref:
         return self._ask_actor(message, what)
 
     def _ask_actor(self, message: tuple[Any, ...], what: str) -> Any:
+        for _ in range(_REACTIVATIONS):
+            try:
+                return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+            except pykka.ActorDeadError:
+                # Passivated: the manager reactivates the record and tells us its new actor
+                # (ClosedError once the manager has stopped: the cache is closing).
+                self._actor = self._core.ask_manager(("actor_of", self._id))
         try:
             return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
-        except pykka.ActorDeadError:
-            # Passivated: the manager reactivates the record and tells us its new actor.
-            self._actor = self._core.ask_manager(("actor_of", self._id))
-            return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+        except pykka.ActorDeadError as exc:
+            if self._core.closed:
+                raise self._core.closed_error(f"{what} on ref {self._id!r}") from exc
+            msg = f"cannot {what} on ref {self._id!r}: its record actor keeps stopping"
+            raise RefcacheError(msg) from exc
 
     def release(self) -> None:
         """Releases this handle. Releasing twice is a counted no-op.
@@ -289,6 +303,8 @@ class _Ref:
                 logger.debug("release of %s %s ref %s ignored", what, self._kind, self._id)
                 self._core.count_double_release()
                 return
+            # After close the handle stays as it was (its record loads again at reopen).
+            self._core.check_open(f"release ref {self._id!r}")
             self._released = True
         with self._core.timed("release"):
             found, manager_needed = self._ask_actor(("release", self._hid), "release")
@@ -364,6 +380,7 @@ class ImmutableRef(_Ref):
         Raises:
             NotFoundError: the record is gone.
         """
+        self._core.check_open(f"clone ref {self._id!r}")
         if self._consumed:
             self._check_usable("clone")
         with self._core.timed("clone"):
@@ -386,13 +403,19 @@ class ImmutableRef(_Ref):
 
         BuildKit: a writable mount request first finalizes an equal pair; the mount itself is
         read-only anyway.
+
+        Raises:
+            InvalidError: ``readonly`` is not a bool.
+            NotFoundError: the record's snapshot directory is missing from disk.
         """
+        check_bool("mount readonly", readonly)
         self._check_usable("mount")
         with self._core.timed("mount"):
             if not readonly:
                 finalize_record(self._core, self._id)
             extract_record(self._core, self._id, self._desc_handlers)
             mounts = self._mounts("mount")
+            _check_mount_paths(self._id, mounts)
         return Mountable(True, tuple(readonly_mounts(list(mounts))))
 
     def extract(self, desc_handlers: Mapping[str, DescHandler] | None = None) -> None:
@@ -472,9 +495,7 @@ class ImmutableRef(_Ref):
             ("force", force),
             ("prefer_non_dist", prefer_non_dist),
         ):
-            if not isinstance(flag, bool):
-                msg = f"get_remotes {name} must be a bool, not {flag!r}"
-                raise InvalidError(msg)
+            check_bool(f"get_remotes {name}", flag)
         with self._core.timed("get_remotes"):
             return get_remotes(
                 self._core,
@@ -518,10 +539,17 @@ class MutableRef(_Ref):
         return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
 
     def mount(self, readonly: bool = False) -> Mountable:
-        """Mounts the active snapshot (read-only when asked)."""
+        """Mounts the active snapshot (read-only when asked).
+
+        Raises:
+            InvalidError: ``readonly`` is not a bool.
+            NotFoundError: the record's snapshot directory is missing from disk.
+        """
+        check_bool("mount readonly", readonly)
         self._check_usable("mount")
         with self._core.timed("mount"):
             mounts = list(self._mounts("mount"))
+            _check_mount_paths(self._id, mounts)
         if readonly:
             mounts = readonly_mounts(mounts)
         return Mountable(readonly, tuple(mounts))
@@ -551,6 +579,46 @@ class RefList(list[ImmutableRef]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raises :class:`InvalidError` unless ``value`` is a bool (``1`` and ``b"x"`` are not).
+
+    A truthy non-bool is refused rather than read as a flag: ``mount(readonly="no")`` must
+    not make a writable mount.
+    """
+    if not isinstance(value, bool):
+        msg = f"{name} must be a bool, not {value!r}"
+        raise InvalidError(msg)
+
+
+def _mount_paths(mounts: Iterable[Mount]) -> list[str]:
+    """The directories ``mounts`` need: bind sources, overlay lower/upper/work dirs."""
+    paths: list[str] = []
+    for m in mounts:
+        if m.type == "overlay":
+            for option in m.options:
+                key, _, value = option.partition("=")
+                if key == "lowerdir":
+                    paths.extend(value.split(":"))
+                elif key in ("upperdir", "workdir"):
+                    paths.append(value)
+        elif m.source:
+            paths.append(m.source)
+    return [p for p in paths if p]
+
+
+def _check_mount_paths(record_id: str, mounts: Iterable[Mount]) -> None:
+    """Raises :class:`NotFoundError` when a directory the mounts need is gone from disk.
+
+    The metadata says the snapshot exists; a directory removed behind the cache's back
+    would otherwise be handed out as a missing path (and a mutable's later commit would
+    record an empty snapshot). One ``stat`` per directory, also for cached mounts.
+    """
+    for path in _mount_paths(mounts):
+        if not os.path.isdir(path):
+            msg = f"cannot mount record {record_id!r}: its snapshot directory {path} is missing"
+            raise NotFoundError(msg)
 
 
 # -- slow work in the caller's thread ------------------------------------------------------

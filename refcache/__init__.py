@@ -10,6 +10,7 @@ from .actors import (
     AlreadyExistsError,
     Cache,
     CacheStatistics,
+    ClosedError,
     CorruptMetadataError,
     DescHandler,
     Descriptor,
@@ -30,6 +31,7 @@ from .actors import (
     RefMetadata,
     Remote,
     StoreFullError,
+    TimeoutError,
     UsageInfo,
     open_cache,
 )
@@ -60,4 +62,6 @@ __all__ = [
     "CorruptMetadataError",
     "NeedsRemoteProviderError",
     "StoreFullError",
+    "ClosedError",
+    "TimeoutError",
 ]

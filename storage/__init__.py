@@ -24,6 +24,7 @@ from ._env import (
 )
 from ._errors import (
     AlreadyExistsError,
+    ClosedError,
     CorruptMetadataError,
     FailedPreconditionError,
     IncompatibleSchemaError,
@@ -33,6 +34,7 @@ from ._errors import (
     NotFoundError,
     RefcacheError,
     StoreFullError,
+    TimeoutError,
 )
 from ._filters import Filter, parse_filters
 from ._gc import GCStats, collect
@@ -102,6 +104,8 @@ __all__ = [
     "CorruptMetadataError",
     "NeedsRemoteProviderError",
     "StoreFullError",
+    "ClosedError",
+    "TimeoutError",
     # environment
     "MetaEnv",
     "ReadTxn",
