@@ -38,6 +38,7 @@ from ..storage import (
     RefcacheError,
 )
 from ..storage._leases import Resource
+from ..storage._metadata import RESERVED_EXTERNAL_KEYS, reserved_index, reserved_key
 from ..storage._mount import local_mount, readonly_mounts
 from ..storage._types import frozen_map
 from ._blobs import (
@@ -90,7 +91,15 @@ class Mountable:
 
 
 class RefMetadata:
-    """Metadata of one record (BuildKit ``RefMetadata``); writes are durable on return."""
+    """Metadata of one record (BuildKit ``RefMetadata``); writes are durable on return.
+
+    The keys the cache manages itself (``cache.*`` and ``snapshot.*``: the record structure,
+    blob and chain IDs, statistics) are refused by every setter with :class:`InvalidError`,
+    except the user-settable strings ``cache.description``, ``cache.recordType`` and
+    ``cache.layerType``; creation time and cache policy are set through their properties.
+    So are the cache's own indexes (``chainid:``, ``blobchainid:``) and external values
+    (``filelist``). A refused or ill-typed write changes nothing.
+    """
 
     def __init__(self, ref: _Ref) -> None:
         self._ref = ref
@@ -99,6 +108,25 @@ class RefMetadata:
     def id(self) -> str:
         """The record id."""
         return self._ref.id
+
+    def _key(self, key: object) -> str:
+        if not isinstance(key, str) or not key or "\x00" in key:
+            msg = (
+                f"metadata key of record {self._ref.id!r} must be a non-empty string without "
+                f"NUL, not {key!r}"
+            )
+            raise InvalidError(msg)
+        return key
+
+    def _settable(self, key: object, what: str) -> str:
+        key = self._key(key)
+        if reserved_key(key):
+            msg = (
+                f"cannot {what} metadata key {key!r} of record {self._ref.id!r}: the cache "
+                "manages it (reserved)"
+            )
+            raise InvalidError(msg)
+        return key
 
     def _get(self, key: str) -> Any:
         return self._ref._ask_record(("md_get", key), "read metadata")
@@ -112,7 +140,12 @@ class RefMetadata:
         self._ref._core.ask_manager(("md_changed", self._ref.id, dict(values)))
 
     def get_string(self, key: str) -> str:
-        """Returns the string stored under ``key`` (``""`` when unset)."""
+        """Returns the string stored under ``key`` (``""`` when unset).
+
+        Raises:
+            InvalidError: ``key`` is not a non-empty string, or its value is not a string.
+        """
+        key = self._key(key)
         value = self._get(key)
         if value is None:
             return ""
@@ -122,15 +155,42 @@ class RefMetadata:
         return value
 
     def set_string(self, key: str, value: str, index: str | None = None) -> None:
-        """Stores ``value`` under ``key``; ``index`` adds the record to that search index."""
+        """Stores ``value`` under ``key``; ``index`` adds the record to that search index.
+
+        Raises:
+            InvalidError: ``key`` is reserved or not a non-empty string, ``value`` is not a
+                string, or ``index`` is not a string or is one of the cache's own indexes;
+                nothing is written.
+        """
+        key = self._settable(key, "set")
         if not isinstance(value, str):
             msg = f"metadata {key!r} of record {self._ref.id!r} must be a string, not {value!r}"
             raise InvalidError(msg)
+        if index is not None:
+            if not isinstance(index, str):
+                msg = f"index of metadata {key!r} must be a string, not {index!r}"
+                raise InvalidError(msg)
+            if reserved_index(index):
+                msg = (
+                    f"cannot index metadata {key!r} of record {self._ref.id!r} as {index!r}: "
+                    "the cache maintains that index (reserved)"
+                )
+                raise InvalidError(msg)
         self._set({key: value}, {key: index} if index else None)
 
     def clear(self, key: str, index_prefix: str | None = None) -> None:
-        """Removes ``key`` and its index entry (BuildKit ``ClearValueAndIndex``)."""
-        del index_prefix  # the index entry always goes with its value here
+        """Removes ``key`` and its index entry (BuildKit ``ClearValueAndIndex``).
+
+        Raises:
+            InvalidError: ``key`` is reserved or not a non-empty string; ``index_prefix`` is
+                not a string.
+        """
+        key = self._settable(key, "clear")
+        if index_prefix is not None and not isinstance(index_prefix, str):
+            msg = f"index prefix of metadata {key!r} must be a string, not {index_prefix!r}"
+            raise InvalidError(msg)
+        # The index entry always goes with its value here: index_prefix is accepted for
+        # BuildKit's signature only.
         self._set({key: None})
 
     def get_external(self, key: str) -> bytes:
@@ -138,14 +198,35 @@ class RefMetadata:
 
         Raises:
             NotFoundError: there is none.
+            InvalidError: ``key`` is not a non-empty string.
         """
+        key = self._key(key)
         self._ref._check_usable("read external metadata")
         return self._ref._core.store.get(self._ref.id).get_external(key)
 
     def set_external(self, key: str, data: bytes) -> None:
-        """Stores the external (large) value ``key``."""
+        """Stores the external (large) value ``key``.
+
+        Raises:
+            InvalidError: ``key`` is reserved (the cache's own external values, such as the
+                file list cache) or not a non-empty string, or ``data`` is not bytes;
+                nothing is written.
+        """
+        key = self._settable(key, "set external")
+        if key in RESERVED_EXTERNAL_KEYS:
+            msg = (
+                f"cannot set external metadata {key!r} of record {self._ref.id!r}: the cache "
+                "computes it (reserved)"
+            )
+            raise InvalidError(msg)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            msg = (
+                f"external metadata {key!r} of record {self._ref.id!r} must be bytes, "
+                f"not {type(data).__name__}"
+            )
+            raise InvalidError(msg)
         self._ref._check_usable("write external metadata")
-        self._ref._core.store.get(self._ref.id).set_external(key, data)
+        self._ref._core.store.get(self._ref.id).set_external(key, bytes(data))
 
     @property
     def description(self) -> str:
