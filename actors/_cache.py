@@ -120,6 +120,7 @@ class Cache:
         finally:
             core.closed = True
             core.executor.shutdown(wait=True, cancel_futures=True)
+            core.close_foreign()
             core.writer.close()
             if self._owns_pool:
                 core.pool.shutdown(timeout=core.timeout)

@@ -152,6 +152,14 @@ class BoundedCalls:
             msg = f"{what} did not return within {self._timeout:g} s"
             raise CacheTimeoutError(msg) from exc
 
+    def close(self) -> None:
+        """Ends the worker once it is idle (calls made afterwards start a new one)."""
+        with self._lock:
+            if self._worker is not None:
+                self._jobs.put(None)
+                self._jobs = queue.SimpleQueue()
+                self._worker = None
+
     @staticmethod
     def _run(jobs: queue.SimpleQueue[_Job | None]) -> None:
         while True:
@@ -284,6 +292,10 @@ class CacheCore:
             msg = f"ref_checker must be callable, not {checker!r}"
             raise InvalidError(msg)
         self._ref_checker = checker
+
+    def close_foreign(self) -> None:
+        """Ends the thread that runs the ``ref_checker`` (at :meth:`Cache.close`)."""
+        self._foreign.close()
 
     # -- ids and counters --------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from refcache.actors import (
     TimeoutError,
     open_cache,
 )
+from refcache.actors._core import BoundedCalls
 from refcache.actors._demo import generate_layer
 from refcache.storage import Descriptor, MetaEnv, NativeSnapshotter
 
@@ -398,3 +399,34 @@ def test_mount_of_a_vanished_committed_snapshot_is_not_found(cache: Cache) -> No
     error = raises_refcache(NotFoundError, again.mount)
     assert again.id in str(error)
     again.release()
+
+
+def test_bounded_calls_retire_a_stuck_worker_and_end_at_close() -> None:
+    calls = BoundedCalls("test-bounded", 0.3)
+    unblock = threading.Event()
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "test-bounded"]
+
+    try:
+        assert calls.call("add", lambda a, b: a + b, 2, 3) == 5
+        with pytest.raises(ValueError, match="boom"):
+            calls.call("fail", lambda: (_ for _ in ()).throw(ValueError("boom")))
+        error = raises_refcache(TimeoutError, lambda: calls.call("hang", unblock.wait, WAIT))
+        assert "hang did not return within 0.3 s" in str(error)
+        # A fresh worker answers while the stuck one still waits.
+        assert calls.call("after", lambda: "fresh") == "fresh"
+        assert len(workers()) == 2
+    finally:
+        unblock.set()
+        calls.close()
+    assert wait_for(lambda: not workers())
+
+
+def wait_for(predicate: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # sleep-ok: polling for threads to end
+    return True
