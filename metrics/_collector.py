@@ -62,7 +62,8 @@ _LE_LABELS: tuple[str, ...] = tuple(floatToGoString(bound) for bound in LATENCY_
 
 
 class StatisticsSource(Protocol):
-    """What the collector needs from the manager: its typed Pykka proxy satisfies this."""
+    """What the collector needs from the manager: ``cache.manager`` (a ``CacheManagerProxy``)
+    satisfies this, and so does a raw Pykka proxy of any actor with ``statistics()``."""
 
     def statistics(self) -> pykka.Future[CacheStatistics]:
         """Returns a future of one consistent snapshot, taken on the manager's thread."""

@@ -284,9 +284,9 @@ class _SharedResponses:
     Scrapes within ``max_age`` seconds of each other would expose the same snapshot anyway
     (the collector reuses it that long); rendering it once instead of once per scraper
     keeps a burst of scrapers from taking the CPU (and the GIL) from the cache. Requests
-    are alike when their query string, ``Accept`` and ``Accept-Encoding`` are (the formats
-    client_python negotiates); concurrent alike requests wait for the one rendering in
-    flight. At most :attr:`LIMIT` renderings are kept.
+    are alike when their method, query string, ``Accept`` and ``Accept-Encoding`` are (what
+    client_python's rendering depends on); concurrent alike requests wait for the one
+    rendering in flight. Only successful renderings are kept, at most :attr:`LIMIT`.
     """
 
     LIMIT = 16
@@ -303,7 +303,7 @@ class _SharedResponses:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
         key = tuple(
             str(environ.get(name, ""))
-            for name in ("QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING")
+            for name in ("REQUEST_METHOD", "QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING")
         )
         now = time.monotonic()
         with self._lock:

@@ -239,3 +239,46 @@ def test_64_parallel_scrapers_do_not_stall_get(tmp_path: Path) -> None:
     # Loose bounds (a shared machine); docs/BENCHMARKS.md has the measured figures.
     assert p99 < 0.5, f"get+release p99 {p99 * 1e3:.1f} ms, median {statistics.median(latencies)}"
     assert latencies[-1] < 2.0, f"slowest get+release {latencies[-1] * 1e3:.1f} ms"
+
+
+def test_alike_scrapes_within_the_snapshot_age_share_one_rendering(
+    stub: Callable[[float], Any],
+) -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+
+    renderings: list[float] = []
+    gate = threading.Event()
+
+    class Slow:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            renderings.append(time.monotonic())
+            gate.wait(0.3)  # a rendering that takes a while: the others arrive meanwhile
+            yield GaugeMetricFamily("slow_rendering", "a test gauge", value=1)
+
+    registry = CollectorRegistry()
+    registry.register(Slow())  # type: ignore[arg-type]  # a duck-typed collector
+    with serve(Stub(stub(0.0)), 0, registry=registry, workers=8) as server:
+        bodies: list[bytes] = []
+        barrier = threading.Barrier(8)
+
+        def scraper() -> None:
+            barrier.wait(WAIT)
+            bodies.append(scrape(server.url))
+
+        threads = [threading.Thread(target=scraper) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        other = urllib.request.Request(
+            server.url, headers={"Accept": "application/openmetrics-text"}
+        )
+        with urllib.request.urlopen(other, timeout=WAIT) as response:
+            openmetrics = response.read()
+    assert len(bodies) == 8
+    assert all(b"slow_rendering 1.0" in body for body in bodies)
+    assert len(set(bodies)) == 1
+    assert b"# EOF" in openmetrics  # another format: rendered on its own
+    # One rendering for the 8 alike scrapes (two if one came in just after), one for the other.
+    assert 2 <= len(renderings) <= 3
