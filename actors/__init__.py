@@ -5,6 +5,7 @@ Re-exports every error class of :mod:`storage`, so that callers catch one hierar
 
 from ..storage import (
     AlreadyExistsError,
+    ClosedError,
     CorruptedError,
     CorruptMetadataError,
     Descriptor,
@@ -19,9 +20,11 @@ from ..storage import (
     PermissionDeniedError,
     RefcacheError,
     StoreFullError,
+    TimeoutError,
 )
 from ._cache import Cache, open_cache
-from ._manager import CacheManager, CacheManagerProxy
+from ._manager import CacheManager
+from ._proxy import CacheManagerProxy, ManagerFuture
 from ._prune import CacheListener
 from ._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
 from ._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
@@ -40,6 +43,7 @@ __all__ = [
     "Cache",
     "CacheManager",
     "CacheManagerProxy",
+    "ManagerFuture",
     "CacheListener",
     # handles
     "ImmutableRef",
@@ -76,4 +80,6 @@ __all__ = [
     "NeedsRemoteProviderError",
     "PermissionDeniedError",
     "StoreFullError",
+    "ClosedError",
+    "TimeoutError",
 ]

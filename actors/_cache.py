@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import pykka
 
-from ..storage import LockedError, MetadataStore, MetaEnv, RefcacheError
+from ..storage import InvalidError, LockedError, MetadataStore, MetaEnv
 from ..storage._applier import check_cap
 from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
 from ..storage._content import LocalContentStore
@@ -35,7 +36,8 @@ from ..storage._overlay import make_snapshotter
 from ..storage._snapshotter import Snapshotter
 from ._core import CacheCore, get_result
 from ._load import LoadReport, load_records
-from ._manager import CacheManager, CacheManagerProxy
+from ._manager import CacheManager
+from ._proxy import CacheManagerProxy
 from ._runtime import ActorPool
 
 __all__ = ["Cache", "open_cache"]
@@ -48,7 +50,8 @@ class Cache:
 
     Attributes:
         root: The cache root directory.
-        manager: Typed Pykka proxy of the manager actor (methods return futures).
+        manager: Typed proxy of the manager actor (:class:`CacheManagerProxy`): its methods
+            return futures whose ``get()`` raises refcache errors only.
         metadata: Record metadata store.
         content: Content store.
         snapshotter: Snapshotter.
@@ -68,7 +71,7 @@ class Cache:
         self.root = root
         self._core = core
         self._manager_ref = manager_ref
-        self.manager = cast(CacheManagerProxy, manager_ref.proxy())
+        self.manager = CacheManagerProxy(core, manager_ref)
         self.metadata = core.store
         self.content = core.content
         self.snapshotter = core.snapshotter
@@ -105,12 +108,15 @@ class Cache:
             return
         self._closed = True
         core = self._core
+        # From here on the public API refuses calls (ClosedError); calls in flight drain
+        # through the manager's mailbox or fail with ClosedError when their job is cancelled.
+        core.closed = True
         if self.metrics_server is not None:
             with contextlib.suppress(Exception):
                 self.metrics_server.stop()
         try:
             with contextlib.suppress(Exception):
-                stats = self.manager.statistics().get(timeout=core.timeout)
+                stats = self._manager_ref.proxy().statistics().get(timeout=core.timeout)
                 if stats.open_handles:
                     logger.warning(
                         "closing cache %s with %d open handles", self.root, stats.open_handles
@@ -120,6 +126,7 @@ class Cache:
         finally:
             core.closed = True
             core.executor.shutdown(wait=True, cancel_futures=True)
+            core.close_foreign()
             core.writer.close()
             if self._owns_pool:
                 core.pool.shutdown(timeout=core.timeout)
@@ -161,7 +168,8 @@ def open_cache(
         pool: Record actor pool to share with other caches (default: one of its own).
         pool_workers: Worker threads of the cache's own pool.
         io_workers: Threads of the I/O executor (snapshot copies, merges, sizes, prune).
-        timeout: Seconds any internal wait may take before it is reported as an error.
+        timeout: Seconds any internal wait may take (a snapshot job, a descriptor provider,
+            each ``ref_checker`` call...) before it fails with refcache's ``TimeoutError``.
         map_size: Initial LMDB map size (it grows on demand).
         metrics_port: Serve Prometheus ``/metrics`` for this cache on this port (0: any
             free port; see ``cache.metrics_server.port``); stopped by :meth:`Cache.close`.
@@ -177,11 +185,24 @@ def open_cache(
         PermissionDeniedError: the root is on a read-only file system, or this process may
             not write it (``EROFS``/``EACCES``); the message names the root.
         CorruptedError: the metadata environment is damaged (checked before it is mapped).
-        InvalidError / RefcacheError: bad arguments or unreadable stores.
+        InvalidError: bad arguments (unknown options, a timeout that is not seconds > 0, a
+            ref_checker that is not callable).
+        RefcacheError: unreadable stores.
     """
     if options:
         msg = f"unknown open_cache options: {', '.join(sorted(options))}"
-        raise RefcacheError(msg)
+        raise InvalidError(msg)
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        msg = f"open_cache timeout must be seconds > 0, not {timeout!r}"
+        raise InvalidError(msg)
+    if ref_checker is not None and not callable(ref_checker):
+        msg = f"open_cache ref_checker must be callable, not {ref_checker!r}"
+        raise InvalidError(msg)
     check_cap("max_layer_size", max_layer_size)
     check_cap("max_layer_entries", max_layer_entries)
     root_path = Path(root)

@@ -9,10 +9,11 @@ outside every actor, as Pykka's ``ActorRegistry`` does).
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pykka
 
-from ..storage import InvalidError, MetadataStore, MetaEnv, RefcacheError
+from ..storage import ClosedError, InvalidError, MetadataStore, MetaEnv
 from ..storage._applier import Applier, TarApplier
 from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
+from ..storage._errors import CacheTimeoutError
 from ..storage._mount import MOUNTS_DIR
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
@@ -32,7 +34,14 @@ if TYPE_CHECKING:
     from ..storage._leases import LmdbLeaseManager
     from ..storage._snapshotter import Snapshotter
 
-__all__ = ["LATENCY_BUCKETS", "CacheCore", "SingleFlight", "ask", "get_result"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "BoundedCalls",
+    "CacheCore",
+    "SingleFlight",
+    "ask",
+    "get_result",
+]
 
 T = TypeVar("T")
 
@@ -58,8 +67,14 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 def get_result(future: Any, timeout: float, what: str) -> Any:
     """Waits for a Pykka or concurrent future, unwrapping nested futures.
 
+    Pykka's ``ActorDeadError`` passes through (callers use it to re-activate a passivated
+    record); the public boundaries (:mod:`actors._proxy`, the handles) turn it into
+    :class:`ClosedError`.
+
     Raises:
-        RefcacheError: the answer did not come within ``timeout`` (naming ``what``).
+        TimeoutError: the answer did not come within ``timeout`` (naming ``what``); the
+            refcache class (``CacheTimeoutError`` here), not the builtin.
+        ClosedError: the job was cancelled: the cache is closing.
     """
     deadline = time.monotonic() + timeout
     value = future
@@ -72,13 +87,94 @@ def get_result(future: Any, timeout: float, what: str) -> Any:
                 value = value.result(timeout=remaining)
         except (pykka.Timeout, TimeoutError) as exc:
             msg = f"{what} did not finish within {timeout:g} s"
-            raise RefcacheError(msg) from exc
+            raise CacheTimeoutError(msg) from exc
+        except CancelledError as exc:
+            # Only Cache.close cancels jobs (executor shutdown with cancel_futures).
+            msg = f"{what} was cancelled: the cache is closing"
+            raise ClosedError(msg) from exc
     return value
 
 
 def ask(actor: pykka.ActorRef[Any], message: tuple[Any, ...], timeout: float, what: str) -> Any:
     """Asks ``actor`` and waits (with a timeout) for the answer, unwrapping nested futures."""
     return get_result(actor.ask(message, block=False), timeout, what)
+
+
+#: One call for a :class:`BoundedCalls` worker: its reply, the callable, the arguments.
+_Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class BoundedCalls:
+    """Runs foreign callables (the ``ref_checker``) on a thread of their own, each call
+    bounded by a timeout.
+
+    A call that does not return in time fails with :class:`TimeoutError` (refcache's) in the
+    caller, and the worker thread stuck in it is retired: Python cannot interrupt it, so it
+    is left to finish on its own (a daemon thread, it never holds up the process's exit) and
+    the next call starts a fresh worker. A hung callable can thus cost a waiting caller the
+    timeout, never the cache its prune queue or its manager.
+
+    Args:
+        name: Worker thread name.
+        timeout: Seconds each call may take.
+    """
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self._name = name
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Returns ``fn(*args)`` run on the worker thread; its exceptions propagate.
+
+        Raises:
+            TimeoutError: ``fn`` did not return within the timeout (naming ``what``).
+        """
+        done: Future[T] = Future()
+        with self._lock:
+            jobs = self._jobs
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._run, args=(jobs,), name=self._name, daemon=True
+                )
+                self._worker.start()
+            jobs.put((done, fn, args))
+        try:
+            return done.result(timeout=self._timeout)
+        except TimeoutError as exc:
+            with self._lock:
+                if self._jobs is jobs:
+                    # Retire the stuck worker: a sentinel ends it should the call return.
+                    # Calls queued behind it time out on their own.
+                    jobs.put(None)
+                    self._jobs = queue.SimpleQueue()
+                    self._worker = None
+            msg = f"{what} did not return within {self._timeout:g} s"
+            raise CacheTimeoutError(msg) from exc
+
+    def close(self) -> None:
+        """Ends the worker once it is idle (calls made afterwards start a new one)."""
+        with self._lock:
+            if self._worker is not None:
+                self._jobs.put(None)
+                self._jobs = queue.SimpleQueue()
+                self._worker = None
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue[_Job | None]) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            done, fn, args = job
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
 
 
 class SingleFlight:
@@ -176,12 +272,43 @@ class CacheCore:
         self.executor = ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="refcache-io")
         self.flights = SingleFlight()
         self.manager: pykka.ActorRef[Any] | None = None
+        #: Set when :meth:`Cache.close` begins: from then on the public API refuses calls
+        #: with :class:`ClosedError` (jobs in flight still reach the manager until it stops).
         self.closed = False
         self._handle_ids = itertools.count(1)
         self._counters = _Counters()
         self.token = object()  # identifies handles of this cache
-        #: BuildKit's PruneRefChecker: (record id, layer digest chain) -> used elsewhere?
-        self.ref_checker: Callable[[str, Sequence[str]], bool] | None = None
+        self._foreign = BoundedCalls("refcache-ref-checker", timeout)
+        self._ref_checker: Callable[[str, Sequence[str]], bool] | None = None
+
+    # -- foreign code --------------------------------------------------------------------------
+
+    @property
+    def ref_checker(self) -> Callable[[str, Sequence[str]], bool] | None:
+        """BuildKit's PruneRefChecker, ``(record id, layer digest chain) -> used elsewhere?``,
+        wrapped so that each call runs off the calling thread, bounded by the cache timeout
+        (it is foreign code: a hung checker fails a disk usage or prune with
+        :class:`TimeoutError` and never blocks the prune queue)."""
+        checker = self._ref_checker
+        if checker is None:
+            return None
+
+        def bounded(record_id: str, chain: Sequence[str]) -> bool:
+            what = f"the ref checker for record {record_id}"
+            return bool(self._foreign.call(what, checker, record_id, chain))
+
+        return bounded
+
+    @ref_checker.setter
+    def ref_checker(self, checker: Callable[[str, Sequence[str]], bool] | None) -> None:
+        if checker is not None and not callable(checker):
+            msg = f"ref_checker must be callable, not {checker!r}"
+            raise InvalidError(msg)
+        self._ref_checker = checker
+
+    def close_foreign(self) -> None:
+        """Ends the thread that runs the ``ref_checker`` (at :meth:`Cache.close`)."""
+        self._foreign.close()
 
     # -- ids and counters --------------------------------------------------------------------
 
@@ -234,21 +361,45 @@ class CacheCore:
 
     # -- waiting -----------------------------------------------------------------------------
 
+    def closed_error(self, what: str = "") -> ClosedError:
+        """The :class:`ClosedError` for ``what`` (an operation), naming the cache."""
+        doing = f"cannot {what}: " if what else ""
+        return ClosedError(f"{doing}the cache at {self.root} is closed")
+
+    def check_open(self, what: str) -> None:
+        """Raises :class:`ClosedError` once :meth:`Cache.close` has begun."""
+        if self.closed:
+            raise self.closed_error(what)
+
     def manager_ref(self) -> pykka.ActorRef[Any]:
-        """The manager actor, or a clear error once the cache is closed."""
-        if self.manager is None or self.closed:
-            msg = f"cache at {self.root} is closed"
-            raise RefcacheError(msg)
-        return self.manager
+        """The manager actor, or :class:`ClosedError` once it has stopped."""
+        ref = self.manager
+        if ref is None or not ref.is_alive():
+            raise self.closed_error()
+        return ref
 
     def ask_manager(self, message: tuple[Any, ...]) -> Any:
-        """Asks the manager actor (with this cache's timeout)."""
+        """Asks the manager actor (with this cache's timeout).
+
+        Works while :meth:`Cache.close` drains the manager's mailbox (jobs in flight finish
+        or fail cleanly); fails with :class:`ClosedError` once the manager has stopped.
+        """
         ref = self.manager_ref()
         try:
             return ask(ref, message, self.timeout, f"cache manager {message[0]!r}")
         except pykka.ActorDeadError as exc:
-            msg = f"cache at {self.root} is closed"
-            raise RefcacheError(msg) from exc
+            raise self.closed_error() from exc
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Runs ``fn(*args)`` on the I/O executor.
+
+        Raises:
+            ClosedError: the executor is shut down (the cache is closing).
+        """
+        try:
+            return self.executor.submit(fn, *args)
+        except RuntimeError as exc:
+            raise self.closed_error() from exc
 
     def check_owner(self, token: object, what: str) -> None:
         """Raises :class:`InvalidError` when a handle belongs to another cache."""

@@ -86,13 +86,14 @@ from ._blobs import (
     diff_id_of,
     merge_handlers,
 )
-from ._core import CacheCore, ask, get_result
+from ._core import CacheCore, ask
 from ._entry import RecordEntry, new_id, parent_fields
 from ._prune import PruneMixin
 from ._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
 from ._refs import (
     ImmutableRef,
     MutableRef,
+    check_bool,
     extract_record,
     finalize_record,
 )
@@ -105,7 +106,7 @@ from ._types import (
     UsageInfo,
 )
 
-__all__ = ["CacheManager", "CacheManagerProxy", "FlatteningFuture", "RecordEntry", "new_id"]
+__all__ = ["CacheManager", "FlatteningFuture", "RecordEntry", "new_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +117,31 @@ class FlatteningFuture(ThreadingFuture[Any]):
     """A reply future that unwraps futures returned by a handler (for deferred replies)."""
 
     def get(self, *, timeout: float | None = None) -> Any:
-        """Returns the final value, waiting for nested futures within ``timeout`` overall."""
+        """Returns the final value, waiting for nested futures within ``timeout`` overall.
+
+        Raises:
+            pykka.Timeout: the reply (or its deferred part) did not come within ``timeout``,
+                as for any Pykka future; the public proxy turns it into refcache's
+                :class:`TimeoutError`. A refcache ``TimeoutError`` is the operation's own
+                (a wait inside the job ran past the cache's timeout).
+            concurrent.futures.CancelledError: the deferred part was cancelled by
+                :meth:`Cache.close` (the public proxy and ``get_result`` turn it into
+                :class:`ClosedError`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         value = super().get(timeout=timeout)
-        if isinstance(value, pykka.Future | Future):
+        while isinstance(value, pykka.Future | Future):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return get_result(value, 1e9 if timeout is None else timeout, "deferred reply")
-            except RefcacheError as exc:
-                if isinstance(exc.__cause__, pykka.Timeout | TimeoutError):
-                    raise pykka.Timeout(str(exc)) from exc
-                raise
+                if isinstance(value, pykka.Future):
+                    value = value.get(timeout=left)
+                else:
+                    value = value.result(timeout=left)
+            except TimeoutError as exc:
+                if isinstance(value, Future) and value.done():
+                    raise  # the job's own exception, not this wait running out
+                msg = f"the deferred reply did not come within {timeout:g} s"
+                raise pykka.Timeout(msg) from exc
         return value
 
 
@@ -176,8 +193,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         """Stops the record actors of this cache (and only these); fails queued prunes."""
         queued, self._prune_queue = self._prune_queue, []
         for _, waiter in queued:
-            msg = f"cache at {self.core.root} closed before a queued prune ran"
-            waiter.set_exception(RefcacheError(msg))
+            waiter.set_exception(self.core.closed_error("run a queued prune"))
         futures = []
         for e in self.entries.values():
             if e.actor is not None:
@@ -523,8 +539,9 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             NotFoundError: unknown or removed id.
             LockedError: the record is a mutable that is held.
             NeedsRemoteProviderError: lazy ancestors without a handler (``.digests``).
-            InvalidError: malformed ``desc_handlers``.
+            InvalidError: malformed ``desc_handlers``, or ``update_last_used`` is not a bool.
         """
+        check_bool("get update_last_used", update_last_used)
         handlers = check_handlers(desc_handlers)
         with self.core.timed("get"):
             e = self._entry(id)
@@ -600,10 +617,8 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             msg = f"get_by_blob needs a Descriptor, not {type(desc).__name__}"
             raise InvalidError(msg)
         diff_id = diff_id_of(desc)
-        for name, flag in (("extract", extract), ("retain", retain)):
-            if not isinstance(flag, bool):
-                msg = f"get_by_blob {name} must be a bool, not {flag!r}"
-                raise InvalidError(msg)
+        check_bool("get_by_blob extract", extract)
+        check_bool("get_by_blob retain", retain)
         if description is not None and not isinstance(description, str):
             msg = f"description must be a string, not {description!r}"
             raise InvalidError(msg)
@@ -622,7 +637,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             request = _ByBlob(desc, diff_id, handlers, retain, description or "")
             ref = self._by_blob(request, parent_entry.id if parent_entry is not None else "")
         if extract:
-            return self.core.executor.submit(self._extract_job, ref)
+            return self.core.submit(self._extract_job, ref)
         return ref
 
     def _extract_job(self, ref: ImmutableRef) -> ImmutableRef:
@@ -722,9 +737,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
 
         The snapshot is prepared off the manager's thread; the reply completes when it is.
         """
-        if not isinstance(retain, bool):
-            msg = f"retain must be a bool, not {retain!r}"
-            raise InvalidError(msg)
+        check_bool("new retain", retain)
         for name, value in (("description", description), ("record_type", record_type)):
             if value is not None and not isinstance(value, str):
                 msg = f"{name} must be a string, not {value!r}"
@@ -750,7 +763,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             values[KEY_PARENT] = parent_entry.id
             handlers = parent._desc_handlers  # BuildKit: the new handle inherits them
             self._hold(parents)  # BuildKit clones the parent: the new record holds its own
-        return self.core.executor.submit(self._new_job, record_id, parents, values, handlers)
+        return self.core.submit(self._new_job, record_id, parents, values, handlers)
 
     def _new_job(
         self,
@@ -818,7 +831,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         for e in entries:
             ids.extend(e.parents if e.kind == "merge" else (e.id,))
         self._hold(ids)
-        return self.core.executor.submit(self._merge_job, tuple(ids), handlers)
+        return self.core.submit(self._merge_job, tuple(ids), handlers)
 
     def _merge_job(
         self, ids: tuple[str, ...], handlers: Mapping[str, DescHandler] | None = None
@@ -899,10 +912,10 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     else:
                         plan.append(("self", "", layer.id))
                         self._hold((layer.id,))
-                return self.core.executor.submit(self._diff_merge_job, tuple(plan), handlers)
+                return self.core.submit(self._diff_merge_job, tuple(plan), handlers)
         parents = (low.id, up.id if up is not None else "")
         self._hold(parents)
-        return self.core.executor.submit(self._diff_job, parents, "", handlers)
+        return self.core.submit(self._diff_job, parents, "", handlers)
 
     def _diff_job(
         self,
@@ -955,7 +968,12 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         return merged
 
     def search(self, index: str, *, prefix: bool = False) -> list[RecordInfo]:
-        """Records in the metadata index ``index`` (exact, or every index with that prefix)."""
+        """Records in the metadata index ``index`` (exact, or every index with that prefix).
+
+        Raises:
+            InvalidError: ``index`` is not a string or ``prefix`` not a bool.
+        """
+        check_bool("search prefix", prefix)
         items = self.core.store.search(index, prefix=prefix)
         out = []
         for item in items:
@@ -1421,7 +1439,3 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         item.queue_many(values, indexes)
         item.commit()
         e.chain_id, e.blob_chain_id = cid, bcid
-
-
-class CacheManagerProxy(pykka.ActorProxy[CacheManager]):
-    """Typed proxy of :class:`CacheManager`; each method returns a ``pykka.Future``."""

@@ -67,6 +67,7 @@ from ..storage import (
     DB_RECORDS,
     KEY_DELETED,
     KEY_SIZE,
+    ClosedError,
     InvalidError,
     NotFoundError,
     RefcacheError,
@@ -314,6 +315,8 @@ def ancestors(table: Mapping[str, TableRow], record_id: str) -> list[str]:
 def _check_shared(checker: RefChecker, record_id: str, chain: Sequence[str]) -> bool:
     try:
         return bool(checker(record_id, chain))
+    except RefcacheError:
+        raise  # e.g. TimeoutError: the cache bounds each call of the checker
     except Exception as exc:
         # A failing checker must not make shared data look private (prune would delete it).
         msg = f"the ref checker failed for record {record_id}: {exc}"
@@ -1294,11 +1297,7 @@ class PruneMixin:
         return future
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        try:
-            return self.core.executor.submit(fn, *args)
-        except RuntimeError as exc:  # the executor is shut down: the cache is closing
-            msg = f"cache at {self.core.root} is closed"
-            raise RefcacheError(msg) from exc
+        return self.core.submit(fn, *args)
 
     def _prune_job(self, policies: tuple[PrunePolicy, ...]) -> list[UsageInfo]:
         core = self.core
@@ -1557,11 +1556,10 @@ class PruneMixin:
             return
         policies, waiter = self._prune_queue.pop(0)
         try:
-            job = self.core.executor.submit(self._prune_job, policies)
-        except RuntimeError as exc:  # the executor is shut down: the cache is closing
+            job = self.core.submit(self._prune_job, policies)
+        except ClosedError as exc:  # the executor is shut down: the cache is closing
             self._prune_running = False
-            msg = f"cache at {self.core.root} closed before a queued prune ran"
-            waiter.set_exception(RefcacheError(msg))
+            waiter.set_exception(self.core.closed_error("run a queued prune"))
             logger.debug("queued prune not started: %s", exc)
             return
         job.add_done_callback(lambda done: _chain(done, waiter))
@@ -1583,7 +1581,7 @@ def _used_after(e: RecordEntry, cutoff: int | None) -> bool:
 def _chain(done: Future[Any], waiter: Future[Any]) -> None:
     """Copies the outcome of ``done`` to ``waiter`` (a queued prune's reply)."""
     if done.cancelled():
-        waiter.set_exception(RefcacheError("the prune was cancelled: the cache is closing"))
+        waiter.set_exception(ClosedError("the prune was cancelled: the cache is closing"))
         return
     exc = done.exception()
     if exc is not None:

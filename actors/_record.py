@@ -304,7 +304,7 @@ class CacheRecord(PooledActor):
         self._check_alive()
         # Validates first, without I/O: bad input changes nothing.
         StorageItem(self.core.store, self.id, None).queue_many(values, indexes)
-        return self.core.executor.submit(self._persist, dict(values), dict(indexes or {}))
+        return self.core.submit(self._persist, dict(values), dict(indexes or {}))
 
     def _persist(self, values: dict[str, Any], indexes: dict[str, str]) -> None:
         # Runs on the I/O executor, not on the record actor: only the store is touched.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from ..storage import (
     RefcacheError,
 )
 from ..storage._leases import Resource
+from ..storage._metadata import RESERVED_EXTERNAL_KEYS, reserved_index, reserved_key
 from ..storage._mount import local_mount, readonly_mounts
 from ..storage._types import frozen_map
 from ._blobs import (
@@ -60,6 +62,7 @@ __all__ = [
     "MutableRef",
     "RefList",
     "RefMetadata",
+    "check_bool",
     # slow work in the caller's thread (defined in actors._blobs / actors._remote)
     "compute_size",
     "extract_record",
@@ -68,6 +71,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Times a handle re-asks the manager for its record's actor when it finds it passivated.
+_REACTIVATIONS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +100,15 @@ class Mountable:
 
 
 class RefMetadata:
-    """Metadata of one record (BuildKit ``RefMetadata``); writes are durable on return."""
+    """Metadata of one record (BuildKit ``RefMetadata``); writes are durable on return.
+
+    The keys the cache manages itself (``cache.*`` and ``snapshot.*``: the record structure,
+    blob and chain IDs, statistics) are refused by every setter with :class:`InvalidError`,
+    except the user-settable strings ``cache.description``, ``cache.recordType`` and
+    ``cache.layerType``; creation time and cache policy are set through their properties.
+    So are the cache's own indexes (``chainid:``, ``blobchainid:``) and external values
+    (``filelist``). A refused or ill-typed write changes nothing.
+    """
 
     def __init__(self, ref: _Ref) -> None:
         self._ref = ref
@@ -103,6 +117,25 @@ class RefMetadata:
     def id(self) -> str:
         """The record id."""
         return self._ref.id
+
+    def _key(self, key: object) -> str:
+        if not isinstance(key, str) or not key or "\x00" in key:
+            msg = (
+                f"metadata key of record {self._ref.id!r} must be a non-empty string without "
+                f"NUL, not {key!r}"
+            )
+            raise InvalidError(msg)
+        return key
+
+    def _settable(self, key: object, what: str) -> str:
+        key = self._key(key)
+        if reserved_key(key):
+            msg = (
+                f"cannot {what} metadata key {key!r} of record {self._ref.id!r}: the cache "
+                "manages it (reserved)"
+            )
+            raise InvalidError(msg)
+        return key
 
     def _get(self, key: str) -> Any:
         return self._ref._ask_record(("md_get", key), "read metadata")
@@ -116,7 +149,12 @@ class RefMetadata:
         self._ref._core.ask_manager(("md_changed", self._ref.id, dict(values)))
 
     def get_string(self, key: str) -> str:
-        """Returns the string stored under ``key`` (``""`` when unset)."""
+        """Returns the string stored under ``key`` (``""`` when unset).
+
+        Raises:
+            InvalidError: ``key`` is not a non-empty string, or its value is not a string.
+        """
+        key = self._key(key)
         value = self._get(key)
         if value is None:
             return ""
@@ -126,15 +164,42 @@ class RefMetadata:
         return value
 
     def set_string(self, key: str, value: str, index: str | None = None) -> None:
-        """Stores ``value`` under ``key``; ``index`` adds the record to that search index."""
+        """Stores ``value`` under ``key``; ``index`` adds the record to that search index.
+
+        Raises:
+            InvalidError: ``key`` is reserved or not a non-empty string, ``value`` is not a
+                string, or ``index`` is not a string or is one of the cache's own indexes;
+                nothing is written.
+        """
+        key = self._settable(key, "set")
         if not isinstance(value, str):
             msg = f"metadata {key!r} of record {self._ref.id!r} must be a string, not {value!r}"
             raise InvalidError(msg)
+        if index is not None:
+            if not isinstance(index, str):
+                msg = f"index of metadata {key!r} must be a string, not {index!r}"
+                raise InvalidError(msg)
+            if reserved_index(index):
+                msg = (
+                    f"cannot index metadata {key!r} of record {self._ref.id!r} as {index!r}: "
+                    "the cache maintains that index (reserved)"
+                )
+                raise InvalidError(msg)
         self._set({key: value}, {key: index} if index else None)
 
     def clear(self, key: str, index_prefix: str | None = None) -> None:
-        """Removes ``key`` and its index entry (BuildKit ``ClearValueAndIndex``)."""
-        del index_prefix  # the index entry always goes with its value here
+        """Removes ``key`` and its index entry (BuildKit ``ClearValueAndIndex``).
+
+        Raises:
+            InvalidError: ``key`` is reserved or not a non-empty string; ``index_prefix`` is
+                not a string.
+        """
+        key = self._settable(key, "clear")
+        if index_prefix is not None and not isinstance(index_prefix, str):
+            msg = f"index prefix of metadata {key!r} must be a string, not {index_prefix!r}"
+            raise InvalidError(msg)
+        # The index entry always goes with its value here: index_prefix is accepted for
+        # BuildKit's signature only.
         self._set({key: None})
 
     def get_external(self, key: str) -> bytes:
@@ -142,14 +207,35 @@ class RefMetadata:
 
         Raises:
             NotFoundError: there is none.
+            InvalidError: ``key`` is not a non-empty string.
         """
+        key = self._key(key)
         self._ref._check_usable("read external metadata")
         return self._ref._core.store.get(self._ref.id).get_external(key)
 
     def set_external(self, key: str, data: bytes) -> None:
-        """Stores the external (large) value ``key``."""
+        """Stores the external (large) value ``key``.
+
+        Raises:
+            InvalidError: ``key`` is reserved (the cache's own external values, such as the
+                file list cache) or not a non-empty string, or ``data`` is not bytes;
+                nothing is written.
+        """
+        key = self._settable(key, "set external")
+        if key in RESERVED_EXTERNAL_KEYS:
+            msg = (
+                f"cannot set external metadata {key!r} of record {self._ref.id!r}: the cache "
+                "computes it (reserved)"
+            )
+            raise InvalidError(msg)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            msg = (
+                f"external metadata {key!r} of record {self._ref.id!r} must be bytes, "
+                f"not {type(data).__name__}"
+            )
+            raise InvalidError(msg)
         self._ref._check_usable("write external metadata")
-        self._ref._core.store.get(self._ref.id).set_external(key, data)
+        self._ref._core.store.get(self._ref.id).set_external(key, bytes(data))
 
     @property
     def description(self) -> str:
@@ -267,6 +353,7 @@ class _Ref:
         return self._desc_handlers.get(digest)
 
     def _check_usable(self, what: str) -> None:
+        self._core.check_open(f"{what} on ref {self._id!r}")
         if self._consumed:
             msg = f"cannot {what}: mutable ref {self._id!r} was consumed by commit()"
             raise InvalidError(msg)
@@ -279,12 +366,20 @@ class _Ref:
         return self._ask_actor(message, what)
 
     def _ask_actor(self, message: tuple[Any, ...], what: str) -> Any:
+        for _ in range(_REACTIVATIONS):
+            try:
+                return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+            except pykka.ActorDeadError:
+                # Passivated: the manager reactivates the record and tells us its new actor
+                # (ClosedError once the manager has stopped: the cache is closing).
+                self._actor = self._core.ask_manager(("actor_of", self._id))
         try:
             return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
-        except pykka.ActorDeadError:
-            # Passivated: the manager reactivates the record and tells us its new actor.
-            self._actor = self._core.ask_manager(("actor_of", self._id))
-            return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
+        except pykka.ActorDeadError as exc:
+            if self._core.closed:
+                raise self._core.closed_error(f"{what} on ref {self._id!r}") from exc
+            msg = f"cannot {what} on ref {self._id!r}: its record actor keeps stopping"
+            raise RefcacheError(msg) from exc
 
     def release(self) -> None:
         """Releases this handle. Releasing twice is a counted no-op.
@@ -298,6 +393,8 @@ class _Ref:
                 logger.debug("release of %s %s ref %s ignored", what, self._kind, self._id)
                 self._core.count_double_release()
                 return
+            # After close the handle stays as it was (its record loads again at reopen).
+            self._core.check_open(f"release ref {self._id!r}")
             self._released = True
         with self._core.timed("release"):
             found, manager_needed = self._ask_actor(("release", self._hid), "release")
@@ -373,6 +470,7 @@ class ImmutableRef(_Ref):
         Raises:
             NotFoundError: the record is gone.
         """
+        self._core.check_open(f"clone ref {self._id!r}")
         if self._consumed:
             self._check_usable("clone")
         with self._core.timed("clone"):
@@ -395,13 +493,19 @@ class ImmutableRef(_Ref):
 
         BuildKit: a writable mount request first finalizes an equal pair; the mount itself is
         read-only anyway.
+
+        Raises:
+            InvalidError: ``readonly`` is not a bool.
+            NotFoundError: the record's snapshot directory is missing from disk.
         """
+        check_bool("mount readonly", readonly)
         self._check_usable("mount")
         with self._core.timed("mount"):
             if not readonly:
                 finalize_record(self._core, self._id)
             extract_record(self._core, self._id, self._desc_handlers)
             mounts = self._mounts("mount")
+            _check_mount_paths(self._id, mounts)
         return Mountable(True, tuple(readonly_mounts(list(mounts))), self._core.mount_root)
 
     def extract(self, desc_handlers: Mapping[str, DescHandler] | None = None) -> None:
@@ -481,9 +585,7 @@ class ImmutableRef(_Ref):
             ("force", force),
             ("prefer_non_dist", prefer_non_dist),
         ):
-            if not isinstance(flag, bool):
-                msg = f"get_remotes {name} must be a bool, not {flag!r}"
-                raise InvalidError(msg)
+            check_bool(f"get_remotes {name}", flag)
         with self._core.timed("get_remotes"):
             return get_remotes(
                 self._core,
@@ -527,10 +629,17 @@ class MutableRef(_Ref):
         return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
 
     def mount(self, readonly: bool = False) -> Mountable:
-        """Mounts the active snapshot (read-only when asked)."""
+        """Mounts the active snapshot (read-only when asked).
+
+        Raises:
+            InvalidError: ``readonly`` is not a bool.
+            NotFoundError: the record's snapshot directory is missing from disk.
+        """
+        check_bool("mount readonly", readonly)
         self._check_usable("mount")
         with self._core.timed("mount"):
             mounts = list(self._mounts("mount"))
+            _check_mount_paths(self._id, mounts)
         if readonly:
             mounts = readonly_mounts(mounts)
         return Mountable(readonly, tuple(mounts), self._core.mount_root)
@@ -560,6 +669,46 @@ class RefList(list[ImmutableRef]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raises :class:`InvalidError` unless ``value`` is a bool (``1`` and ``b"x"`` are not).
+
+    A truthy non-bool is refused rather than read as a flag: ``mount(readonly="no")`` must
+    not make a writable mount.
+    """
+    if not isinstance(value, bool):
+        msg = f"{name} must be a bool, not {value!r}"
+        raise InvalidError(msg)
+
+
+def _mount_paths(mounts: Iterable[Mount]) -> list[str]:
+    """The directories ``mounts`` need: bind sources, overlay lower/upper/work dirs."""
+    paths: list[str] = []
+    for m in mounts:
+        if m.type == "overlay":
+            for option in m.options:
+                key, _, value = option.partition("=")
+                if key == "lowerdir":
+                    paths.extend(value.split(":"))
+                elif key in ("upperdir", "workdir"):
+                    paths.append(value)
+        elif m.source:
+            paths.append(m.source)
+    return [p for p in paths if p]
+
+
+def _check_mount_paths(record_id: str, mounts: Iterable[Mount]) -> None:
+    """Raises :class:`NotFoundError` when a directory the mounts need is gone from disk.
+
+    The metadata says the snapshot exists; a directory removed behind the cache's back
+    would otherwise be handed out as a missing path (and a mutable's later commit would
+    record an empty snapshot). One ``stat`` per directory, also for cached mounts.
+    """
+    for path in _mount_paths(mounts):
+        if not os.path.isdir(path):
+            msg = f"cannot mount record {record_id!r}: its snapshot directory {path} is missing"
+            raise NotFoundError(msg)
 
 
 # -- slow work in the caller's thread ------------------------------------------------------

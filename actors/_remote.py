@@ -94,6 +94,7 @@ def finalize_record(core: CacheCore, record_id: str) -> None:
     error: BaseException | None = None
     created = False
     try:
+        _check_layer_dir(core, record_id, mutable_snapshot_id)
         # BuildKit's order: lease first (GC must never see the snapshot unheld), then the
         # snapshot commit (outside any metadata transaction: it walks the tree for usage),
         # then the metadata. A crash between the last two is the half-finalized pair that
@@ -120,6 +121,21 @@ def finalize_record(core: CacheCore, record_id: str) -> None:
     core.ask_manager(("finalize_end", record_id, error))
     if error is not None:
         raise error
+
+
+def _check_layer_dir(core: CacheCore, record_id: str, snapshot_id: str) -> None:
+    """Raises :class:`NotFoundError` when the active snapshot's directory is gone.
+
+    A directory removed behind the cache's back would be committed as an empty snapshot
+    (the commit measures what is there): finalize refuses instead, and the pair stays.
+    """
+    layer = core.snapshotter.path(snapshot_id)
+    if not layer.is_dir():
+        msg = (
+            f"cannot commit the snapshot of record {record_id!r}: the directory {layer} of "
+            f"its mutable snapshot {snapshot_id!r} is missing"
+        )
+        raise NotFoundError(msg)
 
 
 # -- setBlob / computeChainMetadata ---------------------------------------------------------

@@ -6,7 +6,7 @@ Every type here is a frozen, slotted dataclass: values cross actor mailboxes unc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import BinaryIO, Literal
@@ -102,10 +102,18 @@ class PrunePolicy:
     min_free_space: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.filters, str):
-            object.__setattr__(self, "filters", (self.filters,))
-        elif not isinstance(self.filters, tuple):
-            object.__setattr__(self, "filters", tuple(self.filters))
+        if not isinstance(self.all, bool):
+            msg = f"invalid prune policy all={self.all!r}: expected a bool"
+            raise InvalidError(msg)
+        filters: object = self.filters
+        if isinstance(filters, str):
+            filters = (filters,)
+        elif isinstance(filters, Iterable) and not isinstance(filters, bytes | bytearray | Mapping):
+            filters = tuple(filters)
+        if not isinstance(filters, tuple) or not all(isinstance(f, str) for f in filters):
+            msg = f"invalid prune policy filters={self.filters!r}: expected filter strings"
+            raise InvalidError(msg)
+        object.__setattr__(self, "filters", filters)
         for name in ("reserved_space", "max_used_space", "min_free_space"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -13,8 +13,10 @@ import itertools
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,9 +32,11 @@ from prometheus_client.utils import floatToGoString
 
 from ..actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
 from ..actors._types import CacheStatistics
-from ..storage import AlreadyExistsError, InvalidError
+from ..storage import AlreadyExistsError, ClosedError, InvalidError
+from ..storage._errors import CacheTimeoutError
 
 __all__ = [
+    "SNAPSHOT_MAX_AGE",
     "CacheCollector",
     "LATENCY_BUCKETS",
     "RECORD_KINDS",
@@ -58,7 +62,8 @@ _LE_LABELS: tuple[str, ...] = tuple(floatToGoString(bound) for bound in LATENCY_
 
 
 class StatisticsSource(Protocol):
-    """What the collector needs from the manager: its typed Pykka proxy satisfies this."""
+    """What the collector needs from the manager: ``cache.manager`` (a ``CacheManagerProxy``)
+    satisfies this, and so does a raw Pykka proxy of any actor with ``statistics()``."""
 
     def statistics(self) -> pykka.Future[CacheStatistics]:
         """Returns a future of one consistent snapshot, taken on the manager's thread."""
@@ -207,6 +212,21 @@ _FAMILIES: tuple[_Family, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """One answer of ``statistics()``: the snapshot (``None``: none to expose), the seconds
+    the manager took, and when it was taken (``time.monotonic()``)."""
+
+    stats: CacheStatistics | None
+    seconds: float
+    taken_at: float
+
+
+#: Seconds a snapshot is reused by the scrapes of :func:`metrics.serve`: far below any
+#: scrape interval, long enough that a burst of scrapers costs the manager one snapshot.
+SNAPSHOT_MAX_AGE = 1.0
+
+
 class CacheCollector:
     """A custom Prometheus collector over one cache manager.
 
@@ -220,7 +240,11 @@ class CacheCollector:
     open handles come first, at most ``max_record_series`` of each are exposed, and
     ``<namespace>_record_series_omitted`` says how many records were left out.
 
-    The collector holds no mutable state, so concurrent scrapes are safe.
+    Concurrent scrapes share one snapshot (single flight): while one scrape waits for the
+    manager, the others wait for the same answer instead of queueing their own asks in the
+    manager's mailbox (64 parallel scrapers would otherwise stall every ``get`` behind 64
+    snapshots). With ``max_age`` > 0, a snapshot that young is reused by later scrapes too.
+    The in-flight call and the last snapshot are the collector's only state (under a lock).
 
     Args:
         manager: The manager proxy (``cache.manager``), or anything whose ``statistics()``
@@ -232,6 +256,9 @@ class CacheCollector:
             is what :func:`metrics.serve` and :func:`metrics.wsgi_app` use).
         max_record_series: Cap on the per-record series of each family (0 disables them).
         timeout: Seconds to wait for the manager's snapshot per scrape.
+        max_age: Seconds a snapshot is reused by later scrapes (0: only scrapes that
+            overlap share one). :func:`metrics.serve` and :func:`metrics.wsgi_app` use
+            :data:`SNAPSHOT_MAX_AGE`.
 
     Raises:
         InvalidError: A bad argument (nothing is registered).
@@ -246,6 +273,7 @@ class CacheCollector:
         registry: CollectorRegistry | None = REGISTRY,
         max_record_series: int = 1000,
         timeout: float = 2.0,
+        max_age: float = 0.0,
     ) -> None:
         if not callable(getattr(manager, "statistics", None)):
             msg = f"metrics source {manager!r} has no statistics() method"
@@ -268,6 +296,14 @@ class CacheCollector:
         ):
             msg = f"invalid metrics timeout {timeout!r}: expected seconds > 0"
             raise InvalidError(msg)
+        if (
+            not isinstance(max_age, int | float)
+            or isinstance(max_age, bool)
+            or not math.isfinite(max_age)
+            or max_age < 0
+        ):
+            msg = f"invalid metrics max_age {max_age!r}: expected seconds >= 0"
+            raise InvalidError(msg)
         if registry is not None and not isinstance(registry, CollectorRegistry):
             msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
             raise InvalidError(msg)
@@ -275,6 +311,10 @@ class CacheCollector:
         self._namespace = namespace
         self._max_record_series = max_record_series
         self._timeout = float(timeout)
+        self._max_age = float(max_age)
+        self._lock = threading.Lock()
+        self._flight: Future[_Snapshot] | None = None
+        self._last: _Snapshot | None = None
         if registry is not None:
             try:
                 registry.register(self)
@@ -312,26 +352,56 @@ class CacheCollector:
             Every family of :meth:`describe` from one snapshot, or only ``up`` = 0 when no
             snapshot could be had.
         """
-        started = time.perf_counter()
-        stats = self._snapshot()
+        taken = self._shared_snapshot()
+        stats = taken.stats
         up = _UP.gauge(self._namespace)
         if stats is None:
             up.add_metric([], 0)
             yield up
             return
-        elapsed = time.perf_counter() - started
         up.add_metric([], 1)
         yield up
-        yield self._gauge(_STATISTICS_DURATION, elapsed)
+        yield self._gauge(_STATISTICS_DURATION, taken.seconds)
         yield from self._aggregates(stats)
         yield from self._operations(stats)
         yield from self._records(stats)
+
+    def _shared_snapshot(self) -> _Snapshot:
+        """The snapshot of this scrape: a fresh enough one, the one in flight, or a new one."""
+        with self._lock:
+            last = self._last
+            if last is not None and time.monotonic() - last.taken_at <= self._max_age:
+                return last
+            flight = self._flight
+            leader = flight is None
+            if flight is None:
+                flight = self._flight = Future()
+        if not leader:
+            try:
+                return flight.result(timeout=self._timeout)
+            except TimeoutError:
+                logger.warning(
+                    "refcache metrics: no statistics() snapshot within %.3f s", self._timeout
+                )
+                return _Snapshot(None, 0.0, 0.0)
+        taken = _Snapshot(None, 0.0, 0.0)
+        try:
+            started = time.perf_counter()
+            stats = self._snapshot()
+            taken = _Snapshot(stats, time.perf_counter() - started, time.monotonic())
+        finally:
+            with self._lock:
+                self._flight = None
+                if taken.stats is not None and self._max_age > 0:
+                    self._last = taken
+            flight.set_result(taken)
+        return taken
 
     def _snapshot(self) -> CacheStatistics | None:
         """Asks the manager for one snapshot; ``None`` when there is none to expose."""
         try:
             stats = self._manager.statistics().get(timeout=self._timeout)
-        except pykka.Timeout:
+        except (pykka.Timeout, CacheTimeoutError):
             # The ask stays queued and its late answer is dropped: Pykka cannot cancel an
             # ask, and the next scrape asks afresh (DESIGN.md: every get() has a timeout).
             logger.warning(
@@ -339,7 +409,7 @@ class CacheCollector:
                 self._timeout,
             )
             return None
-        except pykka.ActorDeadError:
+        except (pykka.ActorDeadError, ClosedError):
             logger.warning("refcache metrics: manager actor is not running")
             return None
         except Exception:

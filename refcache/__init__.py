@@ -10,6 +10,7 @@ from .actors import (
     AlreadyExistsError,
     Cache,
     CacheStatistics,
+    ClosedError,
     CorruptedError,
     CorruptMetadataError,
     DescHandler,
@@ -33,6 +34,7 @@ from .actors import (
     RefMetadata,
     Remote,
     StoreFullError,
+    TimeoutError,
     UsageInfo,
     open_cache,
 )
@@ -66,4 +68,6 @@ __all__ = [
     "NeedsRemoteProviderError",
     "PermissionDeniedError",
     "StoreFullError",
+    "ClosedError",
+    "TimeoutError",
 ]

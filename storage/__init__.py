@@ -24,6 +24,7 @@ from ._env import (
 )
 from ._errors import (
     AlreadyExistsError,
+    ClosedError,
     CorruptedError,
     CorruptMetadataError,
     DiffIDMismatchError,
@@ -36,6 +37,7 @@ from ._errors import (
     PermissionDeniedError,
     RefcacheError,
     StoreFullError,
+    TimeoutError,
 )
 from ._filters import Filter, parse_filters
 from ._gc import GCStats, collect
@@ -108,6 +110,8 @@ __all__ = [
     "NeedsRemoteProviderError",
     "PermissionDeniedError",
     "StoreFullError",
+    "ClosedError",
+    "TimeoutError",
     # environment
     "MetaEnv",
     "ReadTxn",

@@ -6,6 +6,12 @@ caller catches the same class whichever layer raised it. Third-party errors (LMD
 msgpack, OS errors) are wrapped at the storage boundary with ``raise ... from exc``.
 
 Messages always name the offending id, key or value.
+
+No exception of a library refcache uses (Pykka, ``concurrent.futures``, LMDB) reaches a
+caller of the public API: a stopped actor or a cancelled job means the cache was closed
+(:class:`ClosedError`), an expired wait is :class:`TimeoutError` (this module's, a
+:class:`RefcacheError`; it is not the builtin of the same name, which the modules of refcache
+keep using for their own waits and import this class as ``CacheTimeoutError``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AlreadyExistsError",
+    "ClosedError",
     "CorruptMetadataError",
     "CorruptedError",
     "DiffIDMismatchError",
@@ -26,6 +33,7 @@ __all__ = [
     "PermissionDeniedError",
     "RefcacheError",
     "StoreFullError",
+    "TimeoutError",
 ]
 
 
@@ -128,3 +136,25 @@ class NeedsRemoteProviderError(RefcacheError):
 
     def __reduce__(self) -> tuple[type[NeedsRemoteProviderError], tuple[tuple[str, ...]]]:
         return (NeedsRemoteProviderError, (self.digests,))
+
+
+class ClosedError(RefcacheError):
+    """The cache was closed: a call after :meth:`Cache.close`, or one that close cut short.
+
+    Raised by the manager proxy's methods and futures and by every handle method once the
+    cache is closed (or closing), instead of Pykka's ``ActorDeadError`` or
+    ``concurrent.futures.CancelledError``.
+    """
+
+
+class TimeoutError(RefcacheError):  # the public name; shadows the builtin only here
+    """A wait ran past its bound: the cache's ``timeout`` or the ``timeout`` given to ``get()``.
+
+    Raised instead of ``pykka.Timeout`` and ``concurrent.futures.TimeoutError``, e.g. by a
+    descriptor provider or a ``ref_checker`` that does not return. The builtin
+    ``TimeoutError`` is not a base class: code that catches ``OSError`` does not catch this.
+    """
+
+
+#: The name the modules of refcache use for :class:`TimeoutError` (the builtin stays visible).
+CacheTimeoutError = TimeoutError

@@ -10,6 +10,15 @@ A filter string is a comma-separated list of *selectors*, all of which must matc
     value     := quoted | [^\\s,]+
     quoted    := "..." with Go escapes; for "~=" also /.../ and |...|
 
+``~=`` takes a regular expression in Go's syntax (RE2's, as containerd's ``regexp``) and
+matches when it finds a match anywhere in the value (Go's ``MatchString``). It runs on RE2
+(``google-re2``), whose matching time is linear in the value and which releases the GIL:
+a pattern such as ``(a+)+$`` cannot stall the process the way a backtracking engine does.
+Features RE2 and Go do not have (backreferences, look-around, ``\\Z``, possessive
+quantifiers) are an :class:`InvalidError` naming the pattern, as is a pattern that is not
+valid UTF-8 or is too large to compile. As in Go, ``$`` matches only at the end of the value
+(not before a final newline) and ``.`` does not match a newline unless ``(?s)`` is given.
+
 A bare fieldpath tests presence. Several filter strings are OR'ed (containerd ``ParseAll``);
 no string, or an empty one, matches everything. Quoting lets a label key contain dots or
 slashes: ``labels."containerd.io/gc.root"``.
@@ -23,9 +32,11 @@ error messages (``[before >|here|< after]: reason``), so filters behave the same
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import re2
 
 from ._errors import InvalidError
 
@@ -51,6 +62,11 @@ _ILLEGAL = -7
 # Go escapes inside quotes: the single-character ones, and the hex ones with their widths.
 _SIMPLE_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92}
 _HEX_WIDTHS = {"x": 2, "u": 4, "U": 8}
+
+# RE2 logs every rejected pattern to stderr unless told not to: a bad filter is the
+# caller's InvalidError, not a log line.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
 
 _PRESENT = "?"
 _EQUAL = "=="
@@ -102,7 +118,7 @@ class _Selector(Filter):
     fieldpath: tuple[str, ...]
     operator: str
     value: str = ""
-    regex: re.Pattern[str] | None = None
+    regex: Any = None  # a compiled RE2 pattern (bytes), for "~="
 
     def match(self, adaptor: Adaptor) -> bool:
         value, present = adaptor(self.fieldpath)
@@ -116,8 +132,8 @@ class _Selector(Filter):
             return value != self.value
         if self.regex is None:  # the parser always sets it for "~="
             return False
-        # Go's Regexp.MatchString finds a match anywhere in the value: re.search, not match.
-        return self.regex.search(value) is not None
+        # Go's Regexp.MatchString finds a match anywhere in the value: search, not match.
+        return self.regex.search(_utf8(value)) is not None
 
 
 def parse_filters(*filters: str) -> Filter:
@@ -320,13 +336,21 @@ class _Parser:
         pos, value = self._value(allow_alt_quotes=operator == _MATCHES)
         if operator != _MATCHES:
             return _Selector(fieldpath, operator, value)
+        return _Selector(fieldpath, operator, value, self._compile(pos, value))
+
+    def _compile(self, pos: int, pattern: str) -> Any:
+        """Compiles a ``~=`` pattern with RE2 (Go's syntax), as UTF-8 bytes.
+
+        containerd compiles lazily and logs; a bad pattern then never matches. Failing at
+        parse time gives the caller a clear InvalidError instead of silence.
+        """
         try:
-            regex = re.compile(value)
-        except re.error as exc:
-            # containerd compiles lazily and logs; a bad pattern then never matches. Failing
-            # at parse time gives the caller a clear InvalidError instead of silence.
-            raise self._error(pos, f"invalid regular expression {value!r}: {exc}") from None
-        return _Selector(fieldpath, operator, value, regex)
+            return re2.compile(_utf8(pattern), options=_RE2_OPTIONS)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "backslashreplace")
+            raise self._error(pos, f"invalid regular expression {pattern!r}: {reason}") from None
 
     def _fieldpath(self) -> tuple[str, ...]:
         fields = [self._field()]
@@ -430,6 +454,18 @@ def _unquote(text: str) -> str:
         else:
             raise ValueError(text)
     return out.decode("utf-8", "surrogateescape")
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as the UTF-8 bytes RE2 matches (Go strings are bytes too).
+
+    Bytes that quoted ``\\x`` escapes produced (kept as surrogate escapes by
+    :func:`_unquote`) go back to the raw bytes they stand for.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _digit_value(ch: int) -> int:

@@ -67,8 +67,14 @@ __all__ = [
     "KEY_SNAPSHOT",
     "KEY_UPPER_DIFF_PARENT",
     "KEY_USAGE_COUNT",
+    "RESERVED_EXTERNAL_KEYS",
+    "RESERVED_INDEX_PREFIXES",
+    "RESERVED_KEY_PREFIXES",
+    "USER_STRING_KEYS",
     "MetadataStore",
     "StorageItem",
+    "reserved_index",
+    "reserved_key",
     "validate_record_id",
 ]
 
@@ -103,6 +109,32 @@ KEY_DELETED: Final = "cache.deleted"  #: bool; prune started deleting (crash saf
 INDEX_CHAIN: Final = "chainid:"
 INDEX_BLOB_CHAIN: Final = "blobchainid:"
 EXTERNAL_FILELIST: Final = "filelist"
+
+#: Key namespaces the cache manages itself (every ``KEY_*`` above lives in one): the record
+#: structure (committed, parents, equal links, snapshot, blob, chain IDs, deleted) and the
+#: statistics. Public setters (``RefMetadata``) refuse them: ``snapshot.committed`` set to
+#: ``""`` on a base record made the next open delete it and every descendant.
+RESERVED_KEY_PREFIXES: Final = ("cache.", "snapshot.")
+#: Keys in those namespaces that users set as strings (BuildKit's ``SetDescription``,
+#: ``SetRecordType``, ``SetLayerType``). Creation time and cache policy are not strings:
+#: they have typed setters of their own.
+USER_STRING_KEYS: Final = frozenset({KEY_DESCRIPTION, KEY_RECORD_TYPE, KEY_LAYER_TYPE})
+#: External values the cache computes and trusts (``file_list()``'s cache).
+RESERVED_EXTERNAL_KEYS: Final = frozenset({EXTERNAL_FILELIST})
+#: Indexes the cache searches to share snapshots and blobs (``get_by_blob``): a record
+#: added to one by hand would be handed out for another layer's chain.
+RESERVED_INDEX_PREFIXES: Final = (INDEX_CHAIN, INDEX_BLOB_CHAIN)
+
+
+def reserved_key(key: str) -> bool:
+    """Whether ``key`` is one the cache manages (refused by the public setters)."""
+    return key.startswith(RESERVED_KEY_PREFIXES) and key not in USER_STRING_KEYS
+
+
+def reserved_index(index: str) -> bool:
+    """Whether ``index`` is one the cache maintains itself (chain and blob-chain IDs)."""
+    return index.startswith(RESERVED_INDEX_PREFIXES)
+
 
 _INDEX_SEP = b"::"
 _EXTERNAL_SEP = b"\x00"

@@ -38,6 +38,7 @@ from refcache.actors import (
     StoreFullError,
     open_cache,
 )
+from refcache.actors import TimeoutError as RefcacheTimeoutError
 from refcache.actors._demo import generate_layer
 from refcache.storage import MetaEnv, NativeSnapshotter, NotFoundError
 
@@ -534,6 +535,8 @@ def test_a_provider_that_hangs_past_the_timeout_fails_the_pull_not_the_cache(
         finished = done.wait(timeout + 3.0)
         elapsed = time.monotonic() - t0
         assert finished, f"extract still blocked {elapsed:.1f} s into a hung provider"
+        # refcache's TimeoutError (a RefcacheError), never pykka.Timeout.
+        assert isinstance(outcome[0], RefcacheTimeoutError), outcome
         assert isinstance(outcome[0], RefcacheError), outcome
         assert storage.check(cache.root) == []
 

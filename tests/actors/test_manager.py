@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from refcache.actors import (
     Cache,
+    ClosedError,
     ImmutableRef,
     InvalidError,
     LockedError,
     MutableRef,
     NotFoundError,
     PrunePolicy,
-    RefcacheError,
 )
 from refcache.storage import KEY_DELETED, Kind
 from refcache.storage._leases import Resource
@@ -742,11 +742,11 @@ class TestRestart:
     def test_handles_of_a_closed_cache_fail_clearly(self, cache: Cache) -> None:
         ref = committed(cache)
         cache.close()
-        with pytest.raises(RefcacheError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             ref.info()
-        with pytest.raises(RefcacheError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             ref.release()
-        with pytest.raises(RefcacheError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             ref.clone()
 
 

@@ -25,6 +25,8 @@ from refcache.actors import (
     open_cache,
 )
 
+from refcache import storage
+
 WAIT = 30.0
 
 
@@ -315,7 +317,7 @@ class TestRefMetadata:
         md.created_at = 1_000_000_000
         md.cache_policy = "retain"
         md.set_string("user.key", "value", index="user.index:abc")
-        md.set_external("filelist", b"\x00\x01data")
+        md.set_external("user.blob", b"\x00\x01data")
         md.set_string("gone", "soon")
         md.clear("gone")
         expected = {
@@ -328,7 +330,7 @@ class TestRefMetadata:
         assert {k: getattr(md, k) for k in expected} == expected
         assert md.get_string("user.key") == "value"
         assert md.get_string("gone") == ""
-        assert md.get_external("filelist") == b"\x00\x01data"
+        assert md.get_external("user.blob") == b"\x00\x01data"
         ref_id = ref.id
         ref.release()
         cache.close()
@@ -339,7 +341,7 @@ class TestRefMetadata:
         assert {k: getattr(md, k) for k in expected} == expected
         assert md.get_string("user.key") == "value"
         assert md.get_string("gone") == ""
-        assert md.get_external("filelist") == b"\x00\x01data"
+        assert md.get_external("user.blob") == b"\x00\x01data"
         found = cache.manager.search("user.index:abc").get(timeout=WAIT)
         assert [r.id for r in found] == [ref_id]
         ref.release()
@@ -389,6 +391,139 @@ class TestRefMetadata:
         assert md.description == "d"
         assert md.get_string("k") == ""
         assert state(cache) == before
+        ref.release()
+
+
+class TestReservedMetadata:
+    """The cache's own keys, indexes and external values are refused by the public setters."""
+
+    RESERVED = sorted(
+        getattr(storage, name)
+        for name in dir(storage)
+        if name.startswith("KEY_")
+        and getattr(storage, name)
+        not in (storage.KEY_DESCRIPTION, storage.KEY_RECORD_TYPE, storage.KEY_LAYER_TYPE)
+    )
+
+    def test_every_structure_key_is_reserved(self) -> None:
+        # Every key refcache defines lives in the reserved namespaces; the only ones a user
+        # sets as strings are description, record type and layer type.
+        keys = [name for name in dir(storage) if name.startswith("KEY_")]
+        assert len(keys) >= 25
+        assert len(self.RESERVED) == len(keys) - 3
+        assert all(key.startswith(("cache.", "snapshot.")) for key in self.RESERVED)
+        assert storage.KEY_CREATED_AT in self.RESERVED  # typed: through its property
+        assert storage.KEY_CACHE_POLICY in self.RESERVED  # typed: through its property
+
+    def test_the_attack_on_a_base_record_with_retained_descendants_is_refused(
+        self, open_cache_at: Callable[[], Cache]
+    ) -> None:
+        cache = open_cache_at()
+        base = committed(cache, retain=True, description="base")
+        chain = [base]
+        for i in range(5):
+            chain.append(committed(cache, chain[-1], retain=True, description=f"child {i}"))
+        ids = {ref.id for ref in chain}
+        before = state(cache)
+        md = base.metadata
+        attacks: list[Callable[[], object]] = [
+            lambda: md.set_string(storage.KEY_COMMITTED, ""),
+            lambda: md.set_string(storage.KEY_PARENT, "x"),
+            lambda: md.set_string(storage.KEY_MERGE_PARENTS, "x"),
+            lambda: md.set_string(storage.KEY_DELETED, "1"),
+            lambda: md.clear(storage.KEY_COMMITTED),
+            lambda: md.clear(storage.KEY_SNAPSHOT),
+            lambda: md.set_string("cache.somethingNew", "x"),  # the namespace, not a list
+            lambda: md.set_external(storage.EXTERNAL_FILELIST, b'["etc/passwd"]'),
+            lambda: md.set_string("user.k", "v", index=storage.INDEX_CHAIN + "sha256:00"),
+            lambda: md.set_string("user.k", "v", index=storage.INDEX_BLOB_CHAIN + "sha256:0"),
+        ]
+        for attack in attacks:
+            with pytest.raises(InvalidError, match="reserved"):
+                attack()
+        with pytest.raises(InvalidError, match=repr(storage.KEY_COMMITTED)):
+            md.set_string(storage.KEY_COMMITTED, "")
+        assert state(cache) == before
+        for ref in chain:
+            ref.release()
+        cache.close()
+
+        cache = open_cache_at()
+        assert cache.load_report.cleared == []
+        rows = usage(cache)
+        assert len(rows) == 6  # the tip is an equal pair, listed once
+        assert ids - {row.id for row in rows} == {chain[-1].id}  # (by its mutable's id)
+        for ref in chain:
+            cache.manager.get(ref.id).get(timeout=WAIT).release()
+        assert cache.manager.search(storage.INDEX_CHAIN, prefix=True).get(timeout=WAIT) == []
+        with pytest.raises(NotFoundError):
+            cache.manager.get(base.id).get(timeout=WAIT).metadata.get_external(
+                storage.EXTERNAL_FILELIST
+            )
+
+    @pytest.mark.parametrize("key", RESERVED)
+    def test_each_reserved_key_is_refused_by_set_string_and_clear(
+        self, cache: Cache, key: str
+    ) -> None:
+        ref = committed(cache, description="d")
+        md = ref.metadata
+        stored = md._get(key)
+        with pytest.raises(InvalidError, match=f"{key!r}.*reserved"):
+            md.set_string(key, "x")
+        with pytest.raises(InvalidError, match=f"{key!r}.*reserved"):
+            md.clear(key)
+        assert md._get(key) == stored
+        ref.release()
+
+    def test_user_settable_keys_stay_settable(self, cache: Cache) -> None:
+        ref = committed(cache)
+        md = ref.metadata
+        md.set_string(storage.KEY_DESCRIPTION, "by key")
+        assert md.description == "by key"
+        md.description = "by property"
+        md.record_type = "internal"
+        md.layer_type = "windows"
+        md.created_at = 7
+        md.cache_policy = "retain"
+        md.clear(storage.KEY_LAYER_TYPE)
+        info = ref.info()
+        assert (info.description, info.record_type, info.created_at, info.cache_policy) == (
+            "by property",
+            "internal",
+            7,
+            "retain",
+        )
+        assert md.layer_type == ""
+        ref.release()
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            pytest.param(lambda md: md.set_string(["k"], "v"), id="set-string-list-key"),
+            pytest.param(lambda md: md.set_string(5, "v"), id="set-string-int-key"),
+            pytest.param(lambda md: md.set_string("k", ["v"]), id="set-string-list-value"),
+            pytest.param(lambda md: md.set_string("k", "v", index=5), id="set-string-int-index"),
+            pytest.param(lambda md: md.set_string("k\x00", "v"), id="set-string-nul-key"),
+            pytest.param(lambda md: md.get_string(["k"]), id="get-string-list-key"),
+            pytest.param(lambda md: md.clear(["k"]), id="clear-list-key"),
+            pytest.param(lambda md: md.clear("k", index_prefix=3), id="clear-int-prefix"),
+            pytest.param(lambda md: md.set_external("k", "text"), id="external-str-data"),
+            pytest.param(lambda md: md.set_external("k", None), id="external-none-data"),
+            pytest.param(lambda md: md.set_external(b"k", b"v"), id="external-bytes-key"),
+            pytest.param(lambda md: md.get_external({"k": 1}), id="get-external-dict-key"),
+        ],
+    )
+    def test_wrong_types_are_invalid_and_write_nothing(
+        self, cache: Cache, call: Callable[[Any], Any]
+    ) -> None:
+        ref = committed(cache, description="d")
+        before = state(cache)
+        with pytest.raises(InvalidError):
+            call(ref.metadata)
+        assert state(cache) == before
+        assert ref.metadata.get_string("k") == ""
+        with pytest.raises(NotFoundError):
+            ref.metadata.get_external("k")
         ref.release()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -211,3 +213,96 @@ def test_map_field_joins_the_remaining_fieldpath_with_dots() -> None:
     assert map_field(("a", "b"), labels) == ("1", True)
     assert map_field(("a",), labels) == ("", False)
     assert map_field((), labels) == ("", False)
+
+
+# --- regular expressions: RE2 with Go's syntax and semantics ----------------------------------
+
+_CATASTROPHIC = r"""
+import sys, time
+from refcache.storage._filters import map_field, parse_filters
+
+values = {"description": "a" * 40 + "!"}
+matcher = parse_filters("description~=(a+)+$")
+start = time.perf_counter()
+for _ in range(1000):
+    assert matcher.match(lambda fieldpath: map_field(fieldpath, values)) is False
+print(f"{time.perf_counter() - start:.3f}")
+"""
+
+
+def test_a_catastrophic_pattern_matches_in_linear_time() -> None:
+    # A backtracking engine needs ~2^40 steps for one match here (the process never returns
+    # and holds the GIL meanwhile): run it in a child with a timeout, so that a regression
+    # fails this test instead of hanging the suite.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CATASTROPHIC],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("description~=(a+)+$ over a 41-character value did not finish in 60 s")
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 5.0  # 1,000 matches; linear engines take milliseconds
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        pytest.param(r"(a)\1", "invalid escape sequence", id="backreference"),
+        pytest.param(r"(?P<x>a)(?P=x)", "", id="named-backreference"),
+        pytest.param(r"a(?=b)", "", id="lookahead"),
+        pytest.param(r"(?<!a)b", "", id="lookbehind"),
+        pytest.param(r"a\Z", "", id="python-end-of-string"),
+        pytest.param(r"a++", "", id="possessive"),
+        pytest.param(r"(?x) a", "", id="verbose-flag"),
+        pytest.param(r"a{1001}", "", id="repeat-over-1000"),
+        pytest.param("/\\xff/", "", id="not-utf8"),
+    ],
+)
+def test_patterns_re2_and_go_do_not_support_are_invalid_and_named(pattern: str, why: str) -> None:
+    text = f"description~={pattern}"
+    with pytest.raises(InvalidError) as info:
+        parse_filters(text)
+    message = str(info.value)
+    assert message.startswith(f"invalid filter {text!r}: parse error:")
+    assert "invalid regular expression" in message
+    assert why in message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matches"),
+    [
+        pytest.param("a$", "a\n", False, id="dollar-is-end-of-text-only"),
+        pytest.param("(?m)a$", "a\nb", True, id="multiline-flag"),
+        pytest.param("a.b", "a\nb", False, id="dot-excludes-newline"),
+        pytest.param("(?s)a.b", "a\nb", True, id="dotall-flag"),
+        pytest.param("(?i)BUILD", "a build step", True, id="case-flag"),
+        pytest.param(r"\pL+é", "café", True, id="unicode-classes"),
+        pytest.param("^caf.$", "café", True, id="dot-is-one-character"),
+        pytest.param(r"\Qa.b\E", "xa.by", True, id="quoted-literal"),
+        pytest.param("(?P<step>RUN) ", "RUN make", True, id="named-group"),
+        pytest.param("x*", "", True, id="empty-match"),
+    ],
+)
+def test_regular_expressions_follow_go_semantics(pattern: str, value: str, matches: bool) -> None:
+    values = {"v": value}
+
+    def adaptor(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        return map_field(fieldpath, values)
+
+    # Unquoted when it can be: inside quotes the filter syntax's own Go escapes apply first.
+    text = f"v~={pattern}" if "\\" in pattern else f"v~=|{pattern}|"
+    assert parse_filters(text).match(adaptor) is matches
+
+
+def test_a_quoted_byte_escape_in_a_pattern_matches_that_byte() -> None:
+    # Go: "\x41" in a quoted value is the byte A; RE2 sees the same UTF-8 as Go's regexp.
+    values = {"v": "xAy"}
+
+    def adaptor(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        return map_field(fieldpath, values)
+
+    assert parse_filters('v~="x\\x41y"').match(adaptor) is True
