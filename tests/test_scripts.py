@@ -306,16 +306,6 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
 # -- found by the demo ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core bug: sizes measured by disk_usage never reach statistics() for records whose "
-        "actor is still activated (the idle LRU keeps recently used records' actors): "
-        "CacheManager._op_sizes skips entries with e.actor set and does not hand the size to "
-        "the actor either, so refcache_usage_bytes / refcache_reclaimable_bytes stay 0 for "
-        "them (the demo's metrics sample showed 0.7 MB reclaimable next to a 40 MB du)"
-    ),
-)
 def test_statistics_see_the_sizes_disk_usage_measured(tmp_path: Path) -> None:
     from refcache.actors import open_cache
 
