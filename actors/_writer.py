@@ -73,11 +73,17 @@ class MetadataWriter:
             self._pending.pop(record_id, None)
 
     def flush(self) -> None:
-        """Writes everything queued now, in the calling thread."""
-        with self._cond:
-            batch, waiters = self._pending, self._waiters
-            self._pending, self._waiters = {}, []
-        self._write(batch, waiters)
+        """Writes everything queued now, in the calling thread.
+
+        On return, every value submitted before the call is durable: a batch the writer
+        thread took earlier is committed first (batches are taken and written under one
+        lock, so they commit in the order they were taken).
+        """
+        with self._flush_lock:
+            with self._cond:
+                batch, waiters = self._pending, self._waiters
+                self._pending, self._waiters = {}, []
+            self._write(batch, waiters)
 
     def close(self) -> None:
         """Flushes and stops the writer thread. Safe to call twice."""
@@ -99,17 +105,20 @@ class MetadataWriter:
                 if len(self._pending) < self._max_batch:
                     # Coalesce: give concurrent releases a moment to join this fsync.
                     self._cond.wait(timeout=self._delay)
-                batch, waiters = self._pending, self._waiters
-                self._pending, self._waiters = {}, []
-            self._write(batch, waiters)
+            with self._flush_lock:
+                with self._cond:
+                    batch, waiters = self._pending, self._waiters
+                    self._pending, self._waiters = {}, []
+                self._write(batch, waiters)
 
     def _write(self, batch: dict[str, dict[str, Any]], waiters: list[Future[None]]) -> None:
+        # Called with _flush_lock held: batches commit in the order they were taken.
         if not batch:
             for done in waiters:
                 done.set_result(None)
             return
         try:
-            with self._flush_lock, self._store.env.write_txn() as txn:
+            with self._store.env.write_txn() as txn:
                 for record_id, values in batch.items():
                     raw = txn.get(DB_RECORDS, record_id.encode())
                     if raw is None:
