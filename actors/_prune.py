@@ -25,16 +25,16 @@ is split so that no manager handler is long and no pass rescans the table:
 * **GC** (``storage.collect``) runs once at the end, as BuildKit's ``GarbageCollect``.
 
 Size-limited policies (``max_used_space``/``reserved_space``/``min_free_space``) keep
-BuildKit's arithmetic (:func:`calculate_keep_bytes`) and order (:func:`delete_order`,
-``sortDeleteRecords``): the lowest score goes first and the loop stops as soon as the total
-drops below the bytes to keep. BuildKit deletes one record per pass there and rescans; here a
-batch takes records in score order until the target is reached, and stops before any record
-that scores higher than a parent the batch frees, so that parent competes for the next place
-as it would in BuildKit's next pass.
+BuildKit's arithmetic (:func:`calculate_keep_bytes`), stop rule (``total < keep``) and order:
+BuildKit's gc mode deletes one record per pass, ranked by ``sortDeleteRecords`` among the
+candidates of that pass. The planner plays those passes exactly (:class:`GcRanking` keeps the
+lowest score current as candidates go and freed parents come, without rescoring) and a batch
+deletes a run of them; the manager accepts a parent in the batch of the children that free it.
 
 Sizes: unknown sizes are measured by the jobs (never by a handler) before they are reported
-or counted; sizes of records at rest are then mirrored into the table (``known_sizes``) and
-persisted by the job, so a repeated ``disk_usage`` measures nothing.
+or counted, and handed to the manager (``known_sizes``), which caches them in its table
+(whether or not the record's actor is activated), writes them behind and tells the actor, so
+a repeated ``disk_usage`` measures nothing and ``statistics()`` sees what it measured.
 
 Events: listeners subscribed with :meth:`PruneMixin.subscribe` get a *tell* per deleted record,
 ``("record_pruned", UsageInfo)``, and ``("prune_finished", records, bytes)`` once a prune is
@@ -398,19 +398,23 @@ def records_in_use(
     # A record being pruned holds its parents until it is gone, but is going: count it as
     # unreferenced (its twin, if any, is accounted for by its doubleRef).
     nodes.update(rid for rid in going if rid in table and table[rid].equal_mutable is None)
-    adjusted = {rid: refs.get(rid, 0) for rid in nodes}
-    work = [rid for rid, n in adjusted.items() if n == 0]
+    # Only records with refs left are kept; each unreferenced one releases its holds once.
+    adjusted = {rid: n for rid in nodes if (n := refs.get(rid, 0)) > 0}
+    work = [rid for rid in nodes if rid not in adjusted]
     while work:
         row = table[work.pop()]
         twin = row.equal_immutable
         step = 2 if twin is not None and twin in table else 1
         for p in row.parents:
-            if p and p in adjusted and adjusted[p] > 0:
-                adjusted[p] -= step
-                if adjusted[p] <= 0:
-                    adjusted[p] = 0
+            left = adjusted.get(p) if p else None
+            if left is not None:
+                left -= step
+                if left > 0:
+                    adjusted[p] = left
+                else:
+                    del adjusted[p]
                     work.append(p)
-    return {rid for rid in visible if adjusted[rid] > 0}
+    return {rid for rid in visible if rid in adjusted}
 
 
 def visible_ids(table: Mapping[str, TableRow]) -> list[str]:
@@ -744,7 +748,7 @@ class GcRanking:
 
     Scores are the float expression Go evaluates, so the minimum is BuildKit's whenever it
     is unique; on a tie (BuildKit's order is undefined) the oldest, then the least used,
-    then the first added wins.
+    then the lowest id wins, so a live prune and a dry run over the same records agree.
 
     Args:
         times: Every time a candidate may have (more are added on demand).
@@ -757,8 +761,7 @@ class GcRanking:
         self._time_mult: dict[int, int] = {}
         self._distinct_times = 0
         self._counts: list[int] = []  # distinct counts present, ascending
-        self._groups: dict[int, list[tuple[int, int, str]]] = {}  # count -> heap
-        self._seq = 0
+        self._groups: dict[int, list[tuple[int, str]]] = {}  # count -> heap by (time, id)
         self._size = 0
 
     def __len__(self) -> int:
@@ -779,13 +782,12 @@ class GcRanking:
         if group is None:
             group = self._groups[usage_count] = []
             insort(self._counts, usage_count)
-        heapq.heappush(group, (key, self._seq, record_id))
-        self._seq += 1
+        heapq.heappush(group, (key, record_id))
         self._size += 1
 
     def pop(self) -> str | None:
         """Removes and returns the candidate BuildKit deletes next (None: there is none)."""
-        best: tuple[float, int, int, int] | None = None  # (score, time key, count, seq)
+        best: tuple[float, int, int, str] | None = None  # (score, time key, count, id)
         max_lu = 1 + self._distinct_times
         zero = 1 if self._counts and self._counts[0] == 0 else 0
         max_uc = 1 + len(self._counts) - zero
@@ -794,19 +796,19 @@ class GcRanking:
             uc_rank = 1 if count == 0 else 1 + index + 1 - zero
             if best is not None and gc_score(1, max_lu, uc_rank, max_uc) > best[0]:
                 break  # every later group has a higher count rank: none can score lower
-            key, seq, _ = self._groups[count][0]
+            key, rid = self._groups[count][0]
             if oldest_seen is not None and key >= oldest_seen:
                 continue  # an older-or-equal record of a lower count scores lower already
             oldest_seen = key
             lu_rank = 1 if key == _NEVER else 1 + self._fenwick.prefix(self._slot[key])
-            candidate = (gc_score(lu_rank, max_lu, uc_rank, max_uc), key, count, seq)
+            candidate = (gc_score(lu_rank, max_lu, uc_rank, max_uc), key, count, rid)
             if best is None or candidate < best:
                 best = candidate
         if best is None:
             return None
         _, key, count, _ = best
         group = self._groups[count]
-        _, _, record_id = heapq.heappop(group)
+        _, record_id = heapq.heappop(group)
         if not group:
             del self._groups[count]
             del self._counts[bisect_left(self._counts, count)]

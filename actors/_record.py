@@ -7,16 +7,21 @@ at rest is a compact entry in the manager's table and costs no thread and no act
 It owns, and serialises every change of:
 
 * the handle set (BuildKit's ``cr.refs``: the refcount of user handles) with each handle's
-  ``triggerLastUsed`` flag, and the last-used/usage-count statistics;
-* the mount cache and the cached size, each computed at most once at a time (single flight:
+  ``triggerLastUsed`` flag, and so the decision whether a release counts a use;
+* the mount cache and the size flight, each computed at most once at a time (single flight:
   the first asker gets a *plan*, does the slow work in its own thread, and reports back; the
   others wait for the same future);
 * its metadata view (``RefMetadata`` reads and writes).
 
+The record's size and usage statistics belong to the manager's table (DESIGN.md, "Sizes and
+uses"): the actor keeps copies for ``size()``'s fast path and tells the manager every use it
+counts and every size it measures *before* it answers the caller, so the caller's next ask to
+the manager sees it; the manager tells it back what it learns elsewhere.
+
 Rules (DESIGN.md): every handler is short and never blocks — slow work is done by the caller
 that received a plan, or by the I/O executor; a record never asks the manager or another
-record (it has no reference to them). Messages are plain tuples, answered through Pykka asks.
-Runs on a pool worker thread.
+record (it has no reference to them; it only tells the manager). Messages are plain tuples,
+answered through Pykka asks. Runs on a pool worker thread.
 """
 
 from __future__ import annotations
@@ -121,14 +126,6 @@ class CacheRecord(PooledActor):
         self.handles[hid] = trigger
         self.settled = False
 
-    def _on_acquire(self, trigger: bool) -> int:
-        self._check_alive()
-        self.acquires += 1
-        hid = self.core.next_handle_id()
-        self.handles[hid] = trigger
-        self.settled = False
-        return hid
-
     def _on_clone(self, hid: int) -> int | None:
         # BuildKit's Clone does not check that the source handle is live: a released handle
         # can be cloned while its record is alive. Once settled, the manager decides whether
@@ -185,9 +182,6 @@ class CacheRecord(PooledActor):
     def _on_consume(self, hid: int) -> bool:
         """Removes ``hid`` without counting a use (a mutable handle given to its commit)."""
         return self.handles.pop(hid, None) is not None
-
-    def _on_has(self, hid: int) -> bool:
-        return hid in self.handles and not self.dead
 
     def _on_count(self) -> int:
         return len(self.handles)

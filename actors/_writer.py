@@ -2,9 +2,11 @@
 
 BuildKit writes ``cache.lastUsedAt``/``cache.usageCount`` with one fsync'd bolt update on every
 release of a used ref, under the manager lock (1.4-1.6k unreferenced get+release/s measured
-here). refcache queues these values instead: a record actor hands an immutable mapping to
-:class:`MetadataWriter`, which coalesces them per record and commits them in one LMDB write
-transaction (one fsync) per batch, a few milliseconds later.
+here). refcache queues these values instead: a record actor (a use) or the manager (a size)
+hands an immutable mapping to :class:`MetadataWriter`, which coalesces them per record and
+commits them in one LMDB write transaction (one fsync) per batch, a few milliseconds later.
+Batches commit in the order they were taken, and :meth:`MetadataWriter.flush` returns once
+everything submitted before it is durable.
 
 What is written here is statistics, not structure: records, parents, commits, equal links and
 the ``cache.deleted`` flag are written synchronously by their owners. A ``kill -9`` may lose
