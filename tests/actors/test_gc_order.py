@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from refcache.actors import Cache, ImmutableRef, PrunePolicy
 from refcache.actors._prune import (
+    GcRanking,
     PrunePlanner,
     TableRow,
     simulate_prune,
@@ -360,6 +361,62 @@ class TestAgainstBuildKit:
         assume(theirs is not None)
         event(f"deleted {min(len(theirs or ()), 4)}+")
         assert ours == theirs
+
+
+class TestGcRanking:
+    """The incremental argmin against BuildKit's sort of the current candidates."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        start=st.lists(st.tuples(_TIMES, st.integers(0, 8)), max_size=30),
+        steps=st.lists(
+            st.one_of(st.none(), st.tuples(st.integers(0, 900), st.integers(0, 8))),
+            max_size=40,
+        ),
+    )
+    def test_each_pop_is_the_first_of_sort_delete_records(
+        self,
+        start: list[tuple[int | None, int]],
+        steps: list[tuple[int, int] | None],
+    ) -> None:
+        # Known times at creation; later additions may bring times it has no slot for.
+        ranking = GcRanking(t for t, _ in start if t is not None)
+        current: dict[str, tuple[int | None, int]] = {}
+        names = (f"r{i:03d}" for i in itertools.count())
+        for t, count in start:
+            rid = next(names)
+            c = 0 if t is None else max(count, 1)
+            current[rid] = (t, c)
+            ranking.add(rid, t, c)
+        for step in steps:
+            if step is not None:  # a freed parent joins, maybe used at a new time
+                rid = next(names)
+                t = NOW + step[0] if step[0] % 7 else None
+                c = 0 if t is None else max(step[1], 1)
+                current[rid] = (t, c)
+                ranking.add(rid, t, c)
+                continue
+            expected = _first_of_sort(current)
+            got = ranking.pop()
+            if expected is None:
+                assert got is None
+                continue
+            if expected != "tie":
+                assert got == expected
+            assert got is not None
+            del current[got]
+        assert len(ranking) == len(current)
+
+
+def _first_of_sort(current: dict[str, tuple[int | None, int]]) -> str | None:
+    records = [DeleteRecord(BkRecord(rid, [], 1, t, c), t, c) for rid, (t, c) in current.items()]
+    if not records:
+        return None
+    try:
+        sort_delete_records(records)
+    except TieError:
+        return "tie"
+    return records[0].record.id
 
 
 # -- on a real cache -------------------------------------------------------------------------------
