@@ -522,6 +522,7 @@ def _scrape(url: str) -> list[str]:
         'refcache_records_by_state{state="lazy"}',
         'refcache_records_by_state{state="in_use"}',
         "refcache_open_handles ",
+        "refcache_usage_bytes{",
         "refcache_reclaimable_bytes ",
         'refcache_operations_total{operation="get_by_blob"',
         'refcache_operations_total{operation="commit"',

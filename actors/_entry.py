@@ -74,7 +74,10 @@ class RecordEntry:
         "record_type",
         "retain",
         "size",
+        "size_gen",
         "snapshot_id",
+        "trigger_holds",
+        "trigger_parents",
         "usage_count",
     )
 
@@ -95,6 +98,14 @@ class RecordEntry:
         self.usage_count = 0
         self.record_type = ""
         self.size = SIZE_UNKNOWN
+        # Bumped by every reset of the size (extraction, a new blob variant, a mutable taken
+        # again): a measurement begun before the reset is not cached.
+        self.size_gen = 0
+        # Holds whose release counts a use of this record (BuildKit's parent handles with
+        # triggerLastUsed: the pieces a multi-layer diff merges). In memory only, as in
+        # BuildKit, whose parent handles are loaded without it.
+        self.trigger_holds = 0
+        self.trigger_parents: frozenset[str] = frozenset()  # our holds of that kind
         self.blob = ""
         self.blob_only = False
         self.diff_id = ""

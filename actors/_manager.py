@@ -88,7 +88,7 @@ from ._blobs import (
 )
 from ._core import CacheCore, ask
 from ._entry import RecordEntry, new_id, parent_fields
-from ._prune import PruneMixin
+from ._prune import PruneMixin, records_in_use, visible_records
 from ._record import SIZE_UNKNOWN, CacheRecord, RecordState, Settled
 from ._refs import (
     ImmutableRef,
@@ -237,7 +237,15 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 if m is not None:
                     mount_sid = m.snapshot_id
             state = RecordState(
-                e.id, e.mutable, e.snapshot_id, mount_sid, e.usage_count, e.last_used_at, e.size
+                e.id,
+                e.mutable,
+                e.snapshot_id,
+                mount_sid,
+                e.usage_count,
+                e.last_used_at,
+                e.size,
+                e.size_gen,
+                e.trigger_holds,
             )
             e.actor = CacheRecord.start_on(self.core.pool, self.core, state)
             e.acquires = 0
@@ -292,9 +300,6 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             return None
         if settled is None:
             return None
-        e.usage_count, e.last_used_at = settled.usage_count, settled.last_used_at
-        if not e.mutable:
-            e.size = settled.size
         self._idle[e.id] = None
         self._evict_idle()
         return settled
@@ -308,9 +313,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 old.actor.stop(block=False)
                 old.actor = None
 
-    def _op_idle(
-        self, record_id: str, acquires: int, usage_count: int, last_used_at: int | None, size: int
-    ) -> None:
+    def _op_idle(self, record_id: str, acquires: int) -> None:
         """A plain immutable's actor settled itself at its last release (a tell).
 
         Ignored when the manager has acquired a handle on that actor since (the tell is then
@@ -319,9 +322,6 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         e = self.entries.get(record_id)
         if e is None or e.dead or e.actor is None or e.acquires != acquires:
             return
-        e.usage_count, e.last_used_at = usage_count, last_used_at
-        if not e.mutable:
-            e.size = size
         self._idle[e.id] = None
         self._idle.move_to_end(e.id)
         self._evict_idle()
@@ -393,6 +393,8 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             parent = self.entries.get(parent_id) if parent_id else None
             if parent is not None:
                 parent.holders -= 1
+                if parent_id in e.trigger_parents:
+                    self._release_trigger_hold(parent)
         if e.equal_mutable is not None:
             m = self.entries.get(e.equal_mutable)
             if m is not None and m.equal_immutable == e.id:
@@ -446,14 +448,46 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         if missing:
             raise NeedsRemoteProviderError(missing)
 
-    def _reset_size(self, e: RecordEntry) -> None:
-        """The record's size is unknown again (new blob variant, extraction)."""
-        if not e.mutable:
+    def _reset_size(self, e: RecordEntry, *, durable: bool = False) -> None:
+        """The record's size is unknown again (new blob variant, extraction, a mutable taken).
+
+        A new generation makes measurements begun before the reset uncacheable. With
+        ``durable`` the reset is on disk before the caller goes on (a mutable about to change).
+        """
+        e.size_gen += 1
+        if e.size != SIZE_UNKNOWN:
             e.size = SIZE_UNKNOWN
             self.core.writer.submit(e.id, {KEY_SIZE: SIZE_UNKNOWN})
+            if durable:
+                self.core.writer.flush()
         if e.actor is not None:
             with contextlib.suppress(pykka.ActorDeadError):
-                e.actor.tell(("size_reset",))
+                e.actor.tell(("size_reset", e.size_gen))
+
+    def _learn_size(self, e: RecordEntry, size: int, generation: int, *, tell: bool) -> bool:
+        """Caches a measured size: table, metadata (write-behind) and the record's actor.
+
+        Refused when the size was reset since the measurement began (``generation``). An
+        equal pair shares one snapshot until finalize: its twin learns the same size, so the
+        pair has one size whichever half disk usage shows. ``tell`` hands the size to the
+        record's actor too (not needed when the actor measured it).
+        """
+        if e.dead or generation != e.size_gen or size < 0:
+            return False
+        self._set_size(e, size, tell=tell)
+        twin_id = e.equal_mutable or e.equal_immutable
+        twin = self.entries.get(twin_id) if twin_id else None
+        if twin is not None and not twin.dead and twin.size != size:
+            self._set_size(twin, size, tell=True)
+        return True
+
+    def _set_size(self, e: RecordEntry, size: int, *, tell: bool) -> None:
+        if e.size != size:
+            e.size = size
+            self.core.writer.submit(e.id, {KEY_SIZE: size})
+        if tell and e.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                e.actor.tell(("size_known", size, e.size_gen))
 
     def _new_entry(
         self,
@@ -482,6 +516,16 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             self._blob_only += 1
         return e
 
+    def _shown_size(self, e: RecordEntry, handles: int) -> int:
+        """The size disk usage shows for ``e`` (:func:`~actors._prune.shown_size`)."""
+        if e.mutable and handles > 0:
+            return 0
+        if e.size == SIZE_UNKNOWN and e.equal_immutable is not None:
+            twin = self.entries.get(e.equal_immutable)
+            if twin is not None:
+                return twin.size
+        return e.size
+
     def _size_snapshot(self, e: RecordEntry) -> str:
         """The snapshot whose usage is the record's size (an equal mutable's, until finalize)."""
         if e.equal_mutable is not None and e.equal_mutable in self.entries:
@@ -489,12 +533,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         return e.snapshot_id
 
     def _info(self, e: RecordEntry) -> RecordInfo:
-        if e.actor is not None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                usage_count, last_used_at, size = self._ask(e.actor, ("summary",))
-                e.usage_count, e.last_used_at = usage_count, last_used_at
-                if not e.mutable:
-                    e.size = size
+        # The table is current: record actors tell every use and size before they answer.
         return RecordInfo(
             id=e.id,
             kind=e.kind,
@@ -546,6 +585,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         with self.core.timed("get"):
             e = self._entry(id)
             self._check_lazy(e, handlers)
+            trigger = update_last_used
             if e.mutable:
                 if self._mutable_locked(e):
                     msg = f"record {id!r} is locked: a mutable ref on it is open"
@@ -554,7 +594,10 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     e = self.entries[e.equal_immutable]
                 else:
                     e = self._commit_entry(e)
-            rid, hid, actor = self._acquire(e, update_last_used)
+                    # BuildKit's implicit commit returns the commit's handle, which always
+                    # counts a use (mref(trigger).commit() -> ref(true)).
+                    trigger = True
+            rid, hid, actor = self._acquire(e, trigger)
             return ImmutableRef(self.core, rid, hid, actor, handlers)
 
     def get_mutable(self, id: str) -> MutableRef:
@@ -583,6 +626,8 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                         raise LockedError(msg)
                     self._remove(i, remove_snapshot=False)
                 e.equal_immutable = None
+            # Its snapshot may change from now on: a cached size is no longer true.
+            self._reset_size(e, durable=True)
             rid, hid, actor = self._acquire(e, True)
             return MutableRef(self.core, rid, hid, actor)
 
@@ -814,28 +859,40 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
     def merge(
         self, parents: Sequence[ImmutableRef | None]
     ) -> Future[ImmutableRef | None] | ImmutableRef | None:
-        """Merges refs (``None``s skipped; merge inputs flattened); inputs are not consumed."""
+        """Merges refs; inputs are not consumed.
+
+        ``None``s are skipped and inputs that are merges are replaced by their inputs
+        (flattened) first; then no input gives ``None`` and one input a new handle on it
+        (BuildKit ``createMergeRef``: "merge of 1 thing is that thing"), so ``merge([m])``
+        of a merge ``m`` is a new merge of ``m``'s inputs.
+        """
         if isinstance(parents, ImmutableRef) or not isinstance(parents, Sequence):
             msg = f"merge takes a sequence of ImmutableRef, not {type(parents).__name__}"
             raise InvalidError(msg)
         refs = [p for p in parents if p is not None]
         entries = [self._ref_entry(p, "merge input") for p in refs]
-        if not entries:
-            return None
-        # BuildKit: the merge's handle carries the union of its inputs' handlers.
-        handlers = merge_handlers(*(r._desc_handlers for r in refs if r is not None))
-        if len(entries) == 1:
-            rid, hid, actor = self._acquire(entries[0], False)
-            return ImmutableRef(self.core, rid, hid, actor, handlers)
         ids: list[str] = []
         for e in entries:
             ids.extend(e.parents if e.kind == "merge" else (e.id,))
+        if not ids:
+            return None
+        # BuildKit: the merge's handle carries the union of its inputs' handlers.
+        handlers = merge_handlers(*(r._desc_handlers for r in refs if r is not None))
+        if len(ids) == 1:
+            # The parent clone itself, which counts no use.
+            rid, hid, actor = self._acquire(self.entries[ids[0]], False)
+            return ImmutableRef(self.core, rid, hid, actor, handlers)
         self._hold(ids)
         return self.core.submit(self._merge_job, tuple(ids), handlers)
 
     def _merge_job(
-        self, ids: tuple[str, ...], handlers: Mapping[str, DescHandler] | None = None
+        self,
+        ids: tuple[str, ...],
+        handlers: Mapping[str, DescHandler] | None = None,
+        triggers: frozenset[str] = frozenset(),
     ) -> ImmutableRef:
+        # The holds on ``ids`` are this job's: the new record takes them over, or they are
+        # dropped on failure. ``triggers``: inputs whose hold counts a use when it goes.
         core = self.core
         try:
             with core.timed("merge"):
@@ -843,18 +900,22 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     finalize_record(core, rid)
         except BaseException:
             with contextlib.suppress(RefcacheError):
-                core.ask_manager(("unhold", ids))
+                core.ask_manager(("unhold", ids, triggers))
             raise
-        return self._register_immutable_job("merge", ids, {}, handlers)
+        rid, hid, actor = self._register_immutable_job("merge", ids, {}, triggers)
+        return ImmutableRef(core, rid, hid, actor, handlers)
 
     def _register_immutable_job(
         self,
         kind: RecordKind,
         parents: tuple[str, ...],
         extra: dict[str, Any],
-        handlers: Mapping[str, DescHandler] | None = None,
-    ) -> ImmutableRef:
-        # Runs on the I/O executor: lease + metadata in one transaction, then registration.
+        triggers: frozenset[str] = frozenset(),
+        *,
+        piece: bool = False,
+    ) -> Any:
+        # Runs on the I/O executor: lease + metadata in one transaction, then registration:
+        # a handle for the caller, or (``piece``) a record a merge being made will hold.
         core = self.core
         record_id = new_id()
         values: dict[str, Any] = {
@@ -876,10 +937,11 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 item.commit(txn=txn)
         except BaseException:
             with contextlib.suppress(RefcacheError):
-                core.ask_manager(("unhold", parents))
+                core.ask_manager(("unhold", parents, triggers))
             raise
-        rid, hid, actor = core.ask_manager(("register", record_id, kind, parents, values))
-        return ImmutableRef(core, rid, hid, actor, handlers)
+        if piece:
+            return core.ask_manager(("register_piece", record_id, kind, parents, values))
+        return core.ask_manager(("register", record_id, kind, parents, values, triggers))
 
     def diff(self, lower: ImmutableRef | None, upper: ImmutableRef | None) -> Future[ImmutableRef]:
         """The changes from ``lower`` to ``upper`` (``None``: nothing), as a record.
@@ -915,14 +977,19 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 return self.core.submit(self._diff_merge_job, tuple(plan), handlers)
         parents = (low.id, up.id if up is not None else "")
         self._hold(parents)
-        return self.core.submit(self._diff_job, parents, "", handlers)
+        return self.core.submit(self._diff_job, parents, handlers)
 
     def _diff_job(
         self,
         parents: tuple[str, str],
-        description: str,
         handlers: Mapping[str, DescHandler] | None = None,
     ) -> ImmutableRef:
+        self._finalize_inputs(parents)
+        rid, hid, actor = self._register_immutable_job("diff", parents, {})
+        return ImmutableRef(self.core, rid, hid, actor, handlers)
+
+    def _finalize_inputs(self, parents: tuple[str, ...]) -> None:
+        # The job owns the holds on ``parents``: dropped here if a finalize fails.
         core = self.core
         try:
             with core.timed("diff"):
@@ -932,40 +999,43 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             with contextlib.suppress(RefcacheError):
                 core.ask_manager(("unhold", parents))
             raise
-        extra = {KEY_DESCRIPTION: description} if description else {}
-        return self._register_immutable_job("diff", parents, extra, handlers)
 
     def _diff_merge_job(
         self,
         plan: tuple[tuple[str, str, str], ...],
         handlers: Mapping[str, DescHandler] | None = None,
     ) -> ImmutableRef:
+        """A multi-layer diff: a merge of one diff record per layer (BuildKit ``Diff``).
+
+        Each per-layer diff is made with one hold, the merge's, and that hold counts a use
+        when it goes (BuildKit hands the merge the diff's own handle, whose triggerLastUsed
+        is set): a piece is first used when the merge that owns it is removed, not when it
+        is made. A layer without a parent is merged as itself (an ordinary hold).
+        """
         core = self.core
-        pieces: list[ImmutableRef] = []
-        handed = 0  # plan entries whose holds were handed over (to a piece or released)
+        ids: list[str] = []
+        triggers: list[str] = []
+        started = 0  # plan entries whose holds were handed over (to a piece, or to ids)
         try:
             for kind, low, up in plan:
+                started += 1
                 if kind == "diff":
-                    handed += 1  # _diff_job owns these holds now and drops them on failure
-                    pieces.append(self._diff_job((low, up), f'diff "{low}" -> "{up}"', handlers))
+                    # _finalize_inputs and _register_immutable_job drop these holds on failure.
+                    self._finalize_inputs((low, up))
+                    desc = {KEY_DESCRIPTION: f'diff "{low}" -> "{up}"'}
+                    rid = self._register_immutable_job("diff", (low, up), desc, piece=True)
+                    ids.append(rid)
+                    triggers.append(rid)
                 else:
-                    rid, hid, actor = core.ask_manager(("clone", up))
-                    pieces.append(ImmutableRef(core, rid, hid, actor))
-                    handed += 1
-                    core.ask_manager(("unhold", (up,)))
-            ids = tuple(p.id for p in pieces)
-            core.ask_manager(("hold", ids))
-            merged = self._merge_job(ids, handlers)
+                    ids.append(up)  # the hold diff() took becomes the merge's
         except BaseException:
-            for kind, low, up in plan[handed:]:
+            with contextlib.suppress(RefcacheError):
+                core.ask_manager(("unhold", tuple(ids), frozenset(triggers)))
+            for kind, low, up in plan[started:]:
                 with contextlib.suppress(RefcacheError):
                     core.ask_manager(("unhold", (low, up) if kind == "diff" else (up,)))
             raise
-        finally:
-            for piece in pieces:
-                with contextlib.suppress(RefcacheError):
-                    piece.release()
-        return merged
+        return self._merge_job(tuple(ids), handlers, frozenset(triggers))
 
     def search(self, index: str, *, prefix: bool = False) -> list[RecordInfo]:
         """Records in the metadata index ``index`` (exact, or every index with that prefix).
@@ -983,25 +1053,46 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         return out
 
     def statistics(self) -> CacheStatistics:
-        """One consistent snapshot of the cache for metrics (see :class:`CacheStatistics`)."""
+        """One consistent snapshot of the cache for metrics (see :class:`CacheStatistics`).
+
+        Sizes are counted as ``disk_usage`` shows them, from the same table: an equal pair
+        once, a mutable record with open handles as 0, unknown sizes as 0; reclaimable are
+        the records disk usage reports as not in use (a chain held only by unreferenced
+        records included). After a ``disk_usage`` (which measures unknown sizes) the byte
+        gauges therefore add up to its rows.
+        """
         counts = self._handle_counts()
         by_kind: dict[str, int] = dict.fromkeys(("base", "layer", "merge", "diff"), 0)
         bytes_by_kind: dict[str, int] = dict.fromkeys(("base", "layer", "merge", "diff"), 0)
         mutable = lazy = in_use = handles = reclaimable = 0
-        detail = []
-        for e in self.entries.values():
+        entries = self.entries
+        refs: dict[str, int] = {}
+        for rid, e in entries.items():
             by_kind[e.kind] += 1
             mutable += e.mutable
             lazy += e.blob_only
-            n = counts.get(e.id, 0)
+            n = counts.get(rid, 0)
             handles += n
-            refs = n + e.holders
             in_use += n > 0
-            size = max(e.size, 0)
-            bytes_by_kind[e.kind] += size
-            if refs == 0:
-                reclaimable += size
-            detail.append((e.id, n, size))
+            refs[rid] = n + e.holders
+        going = self._prune_state().pruning
+        visible = visible_records(entries, refs, going)
+        held = records_in_use(entries, refs, visible, going)
+        detail = []
+        for rid in visible:
+            e = entries[rid]
+            n = counts.get(rid, 0)
+            size = self._shown_size(e, n)
+            bytes_by_kind[e.kind] += max(size, 0)
+            if rid not in held:
+                reclaimable += max(size, 0)
+            detail.append((rid, n, size))
+        if len(visible) != len(entries):
+            # The hidden half of a pair has no size of its own to show; its handles count.
+            shown = set(visible)
+            detail.extend(
+                (rid, n, SIZE_UNKNOWN) for rid, n in counts.items() if n and rid not in shown
+            )
         detail.sort(key=lambda d: (d[1] == 0, d[0]))
         doubles, ops, lat_sum, lat_buckets = self.core.counters()
         map_size, used = self.core.env.map_info()
@@ -1039,16 +1130,34 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         return True
 
     def _op_register(
-        self, record_id: str, kind: RecordKind, parents: tuple[str, ...], values: dict[str, Any]
+        self,
+        record_id: str,
+        kind: RecordKind,
+        parents: tuple[str, ...],
+        values: dict[str, Any],
+        triggers: frozenset[str] = frozenset(),
     ) -> tuple[str, int, pykka.ActorRef[Any]]:
         e = self._new_entry(record_id, kind, parents, values)
+        e.trigger_parents = triggers
         return self._acquire(e, True)
 
-    def _op_hold(self, ids: tuple[str, ...]) -> None:
-        self._hold(ids)
+    def _op_register_piece(
+        self, record_id: str, kind: RecordKind, parents: tuple[str, ...], values: dict[str, Any]
+    ) -> str:
+        """Registers a record that a merge being made will own: one hold, which counts a use
+        when it goes, and no handle."""
+        e = self._new_entry(record_id, kind, parents, values)
+        e.holders = 1
+        e.trigger_holds = 1
+        return e.id
 
-    def _op_unhold(self, ids: tuple[str, ...]) -> None:
-        self._unhold(ids)
+    def _op_unhold(self, ids: tuple[str, ...], triggers: frozenset[str] = frozenset()) -> None:
+        for rid in ids:
+            e = self.entries.get(rid) if rid else None
+            if e is not None:
+                e.holders -= 1
+                if rid in triggers:
+                    self._release_trigger_hold(e)
 
     def _op_snapshot_of(self, record_id: str) -> str:
         return self._entry(record_id).snapshot_id
@@ -1079,12 +1188,18 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         if KEY_CREATED_AT in values:
             e.created_at = values[KEY_CREATED_AT] or 0
 
-    def _op_sizes(self, sizes: dict[str, int]) -> None:
-        for rid, size in sizes.items():
-            e = self.entries.get(rid)
-            if e is not None and not e.mutable and e.actor is None:
-                e.size = size
-                self.core.writer.submit(rid, {KEY_SIZE: size})
+    def _op_used(self, record_id: str, usage_count: int, last_used_at: int | None) -> None:
+        """A record actor counted a use (a tell, sent before the releasing caller's answer)."""
+        e = self.entries.get(record_id)
+        if e is not None and usage_count > e.usage_count:
+            e.usage_count, e.last_used_at = usage_count, last_used_at
+
+    def _op_sized(self, record_id: str, size: int, generation: int) -> None:
+        """A record actor measured its size (a tell, sent before the measuring caller's
+        answer): the table and the metadata take it, and an equal twin."""
+        e = self.entries.get(record_id)
+        if e is not None:
+            self._learn_size(e, size, generation, tell=False)
 
     def _op_unreferenced(self, record_id: str) -> None:
         """A last handle went: decide, as BuildKit's release does, what happens to the record."""
@@ -1126,19 +1241,30 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             self._remove(m, remove_snapshot=True, txn=txn)
 
     def _touch_entry(self, e: RecordEntry) -> None:
-        """Counts one use of a record nobody holds (BuildKit ``updateLastUsed``)."""
-        if e.actor is not None:
-            try:
-                self._ask(e.actor, ("touch",))
-                e.usage_count, e.last_used_at, _ = self._ask(e.actor, ("summary",))
-                return
-            except pykka.ActorDeadError:
-                e.actor = None
+        """Counts one use of a record no user handle counts uses on (BuildKit
+        ``updateLastUsed``): the table, the metadata, and the record's actor."""
         e.usage_count += 1
         e.last_used_at = time.time_ns()
         self.core.writer.submit(
             e.id, {KEY_USAGE_COUNT: e.usage_count, KEY_LAST_USED_AT: e.last_used_at}
         )
+        if e.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                e.actor.tell(("usage", e.usage_count, e.last_used_at))
+
+    def _release_trigger_hold(self, e: RecordEntry) -> None:
+        """A hold that counts uses went (BuildKit ``parentRefs.release`` of a handle with
+        triggerLastUsed): a use, unless another reference that counts uses remains."""
+        e.trigger_holds -= 1
+        if e.actor is not None:
+            try:
+                self._ask(e.actor, ("trigger_holds", e.trigger_holds))
+                if e.trigger_holds == 0 and self._ask(e.actor, ("trigger_handles",)):
+                    return
+            except pykka.ActorDeadError:
+                e.actor = None
+        if e.trigger_holds == 0:
+            self._touch_entry(e)
 
     def _commit_entry(self, m: RecordEntry) -> RecordEntry:
         """Creates the equal immutable of ``m`` (lazy commit: no snapshot work)."""
@@ -1147,7 +1273,9 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             KEY_COMMITTED: True,
             KEY_CREATED_AT: time.time_ns(),
             KEY_SNAPSHOT: record_id,
-            KEY_SIZE: SIZE_UNKNOWN,
+            # The twin's size is the mutable's snapshot usage: known when the mutable rested
+            # since it was measured (BuildKit measures it again: the same number).
+            KEY_SIZE: m.size,
             KEY_EQUAL_MUTABLE: m.id,
             KEY_DESCRIPTION: m.description or None,
             **parent_fields(m.kind, m.parents),

@@ -25,16 +25,16 @@ is split so that no manager handler is long and no pass rescans the table:
 * **GC** (``storage.collect``) runs once at the end, as BuildKit's ``GarbageCollect``.
 
 Size-limited policies (``max_used_space``/``reserved_space``/``min_free_space``) keep
-BuildKit's arithmetic (:func:`calculate_keep_bytes`) and order (:func:`delete_order`,
-``sortDeleteRecords``): the lowest score goes first and the loop stops as soon as the total
-drops below the bytes to keep. BuildKit deletes one record per pass there and rescans; here a
-batch takes records in score order until the target is reached, and stops before any record
-that scores higher than a parent the batch frees, so that parent competes for the next place
-as it would in BuildKit's next pass.
+BuildKit's arithmetic (:func:`calculate_keep_bytes`), stop rule (``total < keep``) and order:
+BuildKit's gc mode deletes one record per pass, ranked by ``sortDeleteRecords`` among the
+candidates of that pass. The planner plays those passes exactly (:class:`GcRanking` keeps the
+lowest score current as candidates go and freed parents come, without rescoring) and a batch
+deletes a run of them; the manager accepts a parent in the batch of the children that free it.
 
 Sizes: unknown sizes are measured by the jobs (never by a handler) before they are reported
-or counted; sizes of records at rest are then mirrored into the table (``known_sizes``) and
-persisted by the job, so a repeated ``disk_usage`` measures nothing.
+or counted, and handed to the manager (``known_sizes``), which caches them in its table
+(whether or not the record's actor is activated), writes them behind and tells the actor, so
+a repeated ``disk_usage`` measures nothing and ``statistics()`` sees what it measured.
 
 Events: listeners subscribed with :meth:`PruneMixin.subscribe` get a *tell* per deleted record,
 ``("record_pruned", UsageInfo)``, and ``("prune_finished", records, bytes)`` once a prune is
@@ -50,12 +50,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import logging
 import os
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -64,14 +65,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import pykka
 
 from ..storage import (
-    DB_RECORDS,
     KEY_DELETED,
-    KEY_SIZE,
     ClosedError,
     InvalidError,
     NotFoundError,
     RefcacheError,
-    StorageItem,
 )
 from ..storage._filters import Filter, parse_filters
 from ..storage._gc import collect
@@ -131,7 +129,9 @@ class TableRow(NamedTuple):
     counted holds of child records (one per parent slot). ``size_snapshot`` is the snapshot
     whose usage is the record's size (its equal mutable's until finalize). ``dead`` is set
     while a record is being removed; ``pruning`` when a prune is removing it; ``busy`` while a
-    finalize of it runs.
+    finalize of it runs. ``size_gen`` is the generation of ``size`` (a measurement is cached
+    only if no reset happened since). ``trigger_holds`` counts the holds on the record that
+    count a use when they go; ``trigger_parents`` are the parents this record holds so.
     """
 
     id: str
@@ -155,6 +155,9 @@ class TableRow(NamedTuple):
     dead: bool = False
     pruning: bool = False
     busy: bool = False
+    size_gen: int = 0
+    trigger_holds: int = 0
+    trigger_parents: frozenset[str] = frozenset()
 
     @property
     def refs(self) -> int:
@@ -203,6 +206,9 @@ def entry_row(
         e.dead,
         pruning,
         e.finalizing is not None,
+        e.size_gen,
+        e.trigger_holds,
+        e.trigger_parents,
     )
 
 
@@ -346,27 +352,45 @@ def mark_shared(
 # -- disk usage ----------------------------------------------------------------------------------
 
 
-def visible_ids(table: Mapping[str, TableRow]) -> list[str]:
-    """Rows shown by disk usage: an equal pair once (BuildKit §4.1 step 2).
+class _PairLinks(Protocol):
+    """What visibility and in-use read of a record (``TableRow`` and ``RecordEntry``)."""
 
-    The immutable half is shown while it has refs, otherwise the mutable half; records a
-    prune is removing are not shown.
+    @property
+    def parents(self) -> tuple[str, ...]: ...
+    @property
+    def equal_mutable(self) -> str | None: ...
+    @property
+    def equal_immutable(self) -> str | None: ...
+
+
+def visible_records(
+    table: Mapping[str, _PairLinks], refs: Mapping[str, int], going: Container[str] = ()
+) -> list[str]:
+    """Records disk usage shows: an equal pair once (BuildKit §4.1 step 2).
+
+    The immutable half is shown while it has refs (``refs``: user handles plus holds of
+    child records), otherwise the mutable half; records in ``going`` (a prune is removing
+    them) are not shown. Disk usage and ``statistics()`` both count through this.
     """
     out = []
     for rid, row in table.items():
-        if row.pruning:
+        if rid in going:
             continue
-        if row.equal_immutable is not None:
-            twin = table.get(row.equal_immutable)
-            if twin is not None and twin.refs > 0:
-                continue
-        if row.equal_mutable is not None and row.refs == 0:
+        twin = row.equal_immutable
+        if twin is not None and twin in table and refs.get(twin, 0) > 0:
+            continue
+        if row.equal_mutable is not None and refs.get(rid, 0) == 0:
             continue
         out.append(rid)
     return out
 
 
-def in_use_ids(table: Mapping[str, TableRow], visible: Iterable[str]) -> set[str]:
+def records_in_use(
+    table: Mapping[str, _PairLinks],
+    refs: Mapping[str, int],
+    visible: Iterable[str],
+    going: Iterable[str] = (),
+) -> set[str]:
     """Visible records still in use once unreferenced children stop counting (§4.1 step 3).
 
     A record with no refs releases its holds on its parents (two each for a pair's mutable,
@@ -376,20 +400,52 @@ def in_use_ids(table: Mapping[str, TableRow], visible: Iterable[str]) -> set[str
     nodes = set(visible)
     # A record being pruned holds its parents until it is gone, but is going: count it as
     # unreferenced (its twin, if any, is accounted for by its doubleRef).
-    nodes.update(rid for rid, r in table.items() if r.pruning and r.equal_mutable is None)
-    adjusted = {rid: table[rid].refs for rid in nodes}
-    work = [rid for rid, refs in adjusted.items() if refs == 0]
+    nodes.update(rid for rid in going if rid in table and table[rid].equal_mutable is None)
+    # Only records with refs left are kept; each unreferenced one releases its holds once.
+    adjusted = {rid: n for rid in nodes if (n := refs.get(rid, 0)) > 0}
+    work = [rid for rid in nodes if rid not in adjusted]
     while work:
         row = table[work.pop()]
-        twin = table.get(row.equal_immutable) if row.equal_immutable is not None else None
-        step = 2 if twin is not None else 1
+        twin = row.equal_immutable
+        step = 2 if twin is not None and twin in table else 1
         for p in row.parents:
-            if p and p in adjusted and adjusted[p] > 0:
-                adjusted[p] -= step
-                if adjusted[p] <= 0:
-                    adjusted[p] = 0
+            left = adjusted.get(p) if p else None
+            if left is not None:
+                left -= step
+                if left > 0:
+                    adjusted[p] = left
+                else:
+                    del adjusted[p]
                     work.append(p)
-    return {rid for rid in visible if adjusted[rid] > 0}
+    return {rid for rid in visible if rid in adjusted}
+
+
+def visible_ids(table: Mapping[str, TableRow]) -> list[str]:
+    """:func:`visible_records` of a table of rows (rows being pruned are going)."""
+    refs = {rid: row.refs for rid, row in table.items()}
+    return visible_records(table, refs, {rid for rid, row in table.items() if row.pruning})
+
+
+def in_use_ids(table: Mapping[str, TableRow], visible: Iterable[str]) -> set[str]:
+    """:func:`records_in_use` of a table of rows."""
+    refs = {rid: row.refs for rid, row in table.items()}
+    going = [rid for rid, row in table.items() if row.pruning]
+    return records_in_use(table, refs, visible, going)
+
+
+def shown_size(table: Mapping[str, TableRow], row: TableRow) -> int:
+    """The size disk usage shows for a visible row; -1 when it must be measured.
+
+    A mutable record with open handles is still changing: 0 (BuildKit). A pair's mutable
+    shows its twin's size when only the twin knows it (they share one snapshot).
+    """
+    if row.mutable and row.handles > 0:
+        return 0
+    if row.size == SIZE_UNKNOWN and row.equal_immutable is not None:
+        twin = table.get(row.equal_immutable)
+        if twin is not None:
+            return twin.size
+    return row.size
 
 
 def usage_info(row: TableRow, *, in_use: bool, size: int, shared: bool) -> UsageInfo:
@@ -430,14 +486,15 @@ def compute_usage(
     Raises:
         RefcacheError: the ref checker failed.
     """
-    visible = visible_ids(table)
-    in_use = in_use_ids(table, visible)
+    refs = {rid: row.refs for rid, row in table.items()}
+    going = [rid for rid, row in table.items() if row.pruning]
+    visible = visible_records(table, refs, set(going))
+    in_use = records_in_use(table, refs, visible, going)
     shared = mark_shared(table, visible, checker)
     out = []
     for rid in visible:
         row = table[rid]
-        # A mutable record with open handles is still changing: BuildKit reports 0.
-        size = 0 if row.mutable and row.handles > 0 else row.size
+        size = shown_size(table, row)
         info = usage_info(row, in_use=rid in in_use, size=size, shared=rid in shared)
         if flt is not None and not flt.match(usage_adaptor(info)):
             continue
@@ -603,14 +660,16 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def gc_score(lu_rank: int, max_lu: int, uc_rank: int, max_uc: int) -> float:
+    """BuildKit's ``sortDeleteRecords`` score, computed as Go computes it (float64)."""
+    return lu_rank / max_lu + uc_rank / max_uc
+
+
 class _Scorer:
-    """BuildKit's ``sortDeleteRecords`` score, with its rank tables kept for later rows.
+    """Rank tables of one candidate set, for :func:`delete_order` (a single sort).
 
     Last-used ranks start at 1 for never-used records and go up by one per distinct newer
-    time; usage-count ranks start at 1 for a count of 0 and go up per distinct count; the
-    score is ``lu_rank / max_lu + uc_rank / max_uc`` and the lowest goes first. A row scored
-    after the tables were built (a parent freed during the prune) is ranked by bisection in
-    the same tables.
+    time; usage-count ranks start at 1 for a count of 0 and go up per distinct count.
     """
 
     def __init__(self, stats: Iterable[tuple[int | None, int]]) -> None:
@@ -623,22 +682,157 @@ class _Scorer:
     def score(self, last_used_at: int | None, usage_count: int) -> float:
         lu = 1 if last_used_at is None else 1 + bisect_right(self.times, last_used_at)
         uc = 1 if usage_count == 0 else 1 + bisect_right(self.counts, usage_count)
-        return lu / self.max_lu + uc / self.max_uc
+        return gc_score(lu, self.max_lu, uc, self.max_uc)
 
 
 def delete_order(stats: Mapping[str, tuple[int | None, int]]) -> list[str]:
-    """Ids ordered as a size-limited prune deletes them (BuildKit ``sortDeleteRecords``).
+    """Ids ordered by one BuildKit ``sortDeleteRecords`` over a fixed candidate set.
 
     Args:
         stats: ``id -> (last_used_at or None, usage_count)``.
 
     Returns:
         Lowest score first; ties keep the order of ``stats`` (BuildKit's are arbitrary).
+        A size-limited prune re-ranks after every deletion (:class:`GcRanking`).
     """
     scorer = _Scorer(stats.values())
     keyed = [(scorer.score(t, c), i, rid) for i, (rid, (t, c)) in enumerate(stats.items())]
     keyed.sort()
     return [rid for _, _, rid in keyed]
+
+
+class _Fenwick:
+    """Prefix sums over ``size`` slots with point updates, both O(log n)."""
+
+    __slots__ = ("size", "tree")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tree = [0] * (size + 1)
+
+    def add(self, slot: int, delta: int) -> None:
+        i = slot + 1
+        tree, size = self.tree, self.size
+        while i <= size:
+            tree[i] += delta
+            i += i & -i
+
+    def prefix(self, slot: int) -> int:
+        """The sum over slots ``0..slot``."""
+        i = slot + 1
+        total = 0
+        tree = self.tree
+        while i > 0:
+            total += tree[i]
+            i -= i & -i
+        return total
+
+
+_NEVER = -1  #: the time key of a never-used record (before every time)
+
+
+class GcRanking:
+    """The record BuildKit's gc mode deletes next, kept current as candidates come and go.
+
+    BuildKit's ``pruneOnce`` in gc mode rescans every record, calls ``sortDeleteRecords`` on
+    the candidates and deletes the first; the ranks are dense ranks *within the current
+    candidates*, so each deletion can change every other score. This structure gives the
+    same choice without rescoring everything:
+
+    * the rank of a time is one plus the number of distinct times present up to it: a
+      Fenwick tree over the times' slots holds one per distinct time present (a removal or
+      an addition changes one slot, O(log n)); the rank of a count is its position among
+      the distinct counts present (a sorted list of them);
+    * among candidates with the same usage count the oldest scores lowest (its time rank is
+      lowest, the count rank is shared), so only the oldest of each count group can win:
+      each group is a heap by time, and a pass looks at one record per count group, in
+      count order, stopping once the count rank alone rules out a lower score. Its cost is
+      the number of distinct usage counts (small integers in practice) times O(log n).
+
+    Scores are the float expression Go evaluates, so the minimum is BuildKit's whenever it
+    is unique; on a tie (BuildKit's order is undefined) the oldest, then the least used,
+    then the lowest id wins, so a live prune and a dry run over the same records agree.
+
+    Args:
+        times: Every time a candidate may have (more are added on demand).
+    """
+
+    def __init__(self, times: Iterable[int] = ()) -> None:
+        self._times = sorted(set(times))
+        self._slot = {t: i for i, t in enumerate(self._times)}
+        self._fenwick = _Fenwick(len(self._times))
+        self._time_mult: dict[int, int] = {}
+        self._distinct_times = 0
+        self._counts: list[int] = []  # distinct counts present, ascending
+        self._groups: dict[int, list[tuple[int, str]]] = {}  # count -> heap by (time, id)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, record_id: str, last_used_at: int | None, usage_count: int) -> None:
+        """Makes ``record_id`` a candidate."""
+        key = _NEVER if last_used_at is None else last_used_at
+        if last_used_at is not None:
+            n = self._time_mult.get(key, 0)
+            if n == 0:
+                if key not in self._slot:
+                    self._grow(key)
+                self._fenwick.add(self._slot[key], 1)
+                self._distinct_times += 1
+            self._time_mult[key] = n + 1
+        group = self._groups.get(usage_count)
+        if group is None:
+            group = self._groups[usage_count] = []
+            insort(self._counts, usage_count)
+        heapq.heappush(group, (key, record_id))
+        self._size += 1
+
+    def pop(self) -> str | None:
+        """Removes and returns the candidate BuildKit deletes next (None: there is none)."""
+        best: tuple[float, int, int, str] | None = None  # (score, time key, count, id)
+        max_lu = 1 + self._distinct_times
+        zero = 1 if self._counts and self._counts[0] == 0 else 0
+        max_uc = 1 + len(self._counts) - zero
+        oldest_seen = None  # lowest time key of the groups looked at so far
+        for index, count in enumerate(self._counts):
+            uc_rank = 1 if count == 0 else 1 + index + 1 - zero
+            if best is not None and gc_score(1, max_lu, uc_rank, max_uc) > best[0]:
+                break  # every later group has a higher count rank: none can score lower
+            key, rid = self._groups[count][0]
+            if oldest_seen is not None and key >= oldest_seen:
+                continue  # an older-or-equal record of a lower count scores lower already
+            oldest_seen = key
+            lu_rank = 1 if key == _NEVER else 1 + self._fenwick.prefix(self._slot[key])
+            candidate = (gc_score(lu_rank, max_lu, uc_rank, max_uc), key, count, rid)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return None
+        _, key, count, _ = best
+        group = self._groups[count]
+        _, record_id = heapq.heappop(group)
+        if not group:
+            del self._groups[count]
+            del self._counts[bisect_left(self._counts, count)]
+        if key != _NEVER:
+            n = self._time_mult[key] - 1
+            if n == 0:
+                del self._time_mult[key]
+                self._fenwick.add(self._slot[key], -1)
+                self._distinct_times -= 1
+            else:
+                self._time_mult[key] = n
+        self._size -= 1
+        return record_id
+
+    def _grow(self, key: int) -> None:
+        """Adds a time the tree has no slot for (a record used since the table was read)."""
+        insort(self._times, key)
+        self._slot = {t: i for i, t in enumerate(self._times)}
+        self._fenwick = _Fenwick(len(self._times))
+        for t in self._time_mult:
+            self._fenwick.add(self._slot[t], 1)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -679,6 +873,13 @@ class PrunePlanner:
     ``keep_duration`` (never-used records are not protected), and matching the filters as a
     ``UsageInfo`` without parents or in-use (so ``parents==`` and ``inuse`` never match).
 
+    Size-limited (BuildKit's gc mode): :meth:`next_batch` plays BuildKit's passes one by one
+    — stop once the total is below the bytes to keep, else delete the lowest
+    ``sortDeleteRecords`` score among the *current* candidates (:class:`GcRanking`), count
+    its size off the total, and let the parents it frees compete from the next pass on (a
+    parent whose hold counted uses is stamped as used first, as BuildKit's release does).
+    A batch is a run of such passes, deleted together.
+
     Args:
         table: The rows (the planner keeps and updates its own copy).
         policy: The policy.
@@ -705,6 +906,7 @@ class PrunePlanner:
         self.policy = policy
         self.flt = parse_filters(*policy.filters)
         self.checker = checker if (not policy.all or policy.filters) else None
+        self.now = now
         self.cutoff: int | None = None
         if policy.keep_duration:
             self.cutoff = now - _ns(policy.keep_duration)
@@ -716,21 +918,26 @@ class PrunePlanner:
         self.sizes: dict[str, int] = {}
         self._memo: dict[str, tuple[str, ...]] = {}
         self._queue: deque[str] = deque()
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = 0
-        self._pending_holds: dict[str, int] = {}
-        self._taken: dict[str, int] = {}  # size-limited: id -> size counted off the total
-        candidates = [rid for rid, row in self.table.items() if self._admit(row)]
-        self._scorer = _Scorer(
-            (self.infos[rid].last_used_at, self.infos[rid].usage_count) for rid in candidates
+        # Uses this plan stamps (BuildKit: time.Now() at each release, later ones newer).
+        stamps = sum(len(r.trigger_parents) for r in self.table.values())
+        self._next_stamp = itertools.count(now)
+        self._ranking = GcRanking(
+            [r.last_used_at for r in self.table.values() if r.last_used_at is not None]
+            + list(range(now, now + stamps))
         )
-        for rid in candidates:
-            self._push(rid)
+        self._pending_holds: dict[str, int] = {}
+        self._pending_triggers: dict[str, int] = {}
+        self._stamped: dict[str, int] = {}  # parent -> time of the use its counting hold gave
+        self._freed: set[str] = set()  # parents this plan freed (their rows are decided)
+        self._taken: dict[str, int] = {}  # size-limited: id -> size counted off the total
+        for rid, row in self.table.items():
+            if self._admit(row):
+                self._push(rid)
 
     @property
     def candidates(self) -> int:
         """Candidates waiting to be deleted."""
-        return len(self._heap) if self.size_limited else len(self._queue)
+        return len(self._ranking) if self.size_limited else len(self._queue)
 
     def evaluate(self, row: TableRow) -> UsageInfo | None:
         """The candidate info of ``row`` (``shared`` filled in), or None if it is kept.
@@ -781,9 +988,7 @@ class PrunePlanner:
     def _push(self, rid: str) -> None:
         if self.size_limited:
             info = self.infos[rid]
-            score = self._scorer.score(info.last_used_at, info.usage_count)
-            heapq.heappush(self._heap, (score, self._seq, rid))
-            self._seq += 1
+            self._ranking.add(rid, info.last_used_at, info.usage_count)
         else:
             self._queue.append(rid)
 
@@ -806,9 +1011,10 @@ class PrunePlanner:
         self.sizes[row.id] = size
         return size
 
-    def _freed_parents(self, row: TableRow) -> list[str]:
-        """Parents that deleting ``row`` (and its twin) leaves with no refs, by the holds
-        counted so far in this prune."""
+    def _release_parents(self, row: TableRow) -> list[TableRow]:
+        """What deleting ``row`` (and its twin) does to its parents, by the holds counted so
+        far in this plan: the rows of those left with no refs, as BuildKit's next pass sees
+        them (a parent whose last counting hold went has a use stamped, ``updateLastUsed``)."""
         slots = [p for p in row.parents if p]
         if row.equal_immutable is not None and row.equal_immutable in self.table:
             slots *= 2  # the twin holds the same parents
@@ -817,20 +1023,32 @@ class PrunePlanner:
             parent = self.table.get(p)
             if parent is None:
                 continue
+            if p in row.trigger_parents:
+                left_triggers = self._pending_triggers.get(p, parent.trigger_holds) - 1
+                self._pending_triggers[p] = left_triggers
+                if left_triggers == 0 and parent.handles == 0:
+                    self._stamped[p] = next(self._next_stamp)
             left = self._pending_holds.get(p, parent.holders) - 1
             self._pending_holds[p] = left
             if left == 0 and parent.handles == 0:
                 freed.append(p)
-        return freed
+        out = []
+        for p in freed:
+            parent = self.table[p]._replace(holders=0)
+            stamp = self._stamped.pop(p, None)
+            if stamp is not None:
+                parent = parent._replace(usage_count=parent.usage_count + 1, last_used_at=stamp)
+            self.table[p] = parent
+            self._freed.add(p)
+            out.append(parent)
+        return out
 
     def next_batch(self, limit: int = PRUNE_BATCH) -> list[str]:
         """The next records to delete (empty: this policy is done).
 
-        Size-limited: in score order while the total is at least the bytes to keep
-        (BuildKit's stop test is ``total < keep``). A parent freed by the batch would compete
-        in BuildKit's next pass: the batch stops before any record that scores higher than
-        such a parent, which then comes back as a candidate (:meth:`done`). Otherwise: up to
-        ``limit`` candidates.
+        Size-limited: BuildKit's gc-mode passes, one record each, while the total is at least
+        the bytes to keep (its stop test is ``total < keep``); parents freed by a pass are
+        candidates in the next one. Otherwise: up to ``limit`` candidates.
         """
         out: list[str] = []
         if not self.size_limited:
@@ -839,23 +1057,21 @@ class PrunePlanner:
                 if rid in self.infos:
                     out.append(rid)
             return out
-        waiting = float("inf")  # lowest score of a parent this batch frees
-        while self._heap and len(out) < limit and self.total >= self.keep:
-            score, _, rid = self._heap[0]
-            if score > waiting:
+        while len(out) < limit and self.total >= self.keep:
+            chosen = self._ranking.pop()
+            if chosen is None:
                 break
-            heapq.heappop(self._heap)
-            row = self.table.get(rid)
-            if rid not in self.infos or row is None:
+            row = self.table.get(chosen)
+            if chosen not in self.infos or row is None:
                 continue
+            rid = chosen
             size = self.size_of(row)
             self.total -= size
             self._taken[rid] = size
             out.append(rid)
-            for p in self._freed_parents(row):
-                info = self.evaluate(self.table[p]._replace(holders=0))
-                if info is not None:
-                    waiting = min(waiting, self._scorer.score(info.last_used_at, info.usage_count))
+            for parent in self._release_parents(row):
+                if parent.id not in self.infos and self._admit(parent):
+                    self._push(parent.id)
         return out
 
     def done(
@@ -870,8 +1086,8 @@ class PrunePlanner:
             removed: Ids deleted.
             refused: Ids the manager would not delete (taken or used since the scan); their
                 bytes count again.
-            freed: Parents left without refs (fresh rows); those that qualify become
-                candidates.
+            freed: Parents left without refs (fresh rows); those the plan did not free
+                itself and that qualify become candidates.
 
         Raises:
             RefcacheError: the ref checker failed.
@@ -886,6 +1102,8 @@ class PrunePlanner:
             if row is not None and row.equal_immutable is not None:
                 self.table.pop(row.equal_immutable, None)
         for row in freed:
+            if row.id in self._freed:
+                continue  # the plan played this release already, as BuildKit's pass would
             self.table[row.id] = row
             self._pending_holds.pop(row.id, None)
             if row.id not in self.infos and self._admit(row):
@@ -1029,44 +1247,32 @@ def _notify(listeners: Sequence[pykka.ActorRef[Any]], message: tuple[Any, ...]) 
 
 
 class _Measurer:
-    """Measures rows in a job; :meth:`flush` hands the sizes to the manager and persists them.
+    """Measures rows in a job; :meth:`flush` hands the sizes to the manager.
 
-    The manager mirrors in its table the sizes of records at rest (``known_sizes``; an
-    activated record's actor owns its size, as with ``sizes``) and names them; the job then
-    writes those itself, a transaction per chunk, never resurrecting a record removed
-    meanwhile (as the statistics writer does). The handler stays short however many records
-    were measured.
+    The manager caches them (table, metadata through the statistics writer, the record's
+    actor and an equal twin), unless the size was reset since the row was read; the
+    handler stays short however many records were measured (a chunk per ask).
     """
 
     def __init__(self, core: CacheCore) -> None:
         self.core = core
-        self.cache: dict[str, int] = {}
+        self.cache: dict[str, tuple[int, int]] = {}
 
     def __call__(self, row: TableRow) -> int:
         size, cacheable = measure_live(self.core, row)
-        if cacheable and not row.mutable:
-            self.cache[row.id] = size
+        # A mutable's size holds while nobody has it (it is reset when someone takes it).
+        if cacheable and not (row.mutable and row.handles):
+            self.cache[row.id] = (size, row.size_gen)
         return size
 
     def flush(self) -> None:
-        """Caches the measured sizes (table, then metadata), a chunk at a time."""
+        """Hands the measured sizes to the manager, a chunk at a time."""
         items = list(self.cache.items())
         self.cache.clear()
-        store = self.core.store
         for lo in range(0, len(items), SIZES_CHUNK):
             chunk = dict(items[lo : lo + SIZES_CHUNK])
             try:
-                accepted: list[str] = self.core.ask_manager(("known_sizes", chunk))
-                if not accepted:
-                    continue
-                with self.core.env.write_txn() as txn:
-                    for rid in accepted:
-                        raw = txn.get(DB_RECORDS, rid.encode())
-                        if raw is None:
-                            continue  # removed meanwhile: never resurrect it
-                        item = StorageItem(store, rid, raw)
-                        item.queue(KEY_SIZE, chunk[rid])
-                        item.commit(txn=txn)
+                self.core.ask_manager(("known_sizes", chunk))
             except RefcacheError as exc:  # only a cache of sizes: best effort
                 logger.warning("caching %d measured sizes failed: %s", len(chunk), exc)
 
@@ -1082,6 +1288,19 @@ class _PruneState:
     scans: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
     next_scan: int = 1
     pruning: set[str] = field(default_factory=set)
+    #: parent id -> holds that records marked for removal will release (a batch deletes a
+    #: parent after the children it frees, as BuildKit's later passes do)
+    releasing: dict[str, int] = field(default_factory=dict)
+
+    def note_release(self, e: RecordEntry, sign: int) -> None:
+        """Counts (``sign`` 1) or uncounts (-1) the holds ``e`` will release."""
+        for p in e.parents:
+            if p:
+                n = self.releasing.get(p, 0) + sign
+                if n:
+                    self.releasing[p] = n
+                else:
+                    self.releasing.pop(p, None)
 
 
 MAX_OPEN_SCANS = 16  #: table scans kept for jobs that have not finished reading them
@@ -1104,6 +1323,9 @@ class PruneMixin:
         ) -> None: ...
         def _settle(self, e: RecordEntry) -> Settled | None: ...
         def _delete_leases(self, txn: WriteTxn, ids: Iterable[str]) -> None: ...
+        def _learn_size(
+            self, e: RecordEntry, size: int, generation: int, *, tell: bool
+        ) -> bool: ...
 
     # -- state --------------------------------------------------------------------------------
 
@@ -1202,19 +1424,17 @@ class PruneMixin:
     def _measure(self, row: TableRow) -> int:
         return measure_live(self.core, row)[0]
 
-    def _op_known_sizes(self, sizes: dict[str, int]) -> list[str]:
-        """Mirrors measured sizes of records at rest into the table; returns their ids.
+    def _op_known_sizes(self, sizes: dict[str, tuple[int, int]]) -> list[str]:
+        """Caches sizes a job measured (``id -> (size, generation)``); returns the ids taken.
 
-        An activated record's actor owns its cached size (``_settle`` copies it back), so
-        those are left alone, as the manager's ``sizes`` does.
+        The table is the one place sizes are read from (disk usage, ``info()``,
+        ``statistics()``), whether or not the record's actor is activated; the actor gets
+        the size too, for ``size()``. A size reset since the job read the row is refused.
         """
         accepted = []
-        for rid, size in sizes.items():
+        for rid, (size, generation) in sizes.items():
             e = self.entries.get(rid)
-            if e is None or e.mutable or e.dead or e.actor is not None:
-                continue
-            if e.size == SIZE_UNKNOWN:
-                e.size = size
+            if e is not None and self._learn_size(e, size, generation, tell=True):
                 accepted.append(rid)
         return accepted
 
@@ -1469,14 +1689,16 @@ class PruneMixin:
             if n and time.perf_counter() > deadline:
                 return marked, refused, ids[n:]
             e = self.entries.get(rid)
-            if e is None or e.dead or e.holders or e.finalizing is not None:
+            if e is None or e.dead or self._held(e, state) or e.finalizing is not None:
                 refused.append(rid)
                 continue
             if e.equal_mutable is not None:
                 refused.append(rid)  # a pair goes with its mutable
                 continue
             twin = self.entries.get(e.equal_immutable) if e.equal_immutable else None
-            if twin is not None and (twin.dead or twin.holders or twin.finalizing is not None):
+            if twin is not None and (
+                twin.dead or self._held(twin, state) or twin.finalizing is not None
+            ):
                 refused.append(rid)
                 continue
             if _used_after(e, cutoff):
@@ -1492,12 +1714,19 @@ class PruneMixin:
                 continue
             e.dead = True
             state.pruning.add(rid)
+            state.note_release(e, 1)
             if twin is not None:
                 twin.dead = True
                 state.pruning.add(twin.id)
+                state.note_release(twin, 1)
             row = entry_row(e, handles=0, size_snapshot=self._size_snapshot(e), pruning=True)
             marked.append((row, twin.id if twin is not None else None))
         return marked, refused, ()
+
+    @staticmethod
+    def _held(e: RecordEntry, state: _PruneState) -> bool:
+        """Whether a child that is not marked for removal holds ``e``."""
+        return e.holders > state.releasing.get(e.id, 0)
 
     def _op_prune_unmark(self, pairs: tuple[tuple[str, str | None], ...]) -> None:
         """Gives back records marked by ``prune_mark`` when persisting the mark failed."""
@@ -1506,10 +1735,11 @@ class PruneMixin:
             for rid in pair:
                 if rid is None:
                     continue
-                state.pruning.discard(rid)
                 e = self.entries.get(rid)
-                if e is not None:
+                if e is not None and rid in state.pruning:
                     e.dead = False
+                    state.note_release(e, -1)
+                state.pruning.discard(rid)
 
     def _op_prune_forget(
         self, pairs: tuple[tuple[str, str | None], ...]
@@ -1534,9 +1764,13 @@ class PruneMixin:
                 if twin_id is not None:
                     twin = self.entries.get(twin_id)
                     if twin is not None:
+                        if twin_id in state.pruning:
+                            state.note_release(twin, -1)
                         self._remove(twin, remove_snapshot=False, txn=txn)
                     state.pruning.discard(twin_id)
                 if e is not None:
+                    if rid in state.pruning:
+                        state.note_release(e, -1)
                     self._remove(e, remove_snapshot=True, txn=txn)
                     parents.update(dict.fromkeys(p for p in e.parents if p))
                 state.pruning.discard(rid)

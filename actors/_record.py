@@ -7,16 +7,21 @@ at rest is a compact entry in the manager's table and costs no thread and no act
 It owns, and serialises every change of:
 
 * the handle set (BuildKit's ``cr.refs``: the refcount of user handles) with each handle's
-  ``triggerLastUsed`` flag, and the last-used/usage-count statistics;
-* the mount cache and the cached size, each computed at most once at a time (single flight:
+  ``triggerLastUsed`` flag, and so the decision whether a release counts a use;
+* the mount cache and the size flight, each computed at most once at a time (single flight:
   the first asker gets a *plan*, does the slow work in its own thread, and reports back; the
   others wait for the same future);
 * its metadata view (``RefMetadata`` reads and writes).
 
+The record's size and usage statistics belong to the manager's table (DESIGN.md, "Sizes and
+uses"): the actor keeps copies for ``size()``'s fast path and tells the manager every use it
+counts and every size it measures *before* it answers the caller, so the caller's next ask to
+the manager sees it; the manager tells it back what it learns elsewhere.
+
 Rules (DESIGN.md): every handler is short and never blocks — slow work is done by the caller
 that received a plan, or by the I/O executor; a record never asks the manager or another
-record (it has no reference to them). Messages are plain tuples, answered through Pykka asks.
-Runs on a pool worker thread.
+record (it has no reference to them; it only tells the manager). Messages are plain tuples,
+answered through Pykka asks. Runs on a pool worker thread.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from pykka import ActorDeadError, ThreadingFuture
 
 from ..storage import (
     KEY_LAST_USED_AT,
-    KEY_SIZE,
     KEY_USAGE_COUNT,
     InvalidError,
     Mount,
@@ -60,15 +64,14 @@ class RecordState:
     usage_count: int
     last_used_at: int | None
     size: int
+    size_gen: int = 0  #: the manager's size generation (see ``RecordEntry.size_gen``)
+    trigger_holds: int = 0  #: holds of child records that count a use when released
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """The record's statistics when its last handle went (handed back to the manager)."""
+    """What the manager learns when it takes an idle record back from its actor."""
 
-    usage_count: int
-    last_used_at: int | None
-    size: int
     had_view: bool
     used: bool = False  #: a use was counted since the record was last settled
 
@@ -86,6 +89,7 @@ class CacheRecord(PooledActor):
         self.usage_count = state.usage_count
         self.last_used_at = state.last_used_at
         self.size = state.size
+        self.trigger_holds = state.trigger_holds
         self.handles: dict[int, bool] = {}  # handle id -> triggers last-used
         self.settled = True  # no handles; the manager decides what happens next
         self.acquires = 0  # acquires from the manager (echoed in idle tells)
@@ -95,9 +99,9 @@ class CacheRecord(PooledActor):
         self.used = False
         self.mount_flight: ThreadingFuture[Any] | None = None
         self.size_flight: ThreadingFuture[Any] | None = None
-        # Bumped by every reset (extraction, a new blob variant): a size measured before the
-        # reset is handed to its waiters but not cached.
-        self.size_generation = 0
+        # The manager's generation of the size, set by every reset (extraction, a new blob
+        # variant): a size measured before the reset is handed to its waiters, not cached.
+        self.size_generation = state.size_gen
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -122,14 +126,6 @@ class CacheRecord(PooledActor):
         self.handles[hid] = trigger
         self.settled = False
 
-    def _on_acquire(self, trigger: bool) -> int:
-        self._check_alive()
-        self.acquires += 1
-        hid = self.core.next_handle_id()
-        self.handles[hid] = trigger
-        self.settled = False
-        return hid
-
     def _on_clone(self, hid: int) -> int | None:
         # BuildKit's Clone does not check that the source handle is live: a released handle
         # can be cloned while its record is alive. Once settled, the manager decides whether
@@ -151,8 +147,9 @@ class CacheRecord(PooledActor):
         trigger = self.handles.pop(hid, None)
         if trigger is None:
             return False, False
-        if trigger and not any(self.handles.values()):
-            # Several concurrent user handles count as one use, when the last of them goes.
+        if trigger and not self._trigger_left():
+            # BuildKit updateLastUsedNow: a handle that counts uses, and no other reference
+            # that counts them left (several concurrent users count once, when the last goes).
             self._touch()
         if self.handles:
             return True, False
@@ -169,20 +166,22 @@ class CacheRecord(PooledActor):
         self.settled = True
         self.used = False
         self.mounts = None
+        self._tell_manager(("idle", self.id, self.acquires))
+        return True, False
+
+    def _trigger_left(self) -> bool:
+        """Whether a reference that counts uses remains (a user handle or a child's hold)."""
+        return self.trigger_holds > 0 or any(self.handles.values())
+
+    def _tell_manager(self, message: tuple[Any, ...]) -> None:
         manager = self.core.manager
         if manager is not None:
             with contextlib.suppress(ActorDeadError):
-                manager.tell(
-                    ("idle", self.id, self.acquires, self.usage_count, self.last_used_at, self.size)
-                )
-        return True, False
+                manager.tell(message)
 
     def _on_consume(self, hid: int) -> bool:
         """Removes ``hid`` without counting a use (a mutable handle given to its commit)."""
         return self.handles.pop(hid, None) is not None
-
-    def _on_has(self, hid: int) -> bool:
-        return hid in self.handles and not self.dead
 
     def _on_count(self) -> int:
         return len(self.handles)
@@ -195,7 +194,7 @@ class CacheRecord(PooledActor):
         had_view, self.had_view = self.had_view, False
         used, self.used = self.used, False
         self.mounts = None
-        return Settled(self.usage_count, self.last_used_at, self.size, had_view, used)
+        return Settled(had_view, used)
 
     def _on_kill(self) -> int:
         """Marks the record dead (removal or finalized mutable); returns open handles."""
@@ -203,19 +202,28 @@ class CacheRecord(PooledActor):
         self.settled = True
         return len(self.handles)
 
-    def _on_summary(self) -> tuple[int, int | None, int]:
-        return self.usage_count, self.last_used_at, self.size
+    def _on_usage(self, usage_count: int, last_used_at: int | None) -> None:
+        """The manager counted a use itself (an equal mutable, a child's counting hold)."""
+        if usage_count > self.usage_count:
+            self.usage_count, self.last_used_at = usage_count, last_used_at
 
-    def _on_touch(self) -> None:
-        self._touch()
+    def _on_trigger_holds(self, count: int) -> None:
+        self.trigger_holds = count
+
+    def _on_trigger_handles(self) -> bool:
+        """Whether an open handle counts uses (BuildKit ``shouldUpdateLastUsed``)."""
+        return any(self.handles.values())
 
     def _touch(self) -> None:
+        # The manager's table is where disk usage, info and statistics read uses: it hears
+        # of this one before the releasing caller gets its answer, so any later ask sees it.
         self.used = True
         self.usage_count += 1
         self.last_used_at = time.time_ns()
         self.core.writer.submit(
             self.id, {KEY_USAGE_COUNT: self.usage_count, KEY_LAST_USED_AT: self.last_used_at}
         )
+        self._tell_manager(("used", self.id, self.usage_count, self.last_used_at))
 
     # -- mounts -----------------------------------------------------------------------------
 
@@ -273,23 +281,29 @@ class CacheRecord(PooledActor):
 
         ``size`` is ``None`` when the snapshot does not exist (counted 0). A size is cached
         only when ``cacheable`` (a merge or diff not extracted yet is measured again once it
-        is) and no reset happened since its flight began (``generation``).
+        is) and no reset happened since its flight began (``generation``). The manager, which
+        owns the size (table and metadata), hears of it before the waiters get it.
         """
         flight, self.size_flight = self.size_flight, None
         cache = cacheable and generation in (-1, self.size_generation)
         if error is None and size is not None and cache and not self.mutable:
             self.size = size
-            self.core.writer.submit(self.id, {KEY_SIZE: size})
+            self._tell_manager(("sized", self.id, size, self.size_generation))
         if flight is not None:
             if error is not None:
                 flight.set_exception(exc_info=(type(error), error, error.__traceback__))
             else:
                 flight.set(0 if size is None else size)
 
-    def _on_size_reset(self) -> None:
+    def _on_size_reset(self, generation: int) -> None:
         """The size is unknown again (BuildKit ``queueSize(sizeUnknown)``)."""
         self.size = SIZE_UNKNOWN
-        self.size_generation += 1
+        self.size_generation = generation
+
+    def _on_size_known(self, size: int, generation: int) -> None:
+        """The manager learned the size elsewhere (a disk usage measurement, the twin)."""
+        if generation == self.size_generation:
+            self.size = size
 
     # -- metadata ---------------------------------------------------------------------------
 

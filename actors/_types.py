@@ -147,8 +147,10 @@ class CacheStatistics:
         in_use: Records with at least one open handle.
         dead: Records being removed.
         open_handles: Open user handles over all records.
-        bytes_by_kind: Known sizes summed per kind (unknown sizes count 0).
-        reclaimable_bytes: Known sizes of records nobody holds.
+        bytes_by_kind: Sizes as ``disk_usage`` shows them, summed per kind: an equal pair
+            once, a mutable in use and sizes not measured yet as 0.
+        reclaimable_bytes: Sizes of the records ``disk_usage`` reports as not in use
+            (chains held only by unreferenced records included).
         active_actors: Record actors currently activated.
         pool_workers: Worker threads of the record actor pool.
         operations: Count per ``(operation, result)``.
@@ -162,7 +164,9 @@ class CacheStatistics:
         double_releases_total: Releases of an already released handle (no-ops).
         lmdb_map_size_bytes: LMDB map size.
         lmdb_used_bytes: LMDB pages in use.
-        records_detail: ``(id, refs, size)`` per record, in-use first (for per-record series).
+        records_detail: ``(id, open handles, size)`` per record ``disk_usage`` shows (its
+            size as shown there; -1 while not measured), plus the hidden half of an equal
+            pair when it has handles (size -1); in-use first (for per-record series).
     """
 
     records: int = 0

@@ -2,9 +2,11 @@
 
 BuildKit writes ``cache.lastUsedAt``/``cache.usageCount`` with one fsync'd bolt update on every
 release of a used ref, under the manager lock (1.4-1.6k unreferenced get+release/s measured
-here). refcache queues these values instead: a record actor hands an immutable mapping to
-:class:`MetadataWriter`, which coalesces them per record and commits them in one LMDB write
-transaction (one fsync) per batch, a few milliseconds later.
+here). refcache queues these values instead: a record actor (a use) or the manager (a size)
+hands an immutable mapping to :class:`MetadataWriter`, which coalesces them per record and
+commits them in one LMDB write transaction (one fsync) per batch, a few milliseconds later.
+Batches commit in the order they were taken, and :meth:`MetadataWriter.flush` returns once
+everything submitted before it is durable.
 
 What is written here is statistics, not structure: records, parents, commits, equal links and
 the ``cache.deleted`` flag are written synchronously by their owners. A ``kill -9`` may lose
@@ -73,11 +75,17 @@ class MetadataWriter:
             self._pending.pop(record_id, None)
 
     def flush(self) -> None:
-        """Writes everything queued now, in the calling thread."""
-        with self._cond:
-            batch, waiters = self._pending, self._waiters
-            self._pending, self._waiters = {}, []
-        self._write(batch, waiters)
+        """Writes everything queued now, in the calling thread.
+
+        On return, every value submitted before the call is durable: a batch the writer
+        thread took earlier is committed first (batches are taken and written under one
+        lock, so they commit in the order they were taken).
+        """
+        with self._flush_lock:
+            with self._cond:
+                batch, waiters = self._pending, self._waiters
+                self._pending, self._waiters = {}, []
+            self._write(batch, waiters)
 
     def close(self) -> None:
         """Flushes and stops the writer thread. Safe to call twice."""
@@ -99,17 +107,20 @@ class MetadataWriter:
                 if len(self._pending) < self._max_batch:
                     # Coalesce: give concurrent releases a moment to join this fsync.
                     self._cond.wait(timeout=self._delay)
-                batch, waiters = self._pending, self._waiters
-                self._pending, self._waiters = {}, []
-            self._write(batch, waiters)
+            with self._flush_lock:
+                with self._cond:
+                    batch, waiters = self._pending, self._waiters
+                    self._pending, self._waiters = {}, []
+                self._write(batch, waiters)
 
     def _write(self, batch: dict[str, dict[str, Any]], waiters: list[Future[None]]) -> None:
+        # Called with _flush_lock held: batches commit in the order they were taken.
         if not batch:
             for done in waiters:
                 done.set_result(None)
             return
         try:
-            with self._flush_lock, self._store.env.write_txn() as txn:
+            with self._store.env.write_txn() as txn:
                 for record_id, values in batch.items():
                     raw = txn.get(DB_RECORDS, record_id.encode())
                     if raw is None:

@@ -130,11 +130,14 @@ _OPEN_HANDLES = _Family(
 _USAGE_BYTES = _Family(
     "usage_bytes",
     "gauge",
-    "Known record sizes summed per kind (records of unknown size count 0).",
+    "Record sizes as disk usage shows them, summed per kind (an equal pair once; a mutable "
+    "in use and sizes not measured yet count 0).",
     ("kind",),
 )
 _RECLAIMABLE_BYTES = _Family(
-    "reclaimable_bytes", "gauge", "Known sizes of records nobody holds (what prune could free)."
+    "reclaimable_bytes",
+    "gauge",
+    "Sizes of the records disk usage reports as not in use (what prune could free).",
 )
 _ACTIVE_ACTORS = _Family(
     "active_record_actors", "gauge", "Record actors currently activated (not passivated)."
@@ -175,7 +178,7 @@ _RECORD_REFS = _Family(
 _RECORD_SIZE = _Family(
     "record_size_bytes",
     "gauge",
-    "Size of one record (records of record_refs whose size is known).",
+    "Size of one record as disk usage shows it (records of record_refs whose size is known).",
     ("record_id",),
 )
 _RECORD_SERIES_OMITTED = _Family(

@@ -15,11 +15,20 @@ prune and the garbage collector really delete them. Then, with the cache open:
   trip each), and ``metadata.description = ...`` (a metadata write: it needs the LMDB write
   lock); the maximum is the stall a build would see;
 * ``disk_usage`` over 10,000 records: the first call (sizes unknown: measured) and the
-  median of repeated calls.
+  median of repeated calls;
+* ``--gc-half N``: BuildKit's gc mode deleting half of N records, twice: records as
+  ``new`` + ``commit`` + ``finalize`` leave them, and lazy-commit pairs as
+  ``new(retain=True)`` + ``commit()`` + ``release()`` leave them (a mutable with its active
+  snapshot and its never-finalized equal immutable). Each record gets a last use within
+  the past 30 days (one in ten never used) and a usage count from a long-tailed
+  distribution, so the ranks matter. A first ``disk_usage`` measures the sizes (timed
+  separately); then ``prune(PrunePolicy(all=True, max_used_space=total // 2))`` is timed,
+  and so is a dry run of it (the same planner on the stored records, nothing deleted).
 
 Run it on the disk, not tmpfs (``--dir`` defaults to the current directory)::
 
     python scripts/bench_prune.py --sizes 5000,10000,20000 --du-records 10000
+    python scripts/bench_prune.py --sizes "" --du-records 0 --gc-half 10000
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -38,13 +48,19 @@ from typing import Any
 import pykka
 from refcache.actors import ImmutableRef, PrunePolicy, UsageInfo, open_cache
 from refcache.actors._entry import new_id
+from refcache.actors._offline import offline_prune_plan
 from refcache.actors._prune import CacheListener
 from refcache.storage import (
+    KEY_CACHE_POLICY,
     KEY_COMMITTED,
     KEY_CREATED_AT,
     KEY_DESCRIPTION,
+    KEY_EQUAL_MUTABLE,
+    KEY_LAST_USED_AT,
     KEY_PARENT,
+    KEY_SIZE,
     KEY_SNAPSHOT,
+    KEY_USAGE_COUNT,
     MetadataStore,
     MetaEnv,
 )
@@ -124,6 +140,137 @@ def build_cache(
         sn.close()
         env.close()
     return ids
+
+
+def usage_stats(rng: random.Random, n: int, now: int) -> list[tuple[int | None, int]]:
+    """``n`` (last_used_at, usage_count): a use within 30 days, one in ten never used;
+    counts long-tailed (most records used a few times, some hundreds)."""
+    out: list[tuple[int | None, int]] = []
+    for _ in range(n):
+        if rng.random() < 0.1:
+            out.append((None, 0))
+            continue
+        age = rng.randrange(1, 30 * 86400 * 10**9)
+        out.append((now - age, min(int(rng.paretovariate(1.2)), 500)))
+    return out
+
+
+def write_stats(root: Path, stats: dict[str, tuple[int | None, int]]) -> None:
+    env = MetaEnv(root / "meta")
+    try:
+        store = MetadataStore(env)
+        items = list(stats.items())
+        for lo in range(0, len(items), BATCH):
+            with env.write_txn() as txn:
+                for rid, (last_used_at, count) in items[lo : lo + BATCH]:
+                    item = store.get(rid)
+                    item.queue_many(
+                        {KEY_LAST_USED_AT: last_used_at, KEY_USAGE_COUNT: count or None}
+                    )
+                    item.commit(txn=txn)
+    finally:
+        env.close()
+
+
+def build_pairs(root: Path, n: int, *, payload: int = 100) -> list[tuple[str, str]]:
+    """Writes ``n`` lazy-commit pairs in bulk, as ``new(retain=True)`` + ``commit()`` leave
+    them: the mutable (lease ``<m>`` holding its active snapshot ``<m>``, with a file) and
+    its equal immutable (no lease and no snapshot of its own until finalize)."""
+    with open_cache(root, snapshotter="native"):
+        pass
+    env = MetaEnv(root / "meta")
+    sn = NativeSnapshotter(root, env)
+    leases = LmdbLeaseManager(env)
+    store = MetadataStore(env)
+    pairs = [(new_id(), new_id()) for _ in range(n)]
+    now = time.time_ns()
+    data = b"x" * payload
+    try:
+        for lo in range(0, n, BATCH):
+            chunk = pairs[lo : lo + BATCH]
+            with env.write_txn() as txn:
+                for m, i in chunk:
+                    leases.create(m, flat=True, txn=txn)
+                    leases.add_resource(m, Resource(m, f"snapshots/{sn.name}"), txn=txn)
+                    sn.prepare(m, txn=txn)
+                    m_item = store.get(m)
+                    m_item.queue_many(
+                        {
+                            KEY_CREATED_AT: now,
+                            KEY_SNAPSHOT: m,
+                            KEY_CACHE_POLICY: 1,
+                            KEY_DESCRIPTION: f"[bench] scratch {m}",
+                        }
+                    )
+                    m_item.commit(txn=txn)
+                    i_item = store.get(i)
+                    i_item.queue_many(
+                        {
+                            KEY_COMMITTED: True,
+                            KEY_CREATED_AT: now,
+                            KEY_SNAPSHOT: i,
+                            KEY_SIZE: -1,
+                            KEY_EQUAL_MUTABLE: m,
+                            KEY_DESCRIPTION: f"[bench] scratch {m}",
+                        }
+                    )
+                    i_item.commit(txn=txn)
+            for m, _ in chunk:
+                (sn.path(m) / f"file-{m}").write_bytes(data)
+    finally:
+        sn.close()
+        env.close()
+    return pairs
+
+
+def bench_gc_half(work: Path, n: int, kind: str, seed: int) -> dict[str, Any]:
+    """BuildKit's gc mode deleting half of ``n`` records (``kind``: finalized or pairs)."""
+    root = work / f"gc-half-{kind}-{n}"
+    rng = random.Random(seed)
+    if kind == "pairs":
+        pairs = build_pairs(root, n)
+        stats = usage_stats(rng, n, time.time_ns())
+        # A released pair: both halves count the same use (the mutable inherits it).
+        write_stats(
+            root, {rid: st for (m, i), st in zip(pairs, stats, strict=True) for rid in (m, i)}
+        )
+    else:
+        ids = build_cache(root, n)
+        write_stats(root, dict(zip(ids, usage_stats(rng, n, time.time_ns()), strict=True)))
+    os.sync()
+    res: dict[str, Any] = {"records": n, "kind": kind}
+    with open_cache(root, snapshotter="native") as cache:
+        t0 = time.perf_counter()
+        rows = cache.manager.disk_usage().get(timeout=600)
+        res["du_first_s"] = time.perf_counter() - t0
+        assert len(rows) == n, len(rows)
+        assert all(r.mutable == (kind == "pairs") for r in rows)
+        total = sum(r.size for r in rows)
+        policy = PrunePolicy(all=True, max_used_space=total // 2)
+        # The sizes the first call measured are written behind: on disk before the dry run
+        # reads them (a dry run would otherwise measure them again).
+        cache._core.writer.flush()
+        t0 = time.perf_counter()
+        plan = offline_prune_plan(root, [policy])
+        res["dry_run_s"] = time.perf_counter() - t0
+        events = _Events.start()
+        cache.manager.subscribe(events).get(timeout=60)
+        start = time.perf_counter()
+        deleted = cache.manager.prune(policy).get(timeout=3600)
+        res["prune_s"] = time.perf_counter() - start
+        count, _first, last = events.ask("report", timeout=60)
+        events.stop()
+        res["deleted"] = len(deleted)
+        res["delete_phase_s"] = (last - start) if count else 0.0
+        res["gc_phase_s"] = res["prune_s"] - res["delete_phase_s"]
+        res["same_order_as_plan"] = [r.id for r in deleted] == [r.id for r in plan]
+        stats_after = cache.manager.statistics().get(timeout=60)
+        left = cache.manager.disk_usage().get(timeout=600)
+        res["left_bytes"] = sum(r.size for r in left)
+        res["limit_bytes"] = policy.max_used_space
+        res["gauge_matches_du"] = sum(stats_after.bytes_by_kind.values()) == res["left_bytes"]
+    shutil.rmtree(root, ignore_errors=True)
+    return res
 
 
 class _Events(CacheListener, pykka.ThreadingActor):
@@ -258,6 +405,10 @@ def bench_du(work: Path, n: int, repeat: int) -> dict[str, float]:
     return {"records": n, "first_s": first, "repeated_s": statistics.median(again)}
 
 
+def _rounded(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5000,10000,20000", help="records per prune run")
@@ -265,6 +416,10 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=1, help="chain depth (1: flat)")
     parser.add_argument("--gc-mode", action="store_true", help="also a max_used_space prune")
     parser.add_argument("--du-records", type=int, default=10_000)
+    parser.add_argument(
+        "--gc-half", type=int, default=0, help="gc mode deleting half of N records (0: skip)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="usage statistics of --gc-half")
     parser.add_argument("--du-repeat", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path.cwd())
     parser.add_argument("--json", action="store_true")
@@ -293,6 +448,13 @@ def main() -> int:
                 results["prune"].append(res)
                 if not args.json:
                     print(json.dumps({k: round(v, 3) for k, v in res.items()}), flush=True)
+        if args.gc_half:
+            results["gc_half"] = []
+            for kind in ("finalized", "pairs"):
+                res = bench_gc_half(work, args.gc_half, kind, args.seed)
+                results["gc_half"].append(res)
+                if not args.json:
+                    print(json.dumps(_rounded(res)), flush=True)
         if args.du_records:
             results["du"] = bench_du(work, args.du_records, args.du_repeat)
             if not args.json:
@@ -318,6 +480,12 @@ def main() -> int:
         default=0.0,
     )
     print(f"max ref-op stall during prune (clone/get + release): {stall:.1f} ms")
+    for res in results.get("gc_half", []):
+        print(
+            f"gc mode, half of {res['records']:,} {res['kind']} records: "
+            f"{res['deleted']:,} deleted in {res['prune_s']:.2f} s (target < 5 s; "
+            f"dry run {res['dry_run_s']:.2f} s)"
+        )
     return 0
 
 

@@ -411,7 +411,7 @@ class TestSizeLimitedPrune:
         cache.close()
         cache = open_cache_at()
         detail = cache.manager.statistics().get(timeout=WAIT).records_detail
-        assert [size for _, _, size in detail] == [0, 0, 0]  # unknown (counted as 0)
+        assert [size for _, _, size in detail] == [-1, -1, -1]  # unknown (no size sample)
         size = snapshots[0]
         assert size > 0
         deleted = cache.manager.prune(PrunePolicy(all=True, max_used_space=2 * size + 1))

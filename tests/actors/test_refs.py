@@ -50,8 +50,9 @@ def usage(cache: Cache) -> list[UsageInfo]:
 
 def state(cache: Cache) -> tuple[list[UsageInfo], int, int, tuple[tuple[str, int, int], ...]]:
     """Everything a failed call must leave unchanged."""
+    rows = usage(cache)  # first: it measures unknown sizes, which statistics then show
     stats = cache.manager.statistics().get(timeout=WAIT)
-    return usage(cache), stats.records, stats.open_handles, stats.records_detail
+    return rows, stats.records, stats.open_handles, stats.records_detail
 
 
 def double_releases(cache: Cache) -> int:
