@@ -32,7 +32,6 @@ from ..storage import (
     MetaEnv,
     NotFoundError,
     RefcacheError,
-    parse_filters,
 )
 from ..storage._check import _open_snapshotter
 from ..storage._content import LocalContentStore
@@ -48,6 +47,7 @@ from ._prune import (
     free_bytes,
     layer_walk,
     measure_row,
+    parse_usage_filters,
     simulate_prune,
 )
 from ._types import PrunePolicy, UsageInfo
@@ -150,7 +150,7 @@ def offline_usage(
         InvalidError: a malformed filter.
         RefcacheError: no cache under ``root``.
     """
-    flt = parse_filters(*filters)
+    flt = parse_usage_filters(*filters)
     with read_only_env(root) as env:
         table = offline_table(env).rows
         backends = _Backends(root, env)
