@@ -59,7 +59,9 @@ __all__ = [
     "offline_prune_plan",
     "offline_table",
     "offline_usage",
+    "pending_removals",
     "read_only_env",
+    "stored_ids",
 ]
 
 
@@ -122,6 +124,32 @@ def offline_table(env: MetaEnv) -> OfflineTable:
             size_snapshot = entries[e.equal_mutable].snapshot_id
         out.rows[rid] = entry_row(e, handles=0, size_snapshot=size_snapshot)
     return out
+
+
+def stored_ids(root: Path) -> dict[str, bool]:
+    """Every stored record id, mapped to whether an interrupted prune flagged it
+    ``cache.deleted`` (the next open removes those).
+
+    Raises:
+        RefcacheError: no cache under ``root``.
+    """
+    out: dict[str, bool] = {}
+    with read_only_env(root) as env:
+        for item in MetadataStore(env).all():
+            try:
+                out[item.id] = item.get_bool(KEY_DELETED)
+            except CorruptMetadataError:
+                out[item.id] = False
+    return out
+
+
+def pending_removals(root: Path) -> list[str]:
+    """Records an interrupted prune flagged ``cache.deleted`` (the next open removes them).
+
+    Raises:
+        RefcacheError: no cache under ``root``.
+    """
+    return sorted(rid for rid, flagged in stored_ids(root).items() if flagged)
 
 
 class _Backends:
