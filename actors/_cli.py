@@ -377,10 +377,13 @@ def _describe(policy: PrunePolicy) -> str:
     if policy.keep_duration:
         ns = policy.keep_duration // timedelta(microseconds=1) * 1000
         parts.append(f"not used in the last {format_duration_ns(ns)}")
+    # BuildKit's size rules stop once the cache is below the bytes to keep.
     if policy.max_used_space:
-        parts.append(f"until the cache uses at most {format_bytes(policy.max_used_space)}")
+        parts.append(f"until the cache uses less than {format_bytes(policy.max_used_space)}")
     if policy.reserved_space:
-        parts.append(f"keeping at least {format_bytes(policy.reserved_space)}")
+        parts.append(
+            f"until the cache is below {format_bytes(policy.reserved_space)} (reserved space)"
+        )
     if policy.min_free_space:
         parts.append(f"until the disk has {format_bytes(policy.min_free_space)} free")
     return safe(", ".join(parts))
