@@ -1,249 +1,303 @@
-"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``.
+"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``, ``demo``.
 
 ``du``, ``inspect``, ``check`` and ``prune --dry-run`` only read, and work on a cache that
 another process has open (LMDB readers never block its writer; handles held in that process
-cannot be seen, so ``du`` shows what would be reclaimable with no handle open). ``prune`` and
-``smoke`` open the cache, so they need it closed elsewhere and say so clearly when it is not.
+cannot be seen, so ``du`` shows what would be reclaimable with no handle open). ``prune``,
+``check --fix`` and ``smoke`` open the cache, so they need it closed elsewhere and say so
+clearly when it is not.
 
-Exit codes: 0 success; 1 ``check`` found problems; 2 a user mistake or an error (bad size,
-duration, filter, unknown id, missing cache, cache open elsewhere), always one line on
-stderr, never a traceback; 130 interrupted.
+The cache is ``--root DIR`` (before or after the command), else ``$REFCACHE_ROOT``, else
+``./refcache-data``. Commands about an existing cache (``du``, ``prune``, ``inspect``,
+``check``) never create one: no cache there is an error. ``smoke`` and ``demo`` create it.
 
-Run as ``refcache`` (the console script) or ``python -m actors._cli``.
+``prune`` asks before deleting, as ``docker builder prune`` does (``-f``/``--force`` does
+not ask, ``--dry-run`` changes nothing and never asks).
+
+Exit codes: 0 success; 1 failure (``check`` found problems, the cache is busy, a prune was
+not confirmed, no cache at the root, an unreadable disk); 2 a usage error (bad option, size,
+duration or filter: nothing was read or changed); 130 interrupted (Ctrl-C; the cache is
+left consistent); 141 stdout was closed early (``refcache du | head``). Errors are one line
+on stderr, never a traceback.
+
+Run as ``refcache`` (the console script) or ``python -m refcache.actors._cli``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
 import pykka
 
-from ..storage import CorruptedError, LockedError, RefcacheError, check, repair
+from ..storage import CorruptedError, InvalidError, LockedError, RefcacheError, check, repair
+from ..storage._check import _in_use
 from ._cache import open_cache
+from ._cliutil import (
+    CommandFailedError,
+    InterruptedCommandError,
+    UsageError,
+    ago,
+    format_bytes,
+    format_duration,
+    format_duration_ns,
+    hold_interrupts,
+    parse_duration,
+    parse_size,
+    parse_until,
+    resolve_root,
+    safe,
+    sort_usage,
+    usage_lines,
+    usage_table,
+    usage_totals,
+    when,
+)
+from ._load import logger as _load_logger
 from ._offline import (
     RecordDetails,
     inspect_record,
     offline_prune_plan,
-    offline_table,
     offline_usage,
-    read_only_env,
+    pending_removals,
+    stored_ids,
 )
-from ._prune import CacheListener, TableRow
+from ._prune import CacheListener, TableRow, parse_usage_filters
 from ._types import PrunePolicy, UsageInfo
 
-__all__ = ["UsageError", "format_bytes", "format_duration", "main", "parse_duration", "parse_size"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "format_bytes",
+    "format_duration",
+    "main",
+    "parse_duration",
+    "parse_size",
+]
 
 EXIT_OK = 0
-EXIT_PROBLEMS = 1
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program stopped by SIGPIPE
 
-# -- parsing ---------------------------------------------------------------------------------------
+EPILOG = """\
+The cache is --root DIR (before or after the command), else $REFCACHE_ROOT, else
+./refcache-data. du, prune, inspect and check need an existing cache there (no cache is an
+error, nothing is created); smoke and demo create one.
 
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([A-Za-z]*)")
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "p": 1000**5,
-    "pb": 1000**5,
-    "ki": 1024,
-    "kib": 1024,
-    "mi": 1024**2,
-    "mib": 1024**2,
-    "gi": 1024**3,
-    "gib": 1024**3,
-    "ti": 1024**4,
-    "tib": 1024**4,
-    "pi": 1024**5,
-    "pib": 1024**5,
-}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-}
+exit status:
+  0    success
+  1    failure: check found problems, the cache is busy (open in another process), a prune
+       was not confirmed, no cache at the root, the disk or the metadata cannot be read
+  2    usage error: unknown option, bad size, duration or filter (nothing was read or
+       changed)
+  130  interrupted (Ctrl-C): stopped cleanly, what was done is kept, the cache is consistent
+  141  stdout was closed early (e.g. piped into head)
+"""
+
+# -- the root ------------------------------------------------------------------------------------
+
+_HOW_TO_CHOOSE = "choose it with --root DIR or REFCACHE_ROOT; the default is ./refcache-data"
 
 
-class UsageError(Exception):
-    """A user mistake on the command line (exit code 2)."""
+def _existing_cache(root: Path) -> Path:
+    """``root`` when it holds a cache this process can read; otherwise a clear failure."""
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        msg = f"no cache at {root}: the directory does not exist ({_HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg) from None
+    except OSError as exc:
+        msg = f"cannot read {root}: {exc.strerror or exc}"
+        raise CommandFailedError(msg) from None
+    if not stat.S_ISDIR(st.st_mode):
+        msg = f"{root} is not a directory, so it holds no cache ({_HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg)
+    if not os.access(root, os.R_OK | os.X_OK):
+        msg = f"cannot read {root}: permission denied"
+        raise CommandFailedError(msg)
+    meta = root / "meta"
+    if not os.access(meta, os.F_OK):
+        msg = f"no refcache cache at {root} (it has no meta/ directory; {_HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg)
+    if not os.access(meta, os.R_OK | os.X_OK):
+        msg = f"cannot read {meta}: permission denied"
+        raise CommandFailedError(msg)
+    return root
 
 
-def parse_size(text: str) -> int:
-    """Parses a size strictly: ``"10GB"``, ``"512MiB"``, ``"1.5g"``, ``"1024"`` -> bytes.
+def _new_or_existing_root(root: Path) -> Path:
+    """For commands that create the cache: ``root`` must be a directory or not exist yet."""
+    if root.exists() and not root.is_dir():
+        msg = f"{root} is not a directory: a cache needs a directory of its own"
+        raise CommandFailedError(msg)
+    return root
 
-    Decimal units (``k``, ``KB``, ``MB``, ... powers of 1000, as ``buildctl`` prints them)
-    and binary ones (``Ki``, ``KiB``, ``MiB``, ... powers of 1024), any case, no spaces.
+
+def _busy(root: Path, what: str) -> CommandFailedError:
+    return CommandFailedError(
+        f"cannot {what} {root}: the cache is busy (open in another process); stop that "
+        "process first (du, inspect and check work while it is open)"
+    )
+
+
+def _open(root: Path, what: str) -> Any:
+    try:
+        return open_cache(root)
+    except LockedError as exc:
+        raise _busy(root, what) from exc
+
+
+def _close(cache: Any) -> None:
+    with hold_interrupts("closing the cache cleanly"):
+        cache.close()
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def _option(option: str, text: str | None, parse: Any) -> Any:
+    """``parse(text)`` with the option named in the error; None when the option is absent."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except UsageError as exc:
+        msg = f"{option}: {exc}"
+        raise UsageError(msg) from None
+
+
+_UNTIL_RE = re.compile(r"(until|unused-for)==?(.*)", re.DOTALL)
+
+
+def _filters(values: Sequence[str]) -> tuple[tuple[str, ...], timedelta | None]:
+    """The record filters, and docker's ``until=`` filter (a keep duration) when given.
 
     Raises:
-        UsageError: anything else (negative, empty, unknown unit, exponent), naming the value.
+        UsageError: a filter that does not parse or names an unknown field; ``until`` given
+            twice or inside another filter; a bad ``until`` value.
     """
-    m = _SIZE_RE.fullmatch(text)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _SIZE_UNITS:
-        msg = f"invalid size {text!r}: expected a number and an optional unit, e.g. 10GB or 512MiB"
+    keep: list[str] = []
+    until: timedelta | None = None
+    for text in values:
+        m = _UNTIL_RE.fullmatch(text)
+        if m is not None:
+            if until is not None:
+                msg = f"invalid filter {text!r}: only one until filter may be given"
+                raise UsageError(msg)
+            until = _option("--filter until", m.group(2), parse_until)
+            continue
+        if any(_UNTIL_RE.fullmatch(piece.strip()) for piece in text.split(",")):
+            msg = f"invalid filter {text!r}: give until=... as a --filter of its own"
+            raise UsageError(msg)
+        keep.append(text)
+    try:
+        parse_usage_filters(*keep)
+    except InvalidError as exc:
+        raise UsageError(str(exc)) from None
+    return tuple(keep), until
+
+
+def _policy(args: argparse.Namespace) -> PrunePolicy:
+    """The prune's policy; every value is parsed before anything is read or opened."""
+    if args.stray:
+        extra = args.stray[0]
+        hint = ""
+        if "=" in extra or "~" in extra:
+            hint = " (-f is --force here, as in docker builder prune; filters go in --filter)"
+        msg = f"unexpected argument {extra!r}{hint}"
         raise UsageError(msg)
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parses a Go-style duration strictly: ``"48h"``, ``"1h30m"``, ``"90s"``, ``"2d"``, ``"0"``.
-
-    Raises:
-        UsageError: anything else (negative, empty, missing or unknown unit), naming the value.
-    """
-    if text == "0":
-        return timedelta(0)
-    pos = 0
-    total = 0.0
-    for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
-        msg = f"invalid duration {text!r}: expected e.g. 48h, 1h30m, 90s or 2d"
+    filters, until = _filters(args.filter)
+    keep_duration = _option("--keep-duration", args.keep_duration, parse_duration)
+    if until is not None and keep_duration is not None:
+        msg = "--keep-duration and --filter until=... both set how long to keep; give one"
         raise UsageError(msg)
-    return timedelta(seconds=total)
+    if until is not None:
+        keep_duration = until
+    reserved = _option("--reserved-space", args.reserved_space, parse_size)
+    keep_storage = _option(
+        "--keep-storage", args.keep_storage, lambda t: parse_size(t, bare_unit=10**6)
+    )
+    if reserved is not None and keep_storage is not None:
+        msg = "--keep-storage is the older name of --reserved-space; give one of them"
+        raise UsageError(msg)
+    return PrunePolicy(
+        all=args.all,
+        filters=filters,
+        keep_duration=keep_duration or None,
+        reserved_space=reserved if reserved is not None else keep_storage or 0,
+        max_used_space=_option("--max-used-space", args.max_used_space, parse_size) or 0,
+        min_free_space=_option("--min-free-space", args.min_free_space, parse_size) or 0,
+    )
 
 
-def format_bytes(n: int) -> str:
-    """A size in decimal units, as ``buildctl du`` prints them (``"1.23GB"``)."""
-    if n < 0:
-        return "unknown"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{n}B" if unit == "B" else f"{value:.3g}{unit}"
-        value /= 1000
-    return f"{n}B"  # pragma: no cover
+def _print_lines(lines: Sequence[str], out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    for line in lines:
+        stream.write(line + "\n")
 
 
-def format_duration(seconds: float) -> str:
-    """A rough human duration (``"3 hours"``, ``"2 days"``), as Docker's ``HumanDuration``."""
-    seconds = max(seconds, 0.0)
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            return f"{n} {unit[:-1] if n == 1 else unit}"
-    n = int(seconds)
-    return f"{n} second" if n == 1 else f"{n} seconds"
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def _ago(ns: int | None) -> str:
-    if not ns:
-        return ""
-    return format_duration(time.time() - ns / 1e9) + " ago"
-
-
-def _when(ns: int | None) -> str:
-    if not ns:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+def _record_json(r: UsageInfo) -> dict[str, Any]:
+    return dataclasses.asdict(r)
 
 
 # -- du ------------------------------------------------------------------------------------------
 
 
-def _totals(rows: Sequence[UsageInfo]) -> dict[str, int]:
-    """``buildctl du``'s summary: shared, private, reclaimable and total bytes."""
-    shared = sum(max(r.size, 0) for r in rows if r.shared)
-    private = sum(max(r.size, 0) for r in rows if not r.shared)
-    reclaimable = sum(max(r.size, 0) for r in rows if not r.in_use)
-    return {
-        "shared": shared,
-        "private": private,
-        "reclaimable": reclaimable,
-        "total": shared + private,
-    }
-
-
-def _print_usage(rows: Sequence[UsageInfo], *, verbose: bool, out: TextIO) -> None:
-    rows = sorted(rows, key=lambda r: (r.size, r.id))
-    if verbose:
-        for r in rows:
-            out.write(
-                f"ID:\t\t{r.id}\n"
-                f"Parents:\t{';'.join(r.parents)}\n"
-                f"Created at:\t{_when(r.created_at)}\n"
-                f"Mutable:\t{str(r.mutable).lower()}\n"
-                f"Reclaimable:\t{str(not r.in_use).lower()}\n"
-                f"Shared:\t\t{str(r.shared).lower()}\n"
-                f"Size:\t\t{format_bytes(r.size)}\n"
-                f"Description:\t{r.description}\n"
-                f"Usage count:\t{r.usage_count}\n"
-                f"Last used:\t{_ago(r.last_used_at)}\n"
-                f"Type:\t\t{r.record_type}\n\n"
-            )
-    else:
-        width = max([len(r.id) + 1 for r in rows] + [2]) + 2
-        out.write(
-            f"{'ID':<{width}}{'RECLAIMABLE':<13}{'SIZE':<10}{'LAST ACCESSED':<20}DESCRIPTION\n"
-        )
-        for r in rows:
-            rid = r.id + ("*" if r.mutable else "")  # buildctl marks mutable records
-            out.write(
-                f"{rid:<{width}}{str(not r.in_use).lower():<13}{format_bytes(r.size):<10}"
-                f"{_ago(r.last_used_at):<20}{r.description}\n"
-            )
-    totals = _totals(rows)
-    out.write(f"Shared:\t\t{format_bytes(totals['shared'])}\n")
-    out.write(f"Private:\t{format_bytes(totals['private'])}\n")
-    out.write(f"Reclaimable:\t{format_bytes(totals['reclaimable'])}\n")
-    out.write(f"Total:\t\t{format_bytes(totals['total'])}\n")
-
-
 def _cmd_du(args: argparse.Namespace) -> int:
-    rows = offline_usage(args.root, tuple(args.filter))
+    filters, until = _filters(args.filter)
+    root = _existing_cache(args.root)
+    rows = offline_usage(root, filters, age_limit=until)
     if args.format == "json":
-        rows = sorted(rows, key=lambda r: (r.size, r.id))
-        doc = {"records": [dataclasses.asdict(r) for r in rows], "totals": _totals(rows)}
-        print(json.dumps(doc, indent=2))
+        ordered = sort_usage(rows)
+        _print_json({"records": [_record_json(r) for r in ordered], "totals": usage_totals(rows)})
     else:
-        _print_usage(rows, verbose=args.verbose, out=sys.stdout)
+        _print_lines(usage_lines(rows, verbose=args.verbose))
     return EXIT_OK
 
 
-# -- prune -----------------------------------------------------------------------------------------
+# -- prune ---------------------------------------------------------------------------------------
 
 
 class _ProgressBar:
-    """A progress line on stderr: redrawn in place on a terminal, every 10 % otherwise."""
+    """A progress line on stderr: redrawn in place on a terminal, every 10 % otherwise.
+
+    A stderr that goes away (a closed pipe) silences the bar; the prune goes on.
+    """
 
     def __init__(self, expected: int, out: TextIO) -> None:
         self.expected = expected
         self.out = out
-        self.tty = out.isatty()
+        self.tty = _isatty(out)
         self.records = 0
         self.bytes = 0
         self._lock = threading.Lock()
         self._last_draw = 0.0
         self._last_step = -1
         self._printed = -1
+        self._broken = False
 
     def advance(self, size: int) -> None:
         with self._lock:
@@ -253,10 +307,20 @@ class _ProgressBar:
 
     def finish(self) -> None:
         with self._lock:
+            if self.records == 0 and not self.tty:
+                return
             self._draw(final=True)
             if self.tty:
-                self.out.write("\n")
+                self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if self._broken:
+            return
+        try:
+            self.out.write(text)
             self.out.flush()
+        except (OSError, ValueError):
+            self._broken = True
 
     def _line(self) -> str:
         total = max(self.expected, self.records, 1)
@@ -272,14 +336,20 @@ class _ProgressBar:
             now = time.monotonic()
             if final or now - self._last_draw >= 0.1:
                 self._last_draw = now
-                self.out.write("\r" + self._line())
-                self.out.flush()
+                self._write("\r" + self._line())
             return
         step = 10 * self.records // max(self.expected, self.records, 1)
         if step > self._last_step or (final and self.records != self._printed):
             self._last_step = step
             self._printed = self.records
-            self.out.write(self._line() + "\n")
+            self._write(self._line() + "\n")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (OSError, ValueError):
+        return False
 
 
 class _PruneProgress(CacheListener, pykka.ThreadingActor):
@@ -293,62 +363,142 @@ class _PruneProgress(CacheListener, pykka.ThreadingActor):
         self.bar.advance(info.size)
 
 
-def _policy(args: argparse.Namespace) -> PrunePolicy:
-    # Everything is parsed before anything is opened: a bad value changes nothing.
-    return PrunePolicy(
-        all=args.all,
-        filters=tuple(args.filter),
-        keep_duration=parse_duration(args.keep_duration) if args.keep_duration else None,
-        reserved_space=parse_size(args.reserved_space) if args.reserved_space else 0,
-        max_used_space=parse_size(args.max_used_space) if args.max_used_space else 0,
-        min_free_space=parse_size(args.min_free_space) if args.min_free_space else 0,
+def _records(n: int) -> str:
+    return f"{n} record{'' if n == 1 else 's'}"
+
+
+def _describe(policy: PrunePolicy) -> str:
+    """What a policy selects, in words (the confirmation question)."""
+    parts = [
+        "records no one holds"
+        + ("" if policy.all else " (internal, frontend and shared records are kept)")
+    ]
+    if policy.filters:
+        parts.append("matching " + " or ".join(repr(f) for f in policy.filters))
+    if policy.keep_duration:
+        ns = policy.keep_duration // timedelta(microseconds=1) * 1000
+        parts.append(f"not used in the last {format_duration_ns(ns)}")
+    # BuildKit's size rules stop once the cache is below the bytes to keep.
+    if policy.max_used_space:
+        parts.append(f"until the cache uses less than {format_bytes(policy.max_used_space)}")
+    if policy.reserved_space:
+        parts.append(
+            f"until the cache is below {format_bytes(policy.reserved_space)} (reserved space)"
+        )
+    if policy.min_free_space:
+        parts.append(f"until the disk has {format_bytes(policy.min_free_space)} free")
+    return safe(", ".join(parts))
+
+
+def _confirm(root: Path, policy: PrunePolicy, plan: Sequence[UsageInfo]) -> None:
+    """Asks on stderr and reads the answer from stdin (a terminal or a pipe), as docker does.
+
+    Raises:
+        CommandFailedError: anything but y/yes, or no answer at all (end of input).
+    """
+    size = sum(max(r.size, 0) for r in plan)
+    count = _records(len(plan))
+    sys.stderr.write(
+        f"WARNING! This will delete {count} ({format_bytes(size)}) from the cache at "
+        f"{safe(os.path.abspath(root))}:\n  {_describe(policy)}\n"
+        "Are you sure you want to continue? [y/N] "
     )
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline() if sys.stdin is not None else ""
+    except (OSError, ValueError, UnicodeDecodeError):
+        answer = ""
+    if not answer or not _isatty(sys.stdin):
+        sys.stderr.write("\n")  # the answer was not echoed: end the question's line
+    if not answer:
+        msg = "no answer (end of input): nothing was deleted; -f/--force prunes without asking"
+        raise CommandFailedError(msg)
+    if answer.strip().lower() not in ("y", "yes"):
+        msg = "not confirmed: nothing was deleted"
+        raise CommandFailedError(msg)
 
 
-def _print_records(rows: Sequence[UsageInfo], verb: str) -> None:
-    for r in rows:
-        print(f"{verb} {r.id}\t{format_bytes(r.size)}\t{r.description}")
+def _run_prune(root: Path, policy: PrunePolicy, plan: Sequence[UsageInfo]) -> list[UsageInfo]:
+    """The live prune with a progress bar; Ctrl-C stops it cleanly (exit code 130)."""
+    cache = _open(root, "prune")
+    bar = _ProgressBar(len(plan), sys.stderr)
+    listener = _PruneProgress.start(bar)
+    deleted: list[UsageInfo] | None = None
+    try:
+        cache.manager.subscribe(listener).get(timeout=60)
+        deleted = cache.manager.prune(policy).get(timeout=7 * 24 * 3600)
+    except KeyboardInterrupt:
+        pass  # closing the cache below stops the prune after the batch in progress
+    finally:
+        # The prune job's next question to the manager fails once it is stopped: records
+        # are deleted whole (a removal cut short is finished at the next open).
+        _close(cache)
+        listener.stop()  # processes the events already told first
+        bar.finish()
+    if deleted is None:
+        # Counted from what is stored now: a batch can be deleted after its last event.
+        stored = stored_ids(root)
+        gone = [r for r in plan if r.id not in stored]
+        flagged = sum(1 for r in plan if stored.get(r.id))
+        started = (
+            f", {flagged} more flagged (finished by the next open or refcache check --fix)"
+            if flagged
+            else ""
+        )
+        size = format_bytes(sum(max(r.size, 0) for r in gone))
+        msg = (
+            f"interrupted: {_records(len(gone))} ({size}) deleted before the prune stopped"
+            f"{started}; the rest are kept and the cache is consistent"
+        )
+        raise InterruptedCommandError(msg)
+    return deleted
+
+
+def _report_prune(
+    args: argparse.Namespace, root: Path, rows: Sequence[UsageInfo], *, dry_run: bool
+) -> None:
+    total = sum(max(r.size, 0) for r in rows)
+    if args.format == "json":
+        _print_json(
+            {
+                "root": os.path.abspath(root),
+                "dry_run": dry_run,
+                "records": [_record_json(r) for r in rows],
+                "count": len(rows),
+                "total": total,
+            }
+        )
+        return
+    lines: list[str] = []
+    if rows and (args.verbose or dry_run):
+        lines += usage_table(rows)  # in deletion order, as buildctl streams them
+    lines.append(f"Total:\t\t{format_bytes(total)}")
+    if dry_run:
+        lines.append(f"dry run: {_records(len(rows))} would be deleted; nothing was changed")
+    _print_lines(lines)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     policy = _policy(args)
-    root: Path = args.root
+    root = _existing_cache(args.root)
     if args.dry_run:
-        plan = offline_prune_plan(root, [policy])
-        _print_records(plan, "would delete")
-        reclaim = sum(max(r.size, 0) for r in plan)
-        print(f"Would reclaim {format_bytes(reclaim)} in {len(plan)} records")
+        _report_prune(args, root, offline_prune_plan(root, [policy]), dry_run=True)
         return EXIT_OK
-    if not (root / "meta").is_dir():
-        msg = f"no refcache cache at {root} (no {root / 'meta'} directory)"
-        raise UsageError(msg)
-    try:
-        cache = open_cache(root)
-    except LockedError as exc:
-        msg = (
-            f"cannot prune {root}: the cache is open in another process; stop it first "
-            f"(du, inspect and check work while it is open) [{exc}]"
-        )
-        raise UsageError(msg) from exc
-    with cache:
-        # Nothing else can hold a handle yet: the plan is what this prune will delete.
-        expected = len(offline_prune_plan(root, [policy]))
-        bar = _ProgressBar(expected, sys.stderr)
-        listener = _PruneProgress.start(bar)
-        try:
-            cache.manager.subscribe(listener).get(timeout=60)
-            deleted = cache.manager.prune(policy).get(timeout=7 * 24 * 3600)
-        finally:
-            listener.stop()  # processes the events already told first
-        bar.finish()
-    if args.verbose:
-        _print_records(deleted, "deleted")
-    reclaimed = sum(max(r.size, 0) for r in deleted)
-    print(f"Reclaimed {format_bytes(reclaimed)} in {len(deleted)} records")
+    if _in_use(root):
+        raise _busy(root, "prune")
+    # With the cache closed, the plan is what the prune will delete (the same planning).
+    plan = offline_prune_plan(root, [policy])
+    if not plan:
+        _report_prune(args, root, [], dry_run=False)
+        return EXIT_OK
+    if not args.force:
+        _confirm(root, policy, plan)
+    deleted = _run_prune(root, policy, plan)
+    _report_prune(args, root, deleted, dry_run=False)
     return EXIT_OK
 
 
-# -- inspect ---------------------------------------------------------------------------------------
+# -- inspect -------------------------------------------------------------------------------------
 
 
 def _tree_lines(table: dict[str, TableRow], rid: str) -> list[str]:
@@ -357,10 +507,11 @@ def _tree_lines(table: dict[str, TableRow], rid: str) -> list[str]:
     def label(node_id: str) -> str:
         node = table.get(node_id)
         if node is None:
-            return f"{node_id}  (missing)"
+            return f"{safe(node_id)}  (missing)"
         size = format_bytes(node.size) if node.size >= 0 else "size unknown"
         desc = f"  {node.description!r}" if node.description else ""
-        return f"{node_id}  {node.kind}{' mutable' if node.mutable else ''}  {size}{desc}"
+        kind = f"{node.kind}{' mutable' if node.mutable else ''}"
+        return safe(f"{node_id}  {kind}  {size}{desc}")
 
     lines.append(label(rid))
     # (id, prefix, is_last, seen-on-path)
@@ -374,7 +525,7 @@ def _tree_lines(table: dict[str, TableRow], rid: str) -> list[str]:
         node_id, prefix, last, path = stack.pop()
         branch = "└── " if last else "├── "
         if node_id in path:
-            lines.append(f"{prefix}{branch}{node_id}  (cycle)")
+            lines.append(f"{prefix}{branch}{safe(node_id)}  (cycle)")
             continue
         lines.append(prefix + branch + label(node_id))
         node = table.get(node_id)
@@ -416,11 +567,12 @@ def _details_dict(d: RecordDetails) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    details = inspect_record(args.root, args.id)
+    root = _existing_cache(args.root)
+    details = inspect_record(root, args.id)
     doc = _details_dict(details)
     if args.format == "json":
         doc["parent_tree"] = _tree_lines(details.table, details.id)
-        print(json.dumps(doc, indent=2, default=str))
+        _print_json(doc)
         return EXIT_OK
     plain = (
         ("ID", doc["id"]),
@@ -429,8 +581,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("Type", doc["record_type"]),
         ("Description", doc["description"]),
         ("Size", format_bytes(doc["size"]) + ("" if doc["size_cached"] else " (measured now)")),
-        ("Created at", _when(doc["created_at"])),
-        ("Last used", _ago(doc["last_used_at"]) or "never"),
+        ("Created at", when(doc["created_at"])),
+        ("Last used", ago(doc["last_used_at"]) or "never"),
         ("Usage count", doc["usage_count"]),
         ("Parents", ", ".join(doc["parents"])),
         ("Children", ", ".join(doc["children"])),
@@ -442,79 +594,163 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("Blob only", str(doc["blob_only"]).lower()),
         ("Layers", ", ".join(doc["layers"])),
     )
-    for name, value in plain:
-        print(f"{name + ':':<17}{value}")
+    lines = [f"{name + ':':<17}{safe(value)}" for name, value in plain]
     snap = doc["snapshot"]
     if snap is None:
-        print(f"{'Snapshot state:':<17}missing")
+        lines.append(f"{'Snapshot state:':<17}missing")
     else:
         parent = f", parent {snap['parent']}" if snap["parent"] else ""
-        print(f"{'Snapshot state:':<17}{snap['kind']}{parent}")
-    print("Leases:")
+        lines.append(f"{'Snapshot state:':<17}{safe(snap['kind'] + parent)}")
+    lines.append("Leases:")
     for lease_id, resources in doc["leases"].items():
-        print(f"  {lease_id}: {', '.join(resources) or '(no resources)'}")
+        lines.append(safe(f"  {lease_id}: {', '.join(resources) or '(no resources)'}"))
     if not doc["leases"]:
-        print("  (none)")
-    print("Metadata:")
-    for key in sorted(doc["metadata"]):
-        print(f"  {key} = {doc['metadata'][key]!r}")
-    print("Parent tree:")
-    for line in _tree_lines(details.table, details.id):
-        print(f"  {line}")
+        lines.append("  (none)")
+    lines.append("Metadata:")
+    lines += [safe(f"  {key} = {doc['metadata'][key]!r}") for key in sorted(doc["metadata"])]
+    lines.append("Parent tree:")
+    lines += [f"  {line}" for line in _tree_lines(details.table, details.id)]
+    _print_lines(lines)
     return EXIT_OK
 
 
-# -- check -----------------------------------------------------------------------------------------
+# -- check ---------------------------------------------------------------------------------------
+
+
+def _fix(root: Path) -> list[str]:
+    """Repairs offline what is safe: what opening the cache does, then orphans and links.
+
+    Opening finishes removals an interrupted prune left (``cache.deleted``) and removes the
+    records that cannot load (a mutable record without its active snapshot after a crash,
+    a record whose parent is gone, a lazy record without its blob, undecodable metadata),
+    with their descendants; it also clears leftover work directories. ``storage.repair``
+    then removes orphan files and directories and dangling lease links.
+
+    Returns:
+        One line per repair: each problem ``check`` reported that is gone now (in its
+        words), then what else was done (descendants removed, interrupted removals
+        finished).
+    """
+    before = check(root)
+    # Opening logs each record it removes; the lines returned say it once.
+    quiet = _load_logger.disabled
+    _load_logger.disabled = True
+    try:
+        cache = _open(root, "repair")
+    finally:
+        _load_logger.disabled = quiet
+    report = cache.load_report
+    _close(cache)
+    try:
+        repaired = repair(root)
+    except LockedError as exc:
+        raise _busy(root, "repair") from exc
+    after = set(check(root))
+    fixed = [p for p in before if p not in after]
+    named = "\n".join(fixed)
+    more = [(rid, f"removed record {rid}: {why}") for rid, why in report.cleared]
+    more += [
+        (rid, f"finished the interrupted removal of record {rid}")
+        for rid in report.finished_deletes
+    ]
+    more += [
+        (rid, f"recovered record {rid}: committed before a crash, its metadata is now complete")
+        for rid in report.recovered_half_finalized
+    ]
+    fixed += [line for rid, line in more if rid not in named]
+    fixed += [line for line in repaired if line.rsplit(" ", 1)[-1] not in named]
+    return fixed
+
+
+_OPENING_CLEARS = re.compile(
+    r"record (\S+): (corrupt metadata|parent .* does not exist|equal mutable .* does not exist"
+    r"|mutable record has no active snapshot)"
+)
+_DATA_GONE = re.compile(r"record (\S+): snapshot \S+ is missing")
+_REPAIR_REMOVES = re.compile(
+    r"(content: blob file .* has no metadata|snapshots: directory .* belongs to no snapshot"
+    r"|leases: resource .* of missing lease)"
+)
+
+
+def _remedy(problem: str, root: Path, *, fixed: bool) -> str:
+    """What repairs a problem ``check`` reported, as a command to run."""
+    if not fixed and _OPENING_CLEARS.match(problem):
+        return "refcache check --fix removes the record, as opening the cache would"
+    if not fixed and _REPAIR_REMOVES.match(problem):
+        return "refcache check --fix removes it"
+    if problem.startswith("metadata: "):
+        return (
+            "the metadata environment is damaged, which no repair here restores: restore "
+            f"{root / 'meta'} from a backup, or move {root} aside and start a new cache"
+        )
+    m = _DATA_GONE.match(problem)
+    if m:
+        return (
+            f"the record's data is gone, which no repair restores: refcache --root {root} "
+            f"prune -f --all --filter id=={m.group(1)} deletes the record once no other "
+            "record is built on it"
+        )
+    return (
+        "the data it names is gone, which no repair restores; prune the records that need "
+        "it (refcache inspect ID shows a record's blob and snapshot)"
+    )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    root: Path = args.root
-    if not (root / "meta").is_dir():
-        msg = f"no refcache cache at {root} (no {root / 'meta'} directory)"
-        raise UsageError(msg)
+    root = _existing_cache(args.root)
+    fixed: list[str] = []
     if args.fix:
-        try:
-            fixed = repair(root)
-        except LockedError as exc:
-            msg = f"cannot repair {root}: the cache is open in another process; stop it first"
-            raise UsageError(msg) from exc
-        except CorruptedError as exc:
-            # A damaged metadata environment is a finding, not a usage error: one line.
-            print(f"metadata: {exc}")
-            print("1 problem(s) found; the metadata cannot be repaired here", file=sys.stderr)
-            return EXIT_PROBLEMS
-        for line in fixed:
-            print(f"fixed: {line}")
+        if _in_use(root):
+            raise _busy(root, "repair")
+        # A damaged metadata environment is check's finding below (one line), not a crash.
+        with contextlib.suppress(CorruptedError):
+            fixed = _fix(root)
     problems = check(root)
-    pending: list[str] = []
-    if not any(line.startswith("metadata: ") for line in problems):
-        with read_only_env(root) as env:
-            pending = offline_table(env).deleted
-    for line in problems:
-        print(line)
-    if pending:
-        print(
-            f"note: {len(pending)} record(s) from an interrupted prune are removed at the next "
-            "open: " + ", ".join(sorted(pending)[:5]) + (" ..." if len(pending) > 5 else "")
+    remedies = [_remedy(p, root, fixed=args.fix) for p in problems]
+    damaged = any(p.startswith("metadata: ") for p in problems)
+    pending = [] if damaged else pending_removals(root)
+    if args.format == "json":
+        _print_json(
+            {
+                "root": os.path.abspath(root),
+                "consistent": not problems,
+                "problems": [
+                    {"problem": p, "remedy": r} for p, r in zip(problems, remedies, strict=True)
+                ],
+                "fixed": fixed,
+                "pending_removals": pending,
+            }
         )
+        return EXIT_FAILURE if problems else EXIT_OK
+    lines = [f"fixed: {safe(line)}" for line in fixed]
+    for problem, remedy in zip(problems, remedies, strict=True):
+        lines += [safe(problem), f"  to repair: {safe(remedy)}"]
+    if pending:
+        lines.append(
+            f"note: {_records(len(pending))} from an interrupted prune are removed by "
+            "check --fix or the next open: "
+            + safe(", ".join(pending[:5]))
+            + (" ..." if len(pending) > 5 else "")
+        )
+    if not problems:
+        lines.append("cache is consistent")
+    _print_lines(lines)
     if problems:
-        print(f"{len(problems)} problem(s) found", file=sys.stderr)
-        return EXIT_PROBLEMS
-    print("cache is consistent")
+        sys.stdout.flush()
+        sys.stderr.write(f"{len(problems)} problem(s) found\n")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
-# -- smoke -----------------------------------------------------------------------------------------
+# -- smoke ---------------------------------------------------------------------------------------
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
     """Opens the cache, creates, commits and releases a record, prints disk usage."""
+    root = _new_or_existing_root(args.root)
+    cache = _open(root, "open")
     try:
-        cache = open_cache(args.root)
-    except LockedError as exc:
-        msg = f"cannot open {args.root}: the cache is open in another process"
-        raise UsageError(msg) from exc
-    with cache:
         manager = cache.manager
         scratch = manager.new(description="smoke: scratch layer").get(timeout=60)
         with scratch.mount().local() as path:
@@ -523,86 +759,179 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
         layer.finalize()
         print(f"committed {layer.id}: {format_bytes(layer.size())}")
         layer.release()
-        _print_usage(manager.disk_usage().get(timeout=60), verbose=False, out=sys.stdout)
+        _print_lines(usage_lines(manager.disk_usage().get(timeout=60)))
+    finally:
+        _close(cache)
     return EXIT_OK
 
 
-# -- parser ----------------------------------------------------------------------------------------
+# -- parser --------------------------------------------------------------------------------------
 
 
 def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Registration point of the ``demo`` subcommand (``actors/_demo.py``, owned separately).
+    """Registration point of the ``demo`` subcommand (``actors/_demo.py``).
 
     Contract: when the module ``actors._demo`` exists it defines ``add_parser(subparsers)``,
-    which adds a ``demo`` parser and sets its ``func`` (``func(args) -> int``, raising
-    :class:`UsageError` or ``RefcacheError`` for user errors). The module is imported only
-    here, when the parser is built; without it there is simply no ``demo`` command.
+    which adds a ``demo`` parser (with its own ``--root``, default ``argparse.SUPPRESS``)
+    and sets its ``func`` (``func(args) -> int``; ``args.root`` is the resolved ``Path``;
+    it raises :class:`UsageError`, ``CommandFailedError`` or ``RefcacheError`` for user errors).
     """
     try:
         module = importlib.import_module("._demo", __package__)
     except ModuleNotFoundError as exc:
         if exc.name == f"{__package__}._demo":
-            return  # not there (yet): no demo command
+            return  # not there: no demo command
         raise
     module.add_parser(sub)
 
 
+def _version() -> str:
+    try:
+        return metadata.version("refcache")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="refcache", description="Inspect and maintain a refcache layer cache."
+        prog="refcache",
+        description="Inspect and maintain a refcache layer cache.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--root", type=Path, default=Path("refcache-data"), help="cache directory")
+    parser.add_argument("--version", action="version", version=f"refcache {_version()}")
+    root_help = "cache directory (default: $REFCACHE_ROOT, else ./refcache-data)"
+    parser.add_argument("--root", metavar="DIR", default=None, help=root_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    du = sub.add_parser("du", help="disk usage (like buildctl du); works while the cache is open")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        # --root after the command too (SUPPRESS: the one before the command stays).
+        p.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
+        return p
+
+    filter_help = (
+        "containerd filter over id, parents, description, type, inuse, mutable, immutable, "
+        "shared, private (several: OR); until=DURATION|TIMESTAMP as docker's"
+    )
+    du = command("du", "disk usage (like buildctl du); works while the cache is open")
     du.add_argument("--verbose", "-v", action="store_true", help="every field of every record")
-    du.add_argument("--filter", "-f", action="append", default=[], help="containerd filter")
+    du.add_argument("--filter", "-f", action="append", default=[], help=filter_help)
     du.add_argument("--format", choices=("table", "json"), default="table")
     du.set_defaults(func=_cmd_du)
 
-    pr = sub.add_parser("prune", help="delete unreferenced records (needs the cache closed)")
+    pr = command(
+        "prune",
+        "delete records no one holds (asks first; needs the cache closed elsewhere)",
+    )
+    pr.add_argument("--force", "-f", action="store_true", help="do not ask for confirmation")
     pr.add_argument("--all", "-a", action="store_true", help="include internal/frontend/shared")
-    pr.add_argument("--filter", "-f", action="append", default=[], help="containerd filter")
+    pr.add_argument("--filter", action="append", default=[], help=filter_help)
     pr.add_argument("--keep-duration", help="keep records used within this long (e.g. 48h)")
     pr.add_argument("--reserved-space", help="never prune the cache below this (e.g. 10GB)")
-    pr.add_argument("--max-used-space", help="prune down to this size")
+    pr.add_argument(
+        "--keep-storage",
+        metavar="SIZE",
+        help="buildctl's older name for --reserved-space; a bare number is MB, as in buildctl",
+    )
+    pr.add_argument("--max-used-space", help="prune down to this size (e.g. 20GB)")
     pr.add_argument("--min-free-space", help="prune until the disk has this much free")
     pr.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
-    pr.add_argument("--verbose", "-v", action="store_true", help="list every deleted record")
+    pr.add_argument("--verbose", "-v", action="store_true", help="a table of deleted records")
+    pr.add_argument("--format", choices=("table", "json"), default="table")
+    pr.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_prune)
 
-    ins = sub.add_parser("inspect", help="every field of one record and its parent tree")
+    ins = command("inspect", "every field of one record and its parent tree")
     ins.add_argument("id", help="record id (or a unique prefix)")
     ins.add_argument("--format", choices=("text", "json"), default="text")
     ins.set_defaults(func=_cmd_inspect)
 
-    ck = sub.add_parser("check", help="consistency check (exit 1 on problems)")
-    ck.add_argument("--fix", action="store_true", help="first repair what is safe (cache closed)")
+    ck = command("check", "consistency check (exit 1 on problems)")
+    ck.add_argument(
+        "--fix",
+        action="store_true",
+        help="first repair what is safe offline: what opening the cache repairs, orphan "
+        "files and directories, dangling lease links (needs the cache closed)",
+    )
+    ck.add_argument("--format", choices=("text", "json"), default="text")
     ck.set_defaults(func=_cmd_check)
 
-    sm = sub.add_parser("smoke", help="create, commit and release one record; print du")
+    sm = command("smoke", "create, commit and release one record; print du (creates the cache)")
     sm.set_defaults(func=_cmd_smoke)
 
-    # -- the demo command is registered here (see _register_demo) --
     _register_demo(sub)
     return parser
 
 
+# -- main ----------------------------------------------------------------------------------------
+
+
+def _say(command: str, message: object) -> None:
+    # One line, whatever the message holds.
+    text = safe(str(message))
+    try:
+        sys.stderr.write(f"refcache {command}: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _os_message(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _quiet_stdout() -> None:
+    # stdout is gone: point it at /dev/null so that the interpreter's last flush is silent.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``refcache`` console script."""
+    """Entry point of the ``refcache`` console script; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    command = args.command
     try:
-        return int(args.func(args))
+        args.root = resolve_root(args.root)
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except UsageError as exc:
-        print(f"refcache: {exc}", file=sys.stderr)
+        _say(command, exc)
         return EXIT_USAGE
-    except RefcacheError as exc:
-        print(f"refcache {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("refcache: interrupted", file=sys.stderr)
+    except InterruptedCommandError as exc:
+        _say(command, exc)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _say(command, "interrupted")
+        return EXIT_INTERRUPTED
+    except (CommandFailedError, RefcacheError) as exc:
+        _say(command, exc)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        _say(command, _os_message(exc))
+        return EXIT_FAILURE
+    except Exception as exc:
+        # The last guard against a traceback: an error no check above foresaw.
+        if os.environ.get("REFCACHE_DEBUG"):
+            raise
+        _say(
+            command,
+            f"unexpected error: {type(exc).__name__}: {exc} (REFCACHE_DEBUG=1 shows where)",
+        )
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

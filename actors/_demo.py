@@ -28,6 +28,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import math
 import random
 import sys
 import tarfile
@@ -51,6 +52,16 @@ from ..storage import (
     digest_of,
 )
 from ._cache import open_cache
+from ._cliutil import (
+    CommandFailedError,
+    InterruptedCommandError,
+    UsageError,
+    format_bytes,
+    hold_interrupts,
+    parse_size,
+    usage_lines,
+    usage_totals,
+)
 from ._types import DescHandler, PrunePolicy
 
 __all__ = [
@@ -177,6 +188,8 @@ class LayerRegistry:
         self._layers: dict[str, GeneratedLayer] = {}
         self._images: dict[str, GeneratedImage] = {}
         self.latency = latency
+        #: Set to make pulls in progress (and later ones) fail at once (Ctrl-C).
+        self.cancelled = threading.Event()
         self.pulls = 0
         self.pulled_bytes = 0
         #: One handler for every blob (desc_handlers maps each digest to it).
@@ -214,10 +227,14 @@ class LayerRegistry:
 
         Raises:
             NotFoundError: No such blob here.
+            FailedPreconditionError: The registry was cancelled (:attr:`cancelled`).
         """
         layer = self.layer(desc.digest)
-        if self.latency > 0:
-            time.sleep(self.latency)  # stands in for a network round trip
+        # The wait stands in for a network round trip; a cancel ends it at once.
+        waited = self.cancelled.wait(self.latency) if self.latency > 0 else False
+        if waited or self.cancelled.is_set():
+            msg = f"pull of {desc.digest} cancelled"
+            raise FailedPreconditionError(msg)
         with self._lock:
             self.pulls += 1
             self.pulled_bytes += len(layer.blob)
@@ -283,34 +300,6 @@ DEFAULT_METRICS_PORT = 9464
 STEP_KEY = "demo.cachekey"
 
 
-def _format_bytes(n: float) -> str:
-    """Decimal units, as ``buildctl du`` prints them."""
-    if n < 0:
-        return "unknown"
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{int(n)}{unit}" if unit == "B" else f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}TB"
-
-
-def _parse_size(text: str) -> int:
-    """``"5MB"``, ``"512KiB"``, ``"1000"`` -> bytes (an argparse type)."""
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2}
-    units |= {"g": 1000**3, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-    s = text.strip().lower()
-    num = s.rstrip("kmgib")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value < 0:
-        msg = f"invalid size {text!r}: expected e.g. 5MB, 512KiB"
-        raise argparse.ArgumentTypeError(msg)
-    return int(value * units[unit])
-
-
 class _Console:
     """Progress lines with the time since start, one writer at a time."""
 
@@ -328,6 +317,10 @@ class _Console:
         with self._lock:
             self._out.write(text + "\n")
             self._out.flush()
+
+
+class _CancelledError(Exception):
+    """The demo was interrupted: a build stops at its next step."""
 
 
 @dataclass
@@ -386,6 +379,12 @@ class _Builder:
         self.console = console
         self.seed = seed
         self.steps = steps
+        #: Set on Ctrl-C: every build stops before its next operation.
+        self.stop = threading.Event()
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise _CancelledError
 
     def _pull(
         self, image: GeneratedImage, base: GeneratedImage, name: str, held: list[Any]
@@ -394,6 +393,7 @@ class _Builder:
         parent = base_top = None
         pulls = self.registry.pulls
         for n, layer in enumerate(image.layers):
+            self._check()
             parent = self.manager.get_by_blob(
                 layer.desc, parent, desc_handlers=handlers, description=f"pulled {layer.name}"
             ).get(timeout=DEMO_TIMEOUT)
@@ -402,6 +402,7 @@ class _Builder:
                 base_top = parent
         assert parent is not None  # every image has layers
         assert base_top is not None
+        self._check()
         parent.extract(handlers)
         self.console.line(
             f"{name:<5} FROM {base.name} + {len(image.layers) - len(base.layers)} layer(s): "
@@ -419,6 +420,7 @@ class _Builder:
             with _holding() as held:
                 cur, base_top = self._pull(image, base, name, held)
                 for k in range(1, self.steps + 1):
+                    self._check()
                     key = f"{self.seed}/{name}/step{k}"
                     hit = self._cached(key)
                     if hit is not None:
@@ -437,9 +439,10 @@ class _Builder:
                     cur.metadata.set_string(STEP_KEY, key, index=f"{STEP_KEY}:{key}")
                     result.steps += 1
                     self.console.line(
-                        f"{name:<5} RUN step {k}/{self.steps}: wrote {_format_bytes(written)}"
+                        f"{name:<5} RUN step {k}/{self.steps}: wrote {format_bytes(written)}"
                         f", committed {cur.id}"
                     )
+                self._check()
                 link = self.manager.new(description=f"{name} COPY --link ./src").get(
                     timeout=DEMO_TIMEOUT
                 )
@@ -447,19 +450,24 @@ class _Builder:
                 self._run_step(link, name, 0, round_)
                 link_ref = link.commit()
                 held.append(link_ref)
+                self._check()
                 image_ref = self.manager.merge([cur, link_ref]).get(timeout=DEMO_TIMEOUT)
                 held.append(image_ref)
                 image_ref.metadata.description = f"image {name}:latest"
+                self._check()
                 exported = self.manager.diff(base_top, image_ref).get(timeout=DEMO_TIMEOUT)
                 held.append(exported)
                 result.exported_files, result.exported_bytes = _tree_bytes(exported)
                 self.console.line(
                     f"{name:<5} merged COPY --link layer; diff over {base.name} to export: "
-                    f"{result.exported_files} files, {_format_bytes(result.exported_bytes)}"
+                    f"{result.exported_files} files, {format_bytes(result.exported_bytes)}"
                 )
+        except _CancelledError:
+            result.error = "cancelled"
         except Exception as exc:  # reported, and the demo exits non-zero
             result.error = f"{type(exc).__name__}: {exc}"
-            self.console.line(f"{name:<5} FAILED: {result.error}")
+            if not self.stop.is_set():  # a pull cut short by Ctrl-C is no failure
+                self.console.line(f"{name:<5} FAILED: {result.error}")
         result.seconds = time.monotonic() - start
         return result
 
@@ -492,26 +500,15 @@ def _status(cache: Any, registry: LayerRegistry, phase: str) -> str:
     return (
         f"status: {phase} | {s.records} records ({s.in_use} in use, {s.lazy} lazy, "
         f"{s.mutable} mutable) | {s.open_handles} handles | {registry.pulls} blob pulls "
-        f"({_format_bytes(registry.pulled_bytes)})"
+        f"({format_bytes(registry.pulled_bytes)})"
     )
 
 
 def _du_table(rows: Sequence[Any], console: _Console, limit: int = 12) -> int:
-    rows = sorted(rows, key=lambda r: (-max(r.size, 0), r.id))
-    console.raw(f"{'ID':<27}{'RECLAIMABLE':<13}{'SIZE':<10}DESCRIPTION")
-    for r in rows[:limit]:
-        rid = r.id + ("*" if r.mutable else "")
-        console.raw(
-            f"{rid:<27}{str(not r.in_use).lower():<13}{_format_bytes(r.size):<10}{r.description}"
-        )
-    if len(rows) > limit:
-        console.raw(f"... and {len(rows) - limit} more records")
-    total = sum(max(r.size, 0) for r in rows)
-    reclaimable = sum(max(r.size, 0) for r in rows if not r.in_use)
-    console.raw(f"Records:\t{len(rows)}")
-    console.raw(f"Reclaimable:\t{_format_bytes(reclaimable)}")
-    console.raw(f"Total:\t\t{_format_bytes(total)}")
-    return total
+    """``refcache du``'s table (the same code), the first ``limit`` rows; returns the total."""
+    for line in usage_lines(rows, limit=limit):
+        console.raw(line)
+    return usage_totals(rows)["total"]
 
 
 def _scrape(url: str) -> list[str]:
@@ -536,16 +533,30 @@ def _run_round(
     parallel: int,
     round_: int,
 ) -> list[_BuildResult]:
-    with ThreadPoolExecutor(parallel, thread_name_prefix="demo-build") as pool:
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="demo-build")
+    try:
         futures: list[Future[_BuildResult]] = [
             pool.submit(builder.build, name, image, base, round_) for name, image, base in jobs
         ]
         return [f.result(timeout=DEMO_TIMEOUT * 4) for f in futures]
+    except KeyboardInterrupt:
+        # Ctrl-C: builds stop before their next step (a pull in progress ends at once);
+        # their handles are released as they unwind, so the cache closes consistent.
+        builder.stop.set()
+        builder.registry.cancelled.set()
+        with hold_interrupts("stopping the builds"):
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
-def _add_arguments(parser: argparse.ArgumentParser, *, root_default: Any) -> None:
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--root", type=Path, default=root_default, help="cache directory (created if missing)"
+        "--root",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="cache directory, created if missing (default: $REFCACHE_ROOT, else ./refcache-data)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -562,9 +573,9 @@ def _add_arguments(parser: argparse.ArgumentParser, *, root_default: Any) -> Non
     )
     parser.add_argument(
         "--max-used-space",
-        type=_parse_size,
+        metavar="SIZE",
         default=None,
-        help="the final prune's max_used_space (default: 60%% of what is used then)",
+        help="the final prune's max_used_space, e.g. 20MB (default: 60%% of what is used then)",
     )
 
 
@@ -587,13 +598,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "steps, merges, diffs), serves /metrics while it runs, prints du and prunes."
         ),
     )
-    _add_arguments(parser, root_default=argparse.SUPPRESS)
+    _add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
 
+def _validate(args: argparse.Namespace) -> int | None:
+    """Checks the options before anything is created; returns the prune limit, if given."""
+    if args.builds < 1 or args.parallel < 1:
+        msg = f"--builds and --parallel must be >= 1, not {args.builds} and {args.parallel}"
+        raise UsageError(msg)
+    if not math.isfinite(args.latency) or args.latency < 0:
+        msg = f"--latency must be a number of seconds >= 0, not {args.latency!r}"
+        raise UsageError(msg)
+    if not -1 <= args.metrics_port <= 65535:
+        msg = f"--metrics-port must be a port (0: any free one; -1: off), not {args.metrics_port}"
+        raise UsageError(msg)
+    if args.max_used_space is None:
+        return None
+    try:
+        return parse_size(args.max_used_space)
+    except UsageError as exc:
+        msg = f"--max-used-space: {exc}"
+        raise UsageError(msg) from None
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Runs the demo on ``args.root``; returns the exit code (0 when everything worked).
+
+    Ctrl-C stops the builds before their next step (a pull in progress ends at once), closes
+    the cache and raises :class:`InterruptedCommandError`: the cache is left consistent.
 
     Args:
         args: Parsed arguments (``root``, ``metrics_port``, ``builds``, ``parallel``,
@@ -601,17 +635,20 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         out: Where to print (default stdout).
 
     Returns:
-        0 on success, 1 when a build failed or ``storage.check`` found problems, 2 on bad
-        arguments.
+        0 on success, 1 when a build failed or ``storage.check`` found problems.
 
     Raises:
+        UsageError: A bad option (nothing is created).
+        CommandFailedError: The root is not a directory.
+        InterruptedCommandError: Ctrl-C.
         RefcacheError: The cache cannot be opened (e.g. another process has it open).
     """
+    limit = _validate(args)
     console = _Console(out or sys.stdout)
     root = Path(args.root)
-    if args.builds < 1 or args.parallel < 1 or args.latency < 0:
-        console.raw("refcache demo: --builds and --parallel must be >= 1, --latency >= 0")
-        return 2
+    if root.exists() and not root.is_dir():
+        msg = f"{root} is not a directory: a cache needs a directory of its own"
+        raise CommandFailedError(msg)
     bases_n = 2 if args.builds > 1 else 1
     images = generate_images(
         args.seed,
@@ -633,61 +670,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except FailedPreconditionError as exc:  # the port is taken: any free one will do
         console.raw(f"metrics: port {port} unavailable ({exc}); using a free port")
         cache = open_cache(root, timeout=DEMO_TIMEOUT, metrics_port=0)
-    with cache:
+    interrupted = False
+    try:
         console.raw(
             f"refcache demo: cache at {root} ({cache.snapshotter.name} snapshotter), "
             f"{len(jobs)} builds on {bases_n} base image(s), {args.parallel} at a time; "
             f"blob pulls take {args.latency:g} s"
         )
-        server = cache.metrics_server
-        if server is not None:
-            console.raw(f"metrics: {server.url} (Prometheus text format, while the demo runs)")
-        builder = _Builder(cache, registry, console, args.seed, steps=3)
-        phase = ["round 1: building"]
-        stop = threading.Event()
-
-        def progress() -> None:
-            for _ in range(10**6):  # until the builds are done (stop), bounded
-                if stop.wait(0.5):
-                    return
-                console.line(_status(cache, registry, phase[0]))
-
-        ticker = threading.Thread(target=progress, name="demo-progress", daemon=True)
-        ticker.start()
-        try:
-            results = _run_round(builder, jobs, args.parallel, 1)
-            pulls_round1 = registry.pulls
-            rebuild = jobs[: max(1, len(jobs) // 2)]
-            phase[0] = "round 2: CI re-run"
-            console.line(f"round 2: re-running {len(rebuild)} builds (same steps: cache hits)")
-            results += _run_round(builder, rebuild, args.parallel, 2)
-        finally:
-            stop.set()
-            ticker.join(timeout=DEMO_TIMEOUT)
-        failed = [r for r in results if r.error]
-        console.line(_status(cache, registry, "done"))
-        requested = sum(len(im.layers) for _, im, _ in [*jobs, *rebuild])
-        console.raw(
-            f"\nbuilds: {len(results) - len(failed)}/{len(results)} succeeded; "
-            f"{sum(r.steps for r in results)} steps run, "
-            f"{sum(r.cached_steps for r in results)} from cache; {requested} layer requests "
-            f"served by {registry.pulls} blob pulls ({pulls_round1} in round 1)"
+        failed = _play(cache, registry, console, args, jobs, limit)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        with hold_interrupts("closing the cache cleanly"):
+            cache.close()
+    if interrupted:
+        msg = (
+            f"interrupted: the builds stopped and the cache at {root} was closed consistent "
+            f"(refcache --root {root} check)"
         )
-        console.raw("\ndisk usage (refcache du):")
-        total = _du_table(cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT), console)
-        if server is not None:
-            console.raw(f"\nmetrics sample from {server.url}:")
-            for line in _scrape(server.url):
-                console.raw(f"  {line}")
-        limit = args.max_used_space if args.max_used_space is not None else int(total * 0.6)
-        deleted = cache.manager.prune(PrunePolicy(max_used_space=limit)).get(timeout=DEMO_TIMEOUT)
-        rows = cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT)
-        left = sum(max(r.size, 0) for r in rows)
-        console.raw(
-            f"\nprune --max-used-space {_format_bytes(limit)}: deleted {len(deleted)} records "
-            f"({_format_bytes(sum(max(r.size, 0) for r in deleted))}), least recently used "
-            f"first; {len(rows)} records, {_format_bytes(left)} kept"
-        )
+        raise InterruptedCommandError(msg)
     problems = check(root)
     for p in problems:
         console.raw(f"check: {p}")
@@ -698,11 +699,76 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 1 if failed or problems else 0
 
 
+def _play(
+    cache: Any,
+    registry: LayerRegistry,
+    console: _Console,
+    args: argparse.Namespace,
+    jobs: Sequence[tuple[str, GeneratedImage, GeneratedImage]],
+    limit: int | None,
+) -> list[_BuildResult]:
+    """Both build rounds, the du table, the metrics sample and the prune; returns failures."""
+    server = cache.metrics_server
+    if server is not None:
+        console.raw(f"metrics: {server.url} (Prometheus text format, while the demo runs)")
+    builder = _Builder(cache, registry, console, args.seed, steps=3)
+    phase = ["round 1: building"]
+    stop = threading.Event()
+
+    def progress() -> None:
+        for _ in range(10**6):  # until the builds are done (stop), bounded
+            if stop.wait(0.5):
+                return
+            console.line(_status(cache, registry, phase[0]))
+
+    ticker = threading.Thread(target=progress, name="demo-progress", daemon=True)
+    ticker.start()
+    try:
+        results = _run_round(builder, jobs, args.parallel, 1)
+        pulls_round1 = registry.pulls
+        rebuild = jobs[: max(1, len(jobs) // 2)]
+        phase[0] = "round 2: CI re-run"
+        console.line(f"round 2: re-running {len(rebuild)} builds (same steps: cache hits)")
+        results += _run_round(builder, rebuild, args.parallel, 2)
+    finally:
+        stop.set()
+        ticker.join(timeout=DEMO_TIMEOUT)
+    failed = [r for r in results if r.error]
+    console.line(_status(cache, registry, "done"))
+    requested = sum(len(im.layers) for _, im, _ in [*jobs, *rebuild])
+    console.raw(
+        f"\nbuilds: {len(results) - len(failed)}/{len(results)} succeeded; "
+        f"{sum(r.steps for r in results)} steps run, "
+        f"{sum(r.cached_steps for r in results)} from cache; {requested} layer requests "
+        f"served by {registry.pulls} blob pulls ({pulls_round1} in round 1)"
+    )
+    console.raw("\ndisk usage (refcache du):")
+    total = _du_table(cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT), console)
+    if server is not None:
+        console.raw(f"\nmetrics sample from {server.url}:")
+        for line in _scrape(server.url):
+            console.raw(f"  {line}")
+    if limit is None:
+        limit = int(total * 0.6)
+    deleted = cache.manager.prune(PrunePolicy(max_used_space=limit)).get(timeout=DEMO_TIMEOUT)
+    rows = cache.manager.disk_usage().get(timeout=DEMO_TIMEOUT)
+    left = sum(max(r.size, 0) for r in rows)
+    console.raw(
+        f"\nprune --max-used-space {format_bytes(limit)}: deleted {len(deleted)} records "
+        f"({format_bytes(sum(max(r.size, 0) for r in deleted))}), least recently used "
+        f"first; {len(rows)} records, {format_bytes(left)} kept"
+    )
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m actors._demo --root DIR``: the demo without the ``refcache`` script."""
-    parser = argparse.ArgumentParser(prog="refcache demo", description=__doc__)
-    _add_arguments(parser, root_default=Path("refcache-data"))
-    return run(parser.parse_args(argv))
+    """``python -m refcache.actors._demo [--root DIR] ...``: ``refcache demo`` by another name.
+
+    The options, errors and exit codes are those of ``refcache demo``.
+    """
+    from ._cli import main as cli_main  # noqa: PLC0415 - _cli imports this module
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

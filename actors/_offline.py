@@ -32,7 +32,6 @@ from ..storage import (
     MetaEnv,
     NotFoundError,
     RefcacheError,
-    parse_filters,
 )
 from ..storage._check import _open_snapshotter
 from ..storage._content import LocalContentStore
@@ -48,6 +47,7 @@ from ._prune import (
     free_bytes,
     layer_walk,
     measure_row,
+    parse_usage_filters,
     simulate_prune,
 )
 from ._types import PrunePolicy, UsageInfo
@@ -59,7 +59,9 @@ __all__ = [
     "offline_prune_plan",
     "offline_table",
     "offline_usage",
+    "pending_removals",
     "read_only_env",
+    "stored_ids",
 ]
 
 
@@ -124,6 +126,32 @@ def offline_table(env: MetaEnv) -> OfflineTable:
     return out
 
 
+def stored_ids(root: Path) -> dict[str, bool]:
+    """Every stored record id, mapped to whether an interrupted prune flagged it
+    ``cache.deleted`` (the next open removes those).
+
+    Raises:
+        RefcacheError: no cache under ``root``.
+    """
+    out: dict[str, bool] = {}
+    with read_only_env(root) as env:
+        for item in MetadataStore(env).all():
+            try:
+                out[item.id] = item.get_bool(KEY_DELETED)
+            except CorruptMetadataError:
+                out[item.id] = False
+    return out
+
+
+def pending_removals(root: Path) -> list[str]:
+    """Records an interrupted prune flagged ``cache.deleted`` (the next open removes them).
+
+    Raises:
+        RefcacheError: no cache under ``root``.
+    """
+    return sorted(rid for rid, flagged in stored_ids(root).items() if flagged)
+
+
 class _Backends:
     """Read-only snapshotter and content store for measuring sizes (None when absent)."""
 
@@ -150,7 +178,7 @@ def offline_usage(
         InvalidError: a malformed filter.
         RefcacheError: no cache under ``root``.
     """
-    flt = parse_filters(*filters)
+    flt = parse_usage_filters(*filters)
     with read_only_env(root) as env:
         table = offline_table(env).rows
         backends = _Backends(root, env)

@@ -56,7 +56,7 @@ import os
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -96,6 +96,7 @@ __all__ = [
     "layer_walk",
     "measure_live",
     "measure_row",
+    "parse_usage_filters",
     "simulate_prune",
     "simulate_removal",
     "size_limit",
@@ -504,6 +505,67 @@ def compute_usage(
     return out
 
 
+# -- filter fields: one check for disk_usage, prune and the offline views ---------------------
+
+#: The fields a ``disk_usage``/``prune`` filter can name (see :func:`usage_adaptor`).
+USAGE_FILTER_FIELDS = (
+    "id",
+    "parents",
+    "description",
+    "type",
+    "inuse",
+    "mutable",
+    "immutable",
+    "shared",
+    "private",
+)
+
+
+def _fieldpaths(flt: Filter) -> Iterator[tuple[str, ...]]:
+    # The parsed tree: OR/AND nodes carry ``filters``, selectors a ``fieldpath``.
+    stack = [flt]
+    while stack:
+        node = stack.pop()
+        children = getattr(node, "filters", None)
+        if children is not None:
+            stack.extend(children)
+            continue
+        path = getattr(node, "fieldpath", None)
+        if path is not None:
+            yield tuple(path)
+
+
+def parse_usage_filters(*filters: str) -> Filter:
+    """Parses record filters, refusing fields that no record has.
+
+    containerd lets an unknown field simply never be present, so a typo
+    (``descripton!=keep``) would match every record and a prune would delete them all;
+    here it is an error instead.
+
+    Raises:
+        InvalidError: a filter does not parse, or names a field outside
+            :data:`USAGE_FILTER_FIELDS` (the message names the filter, the field and the
+            valid fields).
+    """
+    for text in filters:
+        for path in _fieldpaths(parse_filters(text)):
+            if len(path) == 1 and path[0] in USAGE_FILTER_FIELDS:
+                continue
+            name = ".".join(path)
+            hint = ""
+            if path[0] in ("until", "unused-for"):
+                hint = " (a prune's keep_duration, or disk_usage's age_limit, does that)"
+            msg = (
+                f"invalid filter {text!r}: unknown field {name!r}{hint}; valid fields: "
+                + ", ".join(USAGE_FILTER_FIELDS)
+            )
+            raise InvalidError(msg)
+    return parse_filters(*filters)
+
+
+# -- end of filter fields ------------------------------------------------------------------------
+
+
 def usage_adaptor(row: UsageInfo) -> Callable[[Sequence[str]], tuple[str, bool]]:
     """containerd filter fields of a usage row (BuildKit ``adaptUsageInfo``).
 
@@ -904,7 +966,7 @@ class PrunePlanner:
     ) -> None:
         self.table = dict(table)
         self.policy = policy
-        self.flt = parse_filters(*policy.filters)
+        self.flt = parse_usage_filters(*policy.filters)
         self.checker = checker if (not policy.all or policy.filters) else None
         self.now = now
         self.cutoff: int | None = None
@@ -1458,7 +1520,8 @@ class PruneMixin:
                 are kept), as a prune with that ``keep_duration`` would.
 
         Raises:
-            InvalidError: a malformed filter or age limit.
+            InvalidError: a malformed filter, a filter naming an unknown field, or a bad age
+                limit.
         """
         if isinstance(filters, str):
             filters = (filters,)
@@ -1470,7 +1533,7 @@ class PruneMixin:
         ):
             msg = f"disk usage age_limit must be a timedelta >= 0, not {age_limit!r}"
             raise InvalidError(msg)
-        flt = parse_filters(*filters)  # a bad filter fails here, before any work
+        flt = parse_usage_filters(*filters)  # a bad filter fails here, before any work
         return self._submit(self._usage_job, flt if filters else None, age_limit)
 
     def _usage_job(self, flt: Filter | None, age_limit: timedelta | None) -> list[UsageInfo]:
@@ -1499,7 +1562,7 @@ class PruneMixin:
             A future of the deleted records (sizes measured), in deletion order.
 
         Raises:
-            InvalidError: a malformed policy or filter.
+            InvalidError: a malformed policy or filter, or a filter naming an unknown field.
         """
         if not policies:
             policies = (PrunePolicy(all=True),)
@@ -1507,7 +1570,7 @@ class PruneMixin:
             if not isinstance(p, PrunePolicy):
                 msg = f"prune takes PrunePolicy values, not {type(p).__name__}"
                 raise InvalidError(msg)
-            parse_filters(*p.filters)
+            parse_usage_filters(*p.filters)
         if self._prune_running:
             waiter: Future[list[UsageInfo]] = Future()
             self._prune_queue.append((policies, waiter))

@@ -70,7 +70,13 @@ def make_private_dir(path: Path, *, parents: bool = False) -> None:
     refcache's).
     """
     if parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            # pathlib says "File exists" when an ancestor is a regular file: say what it is.
+            raise NotADirectoryError(
+                errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename
+            ) from exc
     try:
         os.mkdir(path, PRIVATE_DIR_MODE)
     except FileExistsError:

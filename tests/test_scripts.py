@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -279,7 +280,7 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     assert re.search(r"builds: 12/12 succeeded; \d+ steps run, 12 from cache", output), output
     assert "disk usage (refcache du):" in output
     # The size gauges scraped right after the du table add up to it (and are not 0).
-    from refcache.actors._demo import _format_bytes
+    from refcache.actors._cliutil import format_bytes as _format_bytes
 
     usage = sum(float(v) for v in re.findall(r"refcache_usage_bytes\{[^}]*\} (\S+)", output))
     reclaimable = re.search(r"refcache_reclaimable_bytes (\S+)", output)
@@ -292,6 +293,7 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     assert reclaimable_line is not None, output
     assert _format_bytes(int(usage)) == total_line.group(1)
     assert _format_bytes(int(float(reclaimable.group(1)))) == reclaimable_line.group(1)
+    _assert_du_table(output.split("disk usage (refcache du):\n", 1)[1])
     pruned = re.search(r"prune --max-used-space \S+: deleted (\d+) records", output)
     assert pruned is not None, output
     assert int(pruned.group(1)) > 0
@@ -315,6 +317,107 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     assert "check: consistent" in again.stdout
     # Steps kept by the first run's prune are found again (the rest are rebuilt).
     assert re.search(r"builds: 3/3 succeeded; \d+ steps run, [1-9]\d* from cache", again.stdout)
+
+
+_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _assert_du_table(text: str) -> None:
+    """The demo's table is ``refcache du``'s: its header, largest first, its summary."""
+    lines = text.splitlines()
+    assert lines[0].split() == ["ID", "RECLAIMABLE", "SIZE", "LAST", "ACCESSED", "DESCRIPTION"]
+    rows = []
+    for line in lines[1:]:
+        if not line or line.startswith("..."):
+            break
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(B|kB|MB|GB)", line.split()[2])
+        assert m is not None, line
+        rows.append(float(m.group(1)) * _UNITS[m.group(2)])
+    assert len(rows) == 12
+    assert rows == sorted(rows, reverse=True)
+    summary = lines[lines.index(next(ln for ln in lines if ln.startswith("Reclaimable:"))) :]
+    assert summary[1].startswith("Total:\t\t")
+
+
+def test_the_demo_prints_du_with_the_code_of_refcache_du() -> None:
+    from refcache.actors import UsageInfo
+    from refcache.actors._cliutil import usage_lines
+    from refcache.actors._demo import _Console, _du_table
+
+    rows = [
+        UsageInfo(f"r{i:02d}", i % 5 == 0, i % 3 == 0, i * 1000, 1, None, 1, (), f"d{i}", "", False)
+        for i in range(20)
+    ]
+    out = io.StringIO()
+    total = _du_table(rows, _Console(out))
+    assert out.getvalue().splitlines() == usage_lines(rows, limit=12)
+    assert total == sum(i * 1000 for i in range(20))
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_stops_the_demo_within_a_second_and_leaves_the_cache_consistent(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "refcache-data"
+    cmd = [sys.executable, "-m", "refcache.actors._cli", "demo", "--root", str(root)]
+    proc = subprocess.Popen(
+        [*cmd, "--metrics-port", "-1"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # ends when the demo exits (bounded by the timeout above)
+            seen.append(line)
+            if " RUN step " in line:  # builds are under way: pulls, steps, commits
+                break
+        assert " RUN step " in seen[-1], "".join(seen)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        stopped = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert stopped < 1.0
+    assert err.splitlines() == [
+        f"refcache demo: interrupted: the builds stopped and the cache at {root} was closed "
+        f"consistent (refcache --root {root} check)"
+    ]
+    assert "FAILED" not in out
+    assert storage.check(root) == []
+    check = subprocess.run(
+        [sys.executable, "-m", "refcache.actors._cli", "check", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout == "cache is consistent\n"
+
+
+def test_demo_options_are_checked_before_anything_is_created(tmp_path: Path) -> None:
+    root = tmp_path / "never"
+    for args, needle in (
+        (("--builds", "0"), "--builds and --parallel must be >= 1"),
+        (("--latency", "nan"), "--latency must be a number of seconds >= 0"),
+        (("--metrics-port", "70000"), "--metrics-port must be a port"),
+        (("--max-used-space", ""), "--max-used-space: invalid size '': empty"),
+        (("--max-used-space", "1.5"), "not a whole number of bytes"),
+    ):
+        proc = run_script(["-m", "refcache.actors._demo", "--root", str(root), *args], 60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        [line] = proc.stderr.splitlines()  # one line
+        assert line.startswith("refcache demo: ")
+        assert needle in line
+    assert not root.exists()
 
 
 # -- found by the demo ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from refcache.actors import Cache, ImmutableRef, MutableRef, open_cache
+from refcache.actors import Cache, ImmutableRef, MutableRef, PrunePolicy, open_cache
 from refcache.actors._offline import offline_usage
 from refcache.actors._prune import (
     TableRow,
@@ -36,6 +36,7 @@ from refcache.storage import (
     KEY_PARENT,
     KEY_SIZE,
     KEY_SNAPSHOT,
+    InvalidError,
     LocalContentStore,
     MetadataStore,
     MetaEnv,
@@ -258,8 +259,6 @@ class TestFilters:
             (("private,immutable,description",), {"held"}),  # comma: AND
             (("inuse", "mutable"), {"held", "scratch"}),  # several strings: OR
             (("shared,type==regular", "type==internal"), {"base", "step", "internal"}),
-            (("unknown",), set()),
-            (("unknown!=x",), {"base", "step", "internal", "scratch", "held"}),
             ((), {"base", "step", "internal", "scratch", "held"}),
         ],
     )
@@ -270,6 +269,36 @@ class TestFilters:
         names = {v: k for k, v in ids.items()}
         formatted = tuple(f.format(**ids) for f in filters)
         assert {names[rid] for rid in usage(cache, *formatted)} == expected
+
+    @pytest.mark.parametrize(
+        ("flt", "field"),
+        [
+            ("descripton!=keepme", "descripton"),  # a typo would match every record
+            ("foo==bar", "foo"),
+            ("mutable,labels.x", "labels.x"),
+            ("until==24h", "until"),
+        ],
+    )
+    def test_unknown_fields_are_refused_by_disk_usage_prune_and_the_offline_view(
+        self, records: tuple[Cache, dict[str, str]], flt: str, field: str
+    ) -> None:
+        cache, _ = records
+        before = usage(cache)
+        calls: list[Callable[[], object]] = [
+            lambda: cache.manager.disk_usage([flt]).get(timeout=WAIT),
+            lambda: cache.manager.prune(PrunePolicy(filters=(flt,))).get(timeout=WAIT),
+            lambda: cache.manager.prune(
+                PrunePolicy(all=True), PrunePolicy(filters=("id", flt))
+            ).get(timeout=WAIT),
+            lambda: offline_usage(cache.root, [flt]),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidError) as info:
+                call()
+            message = str(info.value)
+            assert f"unknown field {field!r}" in message
+            assert "valid fields: id, parents, description, type, inuse, mutable" in message
+        assert usage(cache) == before  # nothing was deleted
 
     def test_shared_marks_the_record_and_its_ancestors(
         self, records: tuple[Cache, dict[str, str]]

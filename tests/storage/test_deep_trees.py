@@ -186,7 +186,7 @@ def test_a_leftover_deep_rm_is_finished_at_open_by_repair_and_by_check_fix(
 
     doomed = _leave_deep_rm(root)
     assert cli_main(["--root", str(root), "check", "--fix"]) == 0
-    assert f"fixed: removed orphan snapshot directory {doomed}" in capsys.readouterr().out
+    assert f"fixed: snapshots: directory {doomed} belongs to no snapshot" in capsys.readouterr().out
     assert not doomed.exists()
     assert check(root) == []
 

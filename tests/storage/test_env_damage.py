@@ -209,8 +209,10 @@ def test_check_reports_a_damaged_environment_and_the_cli_exits_1(
     for argv in (["check"], ["check", "--fix"]):
         assert cli_main(["--root", str(root), *argv]) == 1
         out = capsys.readouterr().out.strip().splitlines()
-        assert len(out) == 1
+        # One problem, and the line saying what repairs it (nothing here can).
+        assert len(out) == 2, out
         assert out[0].startswith("metadata: ")
+        assert out[1].startswith("  to repair: the metadata environment is damaged")
     with pytest.raises(CorruptedError, match="truncated"):
         open_cache(root, snapshotter="native")
 
