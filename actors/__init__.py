@@ -5,6 +5,7 @@ Re-exports every error class of :mod:`storage`, so that callers catch one hierar
 
 from ..storage import (
     AlreadyExistsError,
+    AuthError,
     CorruptMetadataError,
     Descriptor,
     FailedPreconditionError,
@@ -16,8 +17,11 @@ from ..storage import (
     NotFoundError,
     RefcacheError,
     StoreFullError,
+    UnavailableError,
 )
+from ..storage._registry import Credentials
 from ._cache import Cache, open_cache
+from ._distribution import ProgressEvent, PushResult
 from ._manager import CacheManager, CacheManagerProxy
 from ._prune import CacheListener
 from ._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
@@ -53,6 +57,9 @@ __all__ = [
     "PrunePolicy",
     "Remote",
     "CacheStatistics",
+    "PushResult",
+    "ProgressEvent",
+    "Credentials",
     # runtime
     "ActorPool",
     "PooledActor",
@@ -70,4 +77,6 @@ __all__ = [
     "CorruptMetadataError",
     "NeedsRemoteProviderError",
     "StoreFullError",
+    "UnavailableError",
+    "AuthError",
 ]

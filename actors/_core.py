@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +30,14 @@ if TYPE_CHECKING:
     from ..storage._leases import LmdbLeaseManager
     from ..storage._snapshotter import Snapshotter
 
-__all__ = ["LATENCY_BUCKETS", "CacheCore", "SingleFlight", "ask", "get_result"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "CacheCore",
+    "RegistryCounters",
+    "SingleFlight",
+    "ask",
+    "get_result",
+]
 
 T = TypeVar("T")
 
@@ -122,6 +129,27 @@ class _Counters:
     latency_buckets: dict[str, list[int]] = field(default_factory=dict)
 
 
+@dataclass
+class RegistryCounters:
+    """Transfers to and from registries and OCI layouts since open (copies, for statistics).
+
+    Attributes:
+        bytes: Bytes per direction (``push``: uploaded; ``pull``: fetched).
+        blobs: Blobs per ``(direction, result)``: ``push`` ``uploaded``/``skipped``/
+            ``mounted``, ``pull`` ``fetched``.
+        requests: HTTP exchanges per ``(operation, status)``.
+        latency_sum: Summed latency (to the response headers) per ``(operation, status)``.
+        latency_buckets: Cumulative counts per ``(operation, status)`` over
+            :data:`LATENCY_BUCKETS`.
+    """
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    blobs: dict[tuple[str, str], int] = field(default_factory=dict)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency_sum: dict[tuple[str, str], float] = field(default_factory=dict)
+    latency_buckets: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+
 class CacheCore:
     """The services of one open cache (see the module docstring).
 
@@ -166,6 +194,13 @@ class CacheCore:
         self.closed = False
         self._handle_ids = itertools.count(1)
         self._counters = _Counters()
+        self._registry = RegistryCounters()
+        #: Descriptor handlers of pulled sources, by blob digest, for as long as the cache
+        #: is open (see :meth:`register_handlers`); guarded by ``_handlers_lock``.
+        self._remote_handlers: dict[str, Any] = {}
+        self._handlers_lock = threading.Lock()
+        #: Things to close with the cache (registry connection pools of pulled sources).
+        self.closers: list[Callable[[], None]] = []
         self.token = object()  # identifies handles of this cache
         #: BuildKit's PruneRefChecker: (record id, layer digest chain) -> used elsewhere?
         self.ref_checker: Callable[[str, Sequence[str]], bool] | None = None
@@ -218,6 +253,60 @@ class CacheCore:
                 dict(c.latency_sum),
                 {k: tuple(v) for k, v in c.latency_buckets.items()},
             )
+
+    # -- registries ----------------------------------------------------------------------
+
+    def observe_registry(self, operation: str, status: str, seconds: float) -> None:
+        """Records one registry HTTP exchange (latency until the response headers)."""
+        c, r = self._counters, self._registry
+        key = (operation, status)
+        with c.lock:
+            r.requests[key] = r.requests.get(key, 0) + 1
+            r.latency_sum[key] = r.latency_sum.get(key, 0.0) + seconds
+            buckets = r.latency_buckets.get(key)
+            if buckets is None:
+                buckets = r.latency_buckets[key] = [0] * len(LATENCY_BUCKETS)
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+
+    def count_transfer(self, direction: str, result: str, nbytes: int = 0, blobs: int = 1) -> None:
+        """Counts blobs (and bytes) moved to (``push``) or from (``pull``) a registry."""
+        c, r = self._counters, self._registry
+        with c.lock:
+            if blobs:
+                key = (direction, result)
+                r.blobs[key] = r.blobs.get(key, 0) + blobs
+            if nbytes:
+                r.bytes[direction] = r.bytes.get(direction, 0) + nbytes
+
+    def registry_counters(self) -> RegistryCounters:
+        """A copy of the registry counters."""
+        c, r = self._counters, self._registry
+        with c.lock:
+            return RegistryCounters(
+                dict(r.bytes),
+                dict(r.blobs),
+                dict(r.requests),
+                dict(r.latency_sum),
+                {k: list(v) for k, v in r.latency_buckets.items()},
+            )
+
+    def register_handlers(self, handlers: Mapping[str, Any]) -> None:
+        """Keeps a pulled source's descriptor handlers for the life of the open cache.
+
+        A later ``get`` of a pulled lazy record (or of one built on it) finds its handler
+        here when the caller's handle did not carry one: a pulled record never raises
+        ``NeedsRemoteProviderError`` while the cache that pulled it is open. The newest
+        pull of a digest wins.
+        """
+        with self._handlers_lock:
+            self._remote_handlers.update(handlers)
+
+    def remote_handlers_for(self, digests: Sequence[str]) -> dict[str, Any]:
+        """The registered handlers of ``digests`` (those that have one)."""
+        with self._handlers_lock:
+            return {d: self._remote_handlers[d] for d in digests if d in self._remote_handlers}
 
     # -- waiting -----------------------------------------------------------------------------
 

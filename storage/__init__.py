@@ -24,6 +24,7 @@ from ._env import (
 )
 from ._errors import (
     AlreadyExistsError,
+    AuthError,
     CorruptMetadataError,
     FailedPreconditionError,
     IncompatibleSchemaError,
@@ -33,6 +34,7 @@ from ._errors import (
     NotFoundError,
     RefcacheError,
     StoreFullError,
+    UnavailableError,
 )
 from ._filters import Filter, parse_filters
 from ._gc import GCStats, collect
@@ -102,6 +104,8 @@ __all__ = [
     "CorruptMetadataError",
     "NeedsRemoteProviderError",
     "StoreFullError",
+    "UnavailableError",
+    "AuthError",
     # environment
     "MetaEnv",
     "ReadTxn",

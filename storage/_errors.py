@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AlreadyExistsError",
+    "AuthError",
     "CorruptMetadataError",
     "FailedPreconditionError",
     "IncompatibleSchemaError",
@@ -23,6 +24,7 @@ __all__ = [
     "NotFoundError",
     "RefcacheError",
     "StoreFullError",
+    "UnavailableError",
 ]
 
 
@@ -66,6 +68,17 @@ class CorruptMetadataError(RefcacheError):
         super().__init__(message)
         self.record_id = record_id
         self.key = key
+
+
+class AuthError(RefcacheError):
+    """A registry refused the request: no, wrong or insufficient credentials (containerd
+    ``ErrUnauthenticated``/``ErrPermissionDenied``). The message names the registry."""
+
+
+class UnavailableError(RefcacheError):
+    """A registry (or an OCI layout) could not be reached, even after retrying within the
+    cache's timeout (containerd ``ErrUnavailable``). The message names the registry and what
+    was being transferred (the blob digest for a fetch)."""
 
 
 class StoreFullError(RefcacheError):
