@@ -86,6 +86,9 @@ DISTRIBUTION_SOURCE_LABEL: Final = "containerd.io/distribution.source."
 PULL_BATCH: Final = 512
 #: Concurrent blob transfers of one push or fetching pull.
 TRANSFER_THREADS: Final = 4
+#: Share of the cache's timeout that retries of one transfer may use: the registry's own
+#: error (naming it and the blob) then surfaces before the cache's generic wait timeout.
+RETRY_SHARE: Final = 0.75
 #: Concurrent manifest fetches of one pull.
 MANIFEST_THREADS: Final = 8
 
@@ -218,7 +221,7 @@ def _open(
         ca_file=ca_file,
         credentials=_credentials(credentials, target.host),
         docker_config=docker_config,
-        timeout=core.timeout,
+        timeout=core.timeout * RETRY_SHARE,
         on_request=core.observe_registry,
     )
     return client.repository(target.repository), client.close

@@ -1147,6 +1147,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         detail.sort(key=lambda d: (d[1] == 0, d[0]))
         doubles, ops, lat_sum, lat_buckets = self.core.counters()
         map_size, used = self.core.env.map_info()
+        reg = self.core.registry_counters()
         total = len(self.entries)
         return CacheStatistics(
             records=total,
@@ -1173,6 +1174,11 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             lmdb_map_size_bytes=map_size,
             lmdb_used_bytes=used,
             records_detail=tuple(detail),
+            registry_bytes=reg.bytes,
+            registry_blobs=reg.blobs,
+            registry_requests=reg.requests,
+            registry_latency_sum_seconds=reg.latency_sum,
+            registry_latency_buckets={k: tuple(v) for k, v in reg.latency_buckets.items()},
         )
 
     # -- internal operations (from handles and jobs) --------------------------------------

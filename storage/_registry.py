@@ -945,7 +945,9 @@ class BlobStream(io.RawIOBase):
         else:
             raise client.fail(resp, self._what())
         self._resp = resp
-        self._chunks = resp.iter_raw(_CHUNK)
+        # No chunk size: pieces as the network delivers them (at most 64 KiB), so that a
+        # broken connection loses nothing already received.
+        self._chunks = resp.iter_raw()
         while skip:
             chunk = next(self._chunks, b"")
             if not chunk:
