@@ -1,4 +1,5 @@
-"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``.
+"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``
+(``push``/``pull``: ``actors/_cli_registry.py``, ``demo``: ``actors/_demo.py``).
 
 ``du``, ``inspect``, ``check`` and ``prune --dry-run`` only read, and work on a cache that
 another process has open (LMDB readers never block its writer; handles held in that process
@@ -578,7 +579,18 @@ def _parser() -> argparse.ArgumentParser:
 
     # -- the demo command is registered here (see _register_demo) --
     _register_demo(sub)
+    # -- push and pull (actors/_cli_registry.py) --
+    _register_registry(sub)
     return parser
+
+
+def _register_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registration point of ``push`` and ``pull`` (``actors/_cli_registry.py``).
+
+    Contract as for the demo: ``add_parsers(subparsers)`` adds the parsers and sets their
+    ``func``; user errors are raised as ``RefcacheError`` (one line, exit code 2).
+    """
+    importlib.import_module("._cli_registry", __package__).add_parsers(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
