@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import io
 import json
 import logging
@@ -51,6 +52,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +320,7 @@ class RegistryClient:
         verify: ssl.SSLContext | bool = False
         if not insecure:
             verify = self._ssl_context(ca_file)
+        self._verify = verify
         self._http = httpx.Client(
             verify=verify,
             headers={"User-Agent": _USER_AGENT},
@@ -449,8 +452,7 @@ class RegistryClient:
         user = creds.username or "(identity token)"
         return f"{who} refused the credentials of {user!r} from {creds.source} for {self.host}"
 
-    def _on_challenge(self, resp: httpx.Response, scope: str, had_auth: bool) -> None:
-        header = resp.headers.get("WWW-Authenticate", "")
+    def _on_challenge(self, header: str, scope: str, had_auth: bool) -> None:
         scheme, params = _parse_challenge(header)
         if scheme not in ("basic", "bearer"):
             msg = f"{self.description} asks for unsupported authentication {header!r}"
@@ -548,7 +550,7 @@ class RegistryClient:
                 if challenged:
                     raise AuthError(self._refused())
                 challenged = True
-                self._on_challenge(resp, scope, had_auth)
+                self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, had_auth)
                 continue
             if status == 403:
                 detail = _error_detail(resp)
@@ -568,6 +570,87 @@ class RegistryClient:
                     raise self._unavailable(what, reason, attempt, started)
                 continue
             return resp
+
+    def open_body(
+        self,
+        operation: str,
+        path: str,
+        *,
+        scope: str,
+        what: str,
+        headers: Mapping[str, str],
+        budget: float,
+    ) -> _Body:
+        """A ``GET`` whose body is read straight from the socket (``http.client``).
+
+        Blob downloads take this path: ``httpx``'s HTTP/1.1 parser (h11) copies every
+        piece of a body through Python and tops out at a fraction of what the standard
+        library's buffered reader does on the same connection (docs/DISTRIBUTED.md). The
+        exchange is otherwise the same as :meth:`send`: credentials and challenges (a 401
+        is answered once), redirects followed (up to 5; ``Authorization`` only to this
+        registry), 5xx/429 and connection errors reported as transient (``_Retry``).
+
+        Raises:
+            AuthError / UnavailableError (TLS) / NotFoundError / RefcacheError; _Retry.
+        """
+        url = self.url(path)
+        challenged = False
+        for _ in range(6):
+            h = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", **headers}
+            if url.startswith(self.base + "/"):
+                self._authorize(h, scope)
+            had_auth = "Authorization" in h
+            parts = urllib.parse.urlsplit(url)
+            timeout = min(_IO_TIMEOUT, max(budget, 0.5))
+            conn: http.client.HTTPConnection
+            if parts.scheme == "https":
+                ctx = self._verify if isinstance(self._verify, ssl.SSLContext) else None
+                conn = http.client.HTTPSConnection(
+                    parts.hostname or "", parts.port, timeout=timeout, context=ctx
+                )
+            else:
+                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            start = time.perf_counter()
+            try:
+                conn.request("GET", target, headers=h)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._observe(operation, "error", time.perf_counter() - start)
+                if _tls_failure(exc):
+                    msg = (
+                        f"TLS verification failed for {self.description} ({what}): {exc}; "
+                        "pass ca_file= with its CA (or insecure=True for plain HTTP)"
+                    )
+                    raise UnavailableError(msg) from exc
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            status = resp.status
+            self._observe(operation, str(status), time.perf_counter() - start)
+            if status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
+                conn.close()
+                continue
+            if status == 401:
+                header = resp.getheader("WWW-Authenticate", "")
+                conn.close()
+                if challenged:
+                    raise AuthError(self._refused())
+                challenged = True
+                self._on_challenge(header, scope, had_auth)
+                continue
+            if status in (200, 206):
+                return _Body(conn, resp)
+            conn.close()
+            if status == 403:
+                raise AuthError(f"{self.description} denied {what}")
+            if status >= 500 or status == 429:
+                raise _Retry(f"HTTP {status}")
+            if status == 404:
+                raise NotFoundError(f"{what}: not found in {self.description}")
+            raise RefcacheError(f"{self.description} refused {what}: HTTP {status}")
+        msg = f"{self.description}: too many redirects for {what}"
+        raise RefcacheError(msg)
 
     def _unavailable(self, what: str, reason: str, attempts: int, started: float) -> RefcacheError:
         took = time.monotonic() - started
@@ -868,6 +951,29 @@ def _read_chunks(
             yield chunk
 
 
+class _Body:
+    """An open ``GET`` response read from its socket (see :meth:`RegistryClient.open_body`)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        self.conn = conn
+        self.resp = resp
+        self.status = resp.status
+
+    def header(self, name: str) -> str:
+        return self.resp.getheader(name, "") or ""
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in pieces as the socket delivers them (up to 1 MiB); ends early (no
+        error) when the connection breaks: the caller compares with the expected size."""
+        while chunk := self.resp.read1(_CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resp.close()
+        self.conn.close()
+
+
 class BlobStream(io.RawIOBase):
     """A blob read from a registry, resumed with ``Range`` requests when a connection breaks.
 
@@ -896,7 +1002,7 @@ class BlobStream(io.RawIOBase):
         self._desc = desc
         self._on_bytes = on_bytes
         self._offset = 0
-        self._resp: httpx.Response | None = None
+        self._resp: _Body | None = None
         self._chunks: Iterator[bytes] | None = None
         self._pending = b""
         self._attempts = 0
@@ -918,36 +1024,28 @@ class BlobStream(io.RawIOBase):
         headers = {}
         if self._offset:
             headers["Range"] = f"bytes={self._offset}-"
-        resp = client.send(
+        body = client.open_body(
             "blob_get",
-            "GET",
             f"/v2/{self._repo.name}/blobs/{self._desc.digest}",
             scope=self._repo._scope(),
             what=self._what(),
             headers=headers,
-            stream=True,
-            retry=False,
-            follow_redirects=True,
-            budget=max(deadline - time.monotonic(), 0.1),
+            budget=deadline - time.monotonic(),
         )
         skip = 0
-        if resp.status_code == 200:
+        if body.status == 200:
             skip = self._offset  # Range ignored: the whole blob again
-        elif resp.status_code == 206 and self._offset:
-            start = _content_range_start(resp.headers.get("Content-Range", ""))
+        elif self._offset:
+            start = _content_range_start(body.header("Content-Range"))
             if start != self._offset:
-                resp.close()
+                body.close()
                 msg = (
                     f"{client.description} answered a range from {start} for "
                     f"{self._what()} at offset {self._offset}"
                 )
                 raise RefcacheError(msg)
-        else:
-            raise client.fail(resp, self._what())
-        self._resp = resp
-        # No chunk size: pieces as the network delivers them (at most 64 KiB), so that a
-        # broken connection loses nothing already received.
-        self._chunks = resp.iter_raw()
+        self._resp = body
+        self._chunks = body.chunks()
         while skip:
             chunk = next(self._chunks, b"")
             if not chunk:
@@ -975,7 +1073,7 @@ class BlobStream(io.RawIOBase):
         while True:
             try:
                 return self._pull_chunk(deadline)
-            except (httpx.TransportError, _Retry) as exc:
+            except (OSError, http.client.HTTPException, _Retry) as exc:
                 self._drop()
                 reason = exc.reason if isinstance(exc, _Retry) else f"{type(exc).__name__}: {exc}"
                 self._attempts += 1
