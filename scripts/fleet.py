@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apps", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="start each worker when the previous one finished (a warm registry)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for p in procs:
                 p.start()
+                if args.sequential:
+                    p.join(timeout=600)
             results = []
             deadline = time.monotonic() + 900
             while len(results) < len(procs) and time.monotonic() < deadline:
