@@ -154,6 +154,8 @@ class RegistryServer:
     port: int = field(default_factory=free_port)
     tls: TLSFiles | None = None
     users: dict[str, str] = field(default_factory=dict)
+    #: ``auth.token`` settings (realm, service, issuer, rootcertbundle) for bearer tokens.
+    token: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -189,7 +191,9 @@ class RegistryServer:
         ]
         if self.tls is not None:
             lines += ["  tls:", f"    certificate: {self.tls.cert}", f"    key: {self.tls.key}"]
-        if self.users:
+        if self.token:
+            lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in self.token.items()]
+        elif self.users:
             htpasswd = self.root / "htpasswd"
             htpasswd.write_text("".join(htpasswd_line(u, p) for u, p in self.users.items()))
             lines += ["auth:", "  htpasswd:", "    realm: refcache-test", f"    path: {htpasswd}"]
