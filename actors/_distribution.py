@@ -83,7 +83,7 @@ __all__ = [
 #: be in, per registry host (containerd's ``distribution.source`` label).
 DISTRIBUTION_SOURCE_LABEL: Final = "containerd.io/distribution.source."
 #: Layer records made per manager ask (one LMDB transaction each).
-PULL_BATCH: Final = 512
+PULL_BATCH: Final = 1024
 #: Concurrent blob transfers of one push or fetching pull.
 TRANSFER_THREADS: Final = 4
 #: Share of the cache's timeout that retries of one transfer may use: the registry's own

@@ -776,33 +776,42 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         """
         with self.core.timed("pull_records"):
             resolved: dict[str, str] = dict(known)
-            chains: dict[str, str] = {}  # key -> chain ID, for parents made in this batch
-            creates: list[tuple[BlobRecordPlan, str, str, str]] = []  # plan, id, parent, sid
-            for p in plans:
-                if p.key in resolved:
+            chains: dict[str, str] = {}  # key -> chain ID
+            todo: list[BlobRecordPlan] = []
+            for p in plans:  # identities first (pure), so that lookups can be batched
+                if p.key in resolved or p.key in chains:
                     continue
-                parent_id = ""
                 parent_cid = ""
                 if p.parent:
-                    parent_id = resolved.get(p.parent, "")
-                    if not parent_id:
-                        msg = f"pull: parent {p.parent} of layer {p.desc.digest} is unknown"
-                        raise InvalidError(msg)
-                    parent_cid = chains.get(p.parent) or self._entry(parent_id).chain_id
+                    parent_cid = chains.get(p.parent, "")
+                    if not parent_cid:
+                        if p.parent not in resolved:
+                            msg = f"pull: parent {p.parent} of layer {p.desc.digest} is unknown"
+                            raise InvalidError(msg)
+                        parent_cid = self._entry(resolved[p.parent]).chain_id
                 own = chain_id(p.desc.digest, p.diff_id)
                 bcid = chain_id(p.parent, own) if p.parent else own
                 if bcid != p.key:
                     msg = f"pull: layer {p.desc.digest} has blob-chain ID {bcid}, not {p.key}"
                     raise InvalidError(msg)
-                cid = chain_id(parent_cid, p.diff_id) if parent_cid else p.diff_id
-                chains[p.key] = cid
-                found = self._find_by_index(INDEX_BLOB_CHAIN + bcid, handlers)
+                chains[p.key] = chain_id(parent_cid, p.diff_id) if parent_cid else p.diff_id
+                todo.append(p)
+            # Every index lookup of the batch in one read transaction.
+            found_ids = self.core.store.search_ids(
+                [INDEX_BLOB_CHAIN + p.key for p in todo]
+                + [INDEX_CHAIN + chains[p.key] for p in todo]
+            )
+            creates: list[tuple[BlobRecordPlan, str, str, str]] = []  # plan, id, parent, sid
+            for p in todo:
+                found = self._first_usable(found_ids[INDEX_BLOB_CHAIN + p.key], handlers)
                 if found is not None:
                     resolved[p.key] = found.id
                     continue
-                linked = self._find_by_index(INDEX_CHAIN + cid, handlers)
+                cid = chains[p.key]
+                linked = self._first_usable(found_ids[INDEX_CHAIN + cid], handlers)
                 record_id = new_id()
                 resolved[p.key] = record_id
+                parent_id = resolved[p.parent] if p.parent else ""
                 creates.append((p, record_id, parent_id, linked.snapshot_id if linked else cid))
             self._create_blob_records(creates, chains)
             handles = {}
@@ -812,9 +821,11 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                     handles[key] = self._acquire(self.entries[rid], True)
             return {p.key: resolved[p.key] for p in plans}, handles
 
-    def _find_by_index(self, index: str, handlers: Mapping[str, DescHandler]) -> RecordEntry | None:
-        for item in self.core.store.search(index):
-            e = self.entries.get(item.id)
+    def _first_usable(
+        self, ids: Iterable[str], handlers: Mapping[str, DescHandler]
+    ) -> RecordEntry | None:
+        for rid in ids:
+            e = self.entries.get(rid)
             if e is None or e.dead or e.mutable or self._lazy_digests(e, handlers):
                 continue  # BuildKit skips not-found and needs-provider matches
             return e
