@@ -201,6 +201,10 @@ class CacheCore:
         self._handlers_lock = threading.Lock()
         #: Things to close with the cache (registry connection pools of pulled sources).
         self.closers: list[Callable[[], None]] = []
+        #: Registry clients by (host, insecure, CA file, credentials): one connection pool
+        #: and one token table per registry and identity, reused by every push and pull of
+        #: this cache (guarded by ``_handlers_lock``; closed with the cache).
+        self.registry_clients: dict[tuple[Any, ...], Any] = {}
         self.token = object()  # identifies handles of this cache
         #: BuildKit's PruneRefChecker: (record id, layer digest chain) -> used elsewhere?
         self.ref_checker: Callable[[str, Sequence[str]], bool] | None = None
@@ -302,6 +306,15 @@ class CacheCore:
         """
         with self._handlers_lock:
             self._remote_handlers.update(handlers)
+
+    def registry_client(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """The registry client for ``key``, made (and closed with the cache) once."""
+        with self._handlers_lock:
+            client = self.registry_clients.get(key)
+            if client is None:
+                client = self.registry_clients[key] = make()
+                self.closers.append(client.close)
+            return client
 
     def remote_handlers_for(self, digests: Sequence[str]) -> dict[str, Any]:
         """The registered handlers of ``digests`` (those that have one)."""

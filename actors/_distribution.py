@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol
 
 from ..storage import (
@@ -63,7 +64,12 @@ from ..storage._oci import (
     validate_name,
 )
 from ..storage._ocilayout import OciLayout
-from ..storage._registry import Credentials, RegistryClient, RegistryRepository
+from ..storage._registry import (
+    Credentials,
+    RegistryClient,
+    RegistryRepository,
+    load_credentials,
+)
 from ..storage._types import frozen_map
 from ._blobs import chain_id, check_compression, diff_id_of, media_type_compression
 from ._core import CacheCore
@@ -207,24 +213,40 @@ def _open(
     ca_file: str | os.PathLike[str] | None,
     insecure: bool,
     docker_config: str | os.PathLike[str] | None,
-) -> tuple[_Store, Callable[[], None]]:
-    """The store behind ``target`` and the function that closes it."""
+) -> _Store:
+    """The store behind ``target``.
+
+    Registry clients are kept by the cache per registry and identity (connections and
+    tokens are reused by later pushes and pulls; pulled records' handlers read through
+    them) and closed with it. Docker's configuration is read again each time, so a
+    ``docker login`` in between is seen.
+    """
     if not isinstance(insecure, bool):
         msg = f"insecure must be a bool, not {insecure!r}"
         raise InvalidError(msg)
     if target.scheme == "oci-layout":
         assert target.path is not None
-        return OciLayout(target.path), lambda: None
-    client = RegistryClient(
-        target.host,
-        insecure=insecure,
-        ca_file=ca_file,
-        credentials=_credentials(credentials, target.host),
-        docker_config=docker_config,
-        timeout=core.timeout * RETRY_SHARE,
-        on_request=core.observe_registry,
-    )
-    return client.repository(target.repository), client.close
+        return OciLayout(target.path)
+    creds = _credentials(credentials, target.host)
+    if creds is None:
+        creds = load_credentials(target.host, config_dir=docker_config)
+    ca = str(Path(ca_file).resolve()) if ca_file is not None else ""
+    config = str(docker_config) if docker_config is not None else ""
+    key = (target.host, insecure, ca, creds, config)
+
+    def make() -> RegistryClient:
+        return RegistryClient(
+            target.host,
+            insecure=insecure,
+            ca_file=ca_file,
+            credentials=creds,
+            docker_config=docker_config,
+            timeout=core.timeout * RETRY_SHARE,
+            on_request=core.observe_registry,
+        )
+
+    client: RegistryClient = core.registry_client(key, make)
+    return client.repository(target.repository)
 
 
 def _host(store: _Store) -> str:
@@ -341,7 +363,7 @@ def push(
         msg = f"force_compression must be a bool, not {force_compression!r}"
         raise InvalidError(msg)
     named = _check_refs(core, refs)
-    store, close = _open(
+    store = _open(
         core,
         parsed,
         credentials=credentials,
@@ -349,13 +371,8 @@ def push(
         insecure=insecure,
         docker_config=docker_config,
     )
-    try:
-        with core.timed("push"):
-            return _push(
-                core, parsed, store, named, compression, force_compression, progress, started
-            )
-    finally:
-        close()
+    with core.timed("push"):
+        return _push(core, parsed, store, named, compression, force_compression, progress, started)
 
 
 def _push(
@@ -605,7 +622,7 @@ def pull(
         if not isinstance(flag, bool):
             msg = f"pull {name} must be a bool, not {flag!r}"
             raise InvalidError(msg)
-    store, close = _open(
+    store = _open(
         core,
         parsed,
         credentials=credentials,
@@ -613,27 +630,18 @@ def pull(
         insecure=insecure,
         docker_config=docker_config,
     )
-    keep = False
-    try:
-        with core.timed("pull"):
-            refs = _pull(core, parsed, store, fetch or extract, progress)
-            keep = True
-        if extract:
-            try:
-                for ref in refs.values():
-                    ref.extract()
-            except BaseException:
-                for ref in refs.values():
-                    with contextlib.suppress(RefcacheError):
-                        ref.release()
-                raise
-        return refs
-    finally:
-        if keep:
-            # The handlers read from this source until the cache closes.
-            core.closers.append(close)
-        else:
-            close()
+    with core.timed("pull"):
+        refs = _pull(core, parsed, store, fetch or extract, progress)
+    if extract:
+        try:
+            for ref in refs.values():
+                ref.extract()
+        except BaseException:
+            for ref in refs.values():
+                with contextlib.suppress(RefcacheError):
+                    ref.release()
+            raise
+    return refs
 
 
 def _pull(
