@@ -491,6 +491,8 @@ def _run_parallel(fn: Callable[[Any], None], items: Sequence[Any], threads: int)
         futures = [ex.submit(fn, item) for item in items]
         first: BaseException | None = None
         for f in futures:
+            if f.cancelled():
+                continue  # never started: cancelled after the first failure
             exc = f.exception()
             if exc is not None and first is None:
                 first = exc

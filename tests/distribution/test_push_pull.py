@@ -488,3 +488,32 @@ def test_bad_arguments_change_nothing(cache: Cache, helpers: Any, tmp_path: Path
     with pytest.raises(UnavailableError):
         cache.pull(f"oci-layout://{tmp_path}/missing")
     ref.release()
+
+
+def test_registry_stopped_while_a_lazy_pull_reads_manifests_leaves_no_record(
+    cache: Cache, registry: Any, helpers: Any, tmp_path: Path
+) -> None:
+    base = helpers.build_chain(cache, ["z0"])
+    names = {f"n{i}": helpers.build_chain(cache, [f"z{i + 1}"], base) for i in range(24)}
+    target = f"registry://{registry.host}/stop/lazy:v1"
+    cache.push(target, names, insecure=True)
+    with _open(tmp_path / "other", timeout=3) as other:
+        stopped = threading.Event()
+
+        def stop_at_first_manifest(event: ProgressEvent) -> None:
+            if event.kind == "manifest" and not stopped.is_set():
+                stopped.set()
+                registry.stop()
+
+        with pytest.raises(UnavailableError) as err:
+            other.pull(target, insecure=True, progress=stop_at_first_manifest)
+        assert registry.host in str(err.value)
+        assert other.manager.statistics().get(timeout=WAIT).records == 0
+        registry.start()
+        refs = other.pull(target, insecure=True)
+        assert sorted(refs) == sorted(names)
+        assert other.manager.statistics().get(timeout=WAIT).records == 25
+        for r in refs.values():
+            r.release()
+    for r in [base, *names.values()]:
+        r.release()
