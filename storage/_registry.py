@@ -2,8 +2,9 @@
 
 Only what a cache image needs, done the way container tools do it:
 
-* ``HEAD``/``GET`` of blobs and manifests, ``GET`` of a blob streamed in 1 MiB pieces and
-  *resumed* with ``Range: bytes=<offset>-`` when the connection breaks (:class:`BlobStream`);
+* ``HEAD``/``GET`` of blobs and manifests; the ``GET`` of a blob streamed (its body read
+  with ``http.client``, see :meth:`RegistryClient.open_body`) and *resumed* with
+  ``Range: bytes=<offset>-`` when the connection breaks (:class:`BlobStream`);
 * monolithic uploads (``POST /blobs/uploads/`` then one streamed ``PUT ?digest=`` with a
   ``Content-Length``: accepted by every registry, one round trip less than chunked ``PATCH``
   uploads, and nothing is held in memory), and cross-repository mounts
