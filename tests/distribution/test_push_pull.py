@@ -517,3 +517,29 @@ def test_registry_stopped_while_a_lazy_pull_reads_manifests_leaves_no_record(
             r.release()
     for r in [base, *names.values()]:
         r.release()
+
+
+def test_children_of_pulled_lazy_records_extract_through_the_inherited_handlers(
+    cache: Cache, registry: Any, helpers: Any, tmp_path: Path
+) -> None:
+    base = helpers.build_chain(cache, ["k0", "k1"])
+    target = f"registry://{registry.host}/inherit/cache:v1"
+    cache.push(target, {"base": base}, insecure=True)
+    with _open(tmp_path / "other") as other:
+        refs = other.pull(target, insecure=True)
+        pulled = refs.pop("base")
+        assert pulled.info().blob_only
+        # new() on a lazy parent extracts it through the handle's handlers (inherited by the
+        # child), and a merge of pulled records carries them too.
+        child = other.manager.new(pulled, description="child").get(timeout=WAIT)
+        with child.mount().local() as path:
+            (path / "extra").write_text("x")
+            assert sorted(p.name for p in path.iterdir()) == ["extra", "k0", "k1"]
+        committed = child.commit()
+        chain = pulled.layer_chain()
+        merged = other.manager.merge(list(chain)).get(timeout=WAIT)
+        assert _files(merged, helpers) == _files(base, helpers)
+        for r in (merged, committed, pulled):
+            r.release()
+        chain.release()
+    base.release()

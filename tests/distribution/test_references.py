@@ -195,3 +195,34 @@ def test_challenges() -> None:
         "basic",
         {"realm": "Registry Realm"},
     )
+
+
+def test_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    helper = tmp_path / "bin" / "docker-credential-fake"
+    helper.parent.mkdir()
+    helper.write_text(
+        "#!/bin/sh\n"
+        "read host\n"
+        'if [ "$host" = "helped.example.com" ]; then\n'
+        '  echo \'{"Username": "robot", "Secret": "from-helper"}\'\n'
+        'elif [ "$host" = "token.example.com" ]; then\n'
+        '  echo \'{"Username": "<token>", "Secret": "refresh"}\'\n'
+        "else\n"
+        '  echo "credentials not found in native keychain"; exit 1\n'
+        "fi\n"
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}:/usr/bin:/bin")
+    doc = {"credsStore": "fake", "credHelpers": {"token.example.com": "fake"}}
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    creds = load_credentials("helped.example.com", config_dir=tmp_path)
+    assert creds is not None
+    assert (creds.username, creds.password, creds.source) == (
+        "robot",
+        "from-helper",
+        "docker-credential-fake",
+    )
+    token = load_credentials("token.example.com", config_dir=tmp_path)
+    assert token is not None
+    assert token.identity_token == "refresh"
+    assert load_credentials("other.example.com", config_dir=tmp_path) is None

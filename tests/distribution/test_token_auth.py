@@ -91,6 +91,30 @@ class TokenService:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_POST(self) -> None:
+                # OAuth2 refresh-token grant (what clients with an identity token use).
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [
+                    "refresh-me"
+                ]:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                scopes = " ".join(form.get("scope", [])).split()
+                service.requests.append(("refresh", " ".join(scopes)))
+                access = []
+                for scope in scopes:
+                    kind, name, actions = scope.split(":")
+                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                data = json.dumps({"access_token": service.sign("builder", access)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -174,3 +198,22 @@ def test_bearer_token_flow(token_registry: Any, helpers: Any, tmp_path: Path) ->
         with refs["x"].mount().local() as path:
             assert helpers.tree_digest(path) == expected
         refs["x"].release()
+
+
+def test_identity_token_from_docker_config(
+    token_registry: Any, helpers: Any, tmp_path: Path
+) -> None:
+    server, tokens = token_registry
+    target = f"registry://{server.host}/team/identity:v1"
+    config = tmp_path / "docker"
+    config.mkdir()
+    (config / "config.json").write_text(
+        json.dumps({"auths": {server.host: {"identitytoken": "refresh-me"}}})
+    )
+    with open_cache(tmp_path / "a", snapshotter="native", timeout=10) as cache:
+        ref = helpers.build_chain(cache, ["id0"])
+        result = cache.push(target, {"x": ref}, insecure=True, docker_config=config)
+        assert result.blobs_uploaded == 2
+        assert tokens.requests
+        assert all(user == "refresh" for user, _ in tokens.requests)
+        ref.release()
