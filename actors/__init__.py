@@ -5,6 +5,7 @@ Re-exports every error class of :mod:`storage`, so that callers catch one hierar
 
 from ..storage import (
     AlreadyExistsError,
+    AuthError,
     ClosedError,
     CorruptedError,
     CorruptMetadataError,
@@ -21,8 +22,11 @@ from ..storage import (
     RefcacheError,
     StoreFullError,
     TimeoutError,
+    UnavailableError,
 )
+from ..storage._registry import Credentials
 from ._cache import Cache, open_cache
+from ._distribution import ProgressEvent, PushResult
 from ._manager import CacheManager
 from ._proxy import CacheManagerProxy, ManagerFuture
 from ._prune import CacheListener
@@ -60,6 +64,9 @@ __all__ = [
     "PrunePolicy",
     "Remote",
     "CacheStatistics",
+    "PushResult",
+    "ProgressEvent",
+    "Credentials",
     # runtime
     "ActorPool",
     "PooledActor",
@@ -82,4 +89,6 @@ __all__ = [
     "StoreFullError",
     "ClosedError",
     "TimeoutError",
+    "UnavailableError",
+    "AuthError",
 ]

@@ -304,11 +304,13 @@ def check_handlers(value: object, *, what: str = "desc_handlers") -> Mapping[str
 
 
 def merge_handlers(*maps: Mapping[str, DescHandler]) -> Mapping[str, DescHandler]:
-    """Union of handler maps (later ones win); shares the input when only one is non-empty."""
+    """Union of handler maps (later ones win); shares the input when only one (or one and
+    the same object) is non-empty."""
     present = [m for m in maps if m]
     if not present:
         return _EMPTY
-    if len(present) == 1:
+    if all(m is present[0] for m in present):
+        # Handles of one pulled source share one map: no copy per child or merge.
         return present[0]
     out: dict[str, DescHandler] = {}
     for m in present:

@@ -19,7 +19,7 @@ import fcntl
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,11 +33,15 @@ from ..storage._layout import PRIVATE_FILE_MODE, access_error, make_private_dir,
 from ..storage._leases import LmdbLeaseManager
 from ..storage._mount import MOUNTS_DIR, clean_mount_dir
 from ..storage._overlay import make_snapshotter
+from ..storage._registry import Credentials
 from ..storage._snapshotter import Snapshotter
+from . import _distribution as distribution
 from ._core import CacheCore, get_result
+from ._distribution import ProgressEvent, PushResult
 from ._load import LoadReport, load_records
 from ._manager import CacheManager
 from ._proxy import CacheManagerProxy
+from ._refs import ImmutableRef
 from ._runtime import ActorPool
 
 __all__ = ["Cache", "open_cache"]
@@ -98,6 +102,124 @@ class Cache:
         """Whether :meth:`close` ran."""
         return self._closed
 
+    def push(
+        self,
+        target: str,
+        refs: Mapping[str, ImmutableRef],
+        *,
+        compression: str = "zstd",
+        force_compression: bool = False,
+        credentials: tuple[str, str] | Credentials | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        docker_config: str | os.PathLike[str] | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> PushResult:
+        """Exports named records as one tagged cache image (BuildKit's registry cache export).
+
+        Each name becomes an OCI image manifest of the record's layer chain (blobs from
+        ``get_remotes``: missing ones are computed in ``compression``; with
+        ``force_compression`` every layer is sent as ``compression``, converted as needed,
+        keeping its diffID), with a ``rootfs`` config carrying the diffIDs and the records'
+        description, type and creation time; the manifests form one OCI image index,
+        tagged. Blobs the target has already are not sent again (``HEAD``), and a blob known
+        to be in another repository of the same registry is mounted from there. Runs in the
+        calling thread (plus a few transfer threads); docs/DISTRIBUTED.md has the details.
+
+        Args:
+            target: ``registry://HOST[:PORT]/REPO:TAG`` or ``oci-layout://DIR[:TAG]``.
+            refs: Name -> record (names: ``[A-Za-z0-9][A-Za-z0-9._/@+=-]*``).
+            compression: ``"zstd"``, ``"gzip"`` or ``"uncompressed"``.
+            force_compression: Convert layers that are in another compression.
+            credentials: ``(username, password)`` for the registry; default: Docker's
+                configuration (``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``).
+            ca_file: PEM file of a CA to trust for the registry (HTTPS).
+            insecure: Plain HTTP to the registry (never by default).
+            docker_config: Directory of Docker's ``config.json`` (default as above).
+            progress: Called with each :class:`ProgressEvent` (from transfer threads).
+
+        Returns:
+            What was sent and skipped, the index digest and each name's manifest digest.
+
+        Raises:
+            InvalidError: a malformed target (naming it), bad names or refs, an unknown
+                compression.
+            AuthError: the registry refused the credentials (naming it).
+            UnavailableError: the registry stayed unreachable within the cache's timeout.
+            RefcacheError: anything else the registry refused (naming it).
+        """
+        self._check_open()
+        return distribution.push(
+            self._core,
+            target,
+            refs,
+            compression=compression,
+            force_compression=force_compression,
+            credentials=credentials,
+            ca_file=ca_file,
+            insecure=insecure,
+            docker_config=docker_config,
+            progress=progress,
+        )
+
+    def pull(
+        self,
+        source: str,
+        *,
+        fetch: bool = False,
+        extract: bool = False,
+        credentials: tuple[str, str] | Credentials | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        docker_config: str | os.PathLike[str] | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> dict[str, ImmutableRef]:
+        r"""Imports a cache image: one *lazy* record per layer, a handle per name.
+
+        Reads the index and the manifests only. Every layer becomes a blob-only record made
+        through ``get_by_blob``'s rules (found again by its blob-chain ID: pulling twice, or
+        an image sharing layers with local records, makes no duplicate). Blobs are fetched
+        from the source when a record is first extracted or mounted (one fetch per digest,
+        resumed after a broken connection, verified while it streams in). The handles carry
+        the source's descriptor handlers, and so do later ``get``\ s of these records while
+        this cache is open. Lazy records do not survive a restart (BuildKit's rule: no
+        handler at open); pull again, which costs the manifests only.
+
+        Args:
+            source: ``registry://HOST[:PORT]/REPO:TAG`` (or ``@sha256:...``) or
+                ``oci-layout://DIR[:TAG]``. A plain image (a manifest, not a cache image)
+                is imported too, under its tag as the name.
+            fetch: Download every missing blob now (the records stay blob-only, and stay
+                across a restart); a failed download leaves no record.
+            extract: Also unpack every record (implies ``fetch``).
+            credentials, ca_file, insecure, docker_config: As for :meth:`push`.
+            progress: Called with each :class:`ProgressEvent`.
+
+        Returns:
+            Name -> a new handle on the record (release each).
+
+        Raises:
+            InvalidError: a malformed source, or not a cache image.
+            NotFoundError: no such tag.
+            AuthError / UnavailableError / RefcacheError: as for :meth:`push`.
+        """
+        self._check_open()
+        return distribution.pull(
+            self._core,
+            source,
+            fetch=fetch,
+            extract=extract,
+            credentials=credentials,
+            ca_file=ca_file,
+            insecure=insecure,
+            docker_config=docker_config,
+            progress=progress,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._core.closed_error()
+
     def close(self) -> None:
         """Stops this cache's actors and closes its stores (reverse of open). Idempotent.
 
@@ -127,6 +249,9 @@ class Cache:
             core.closed = True
             core.executor.shutdown(wait=True, cancel_futures=True)
             core.close_foreign()
+            for closer in reversed(core.closers):
+                with contextlib.suppress(Exception):
+                    closer()
             core.writer.close()
             if self._owns_pool:
                 core.pool.shutdown(timeout=core.timeout)

@@ -1,4 +1,5 @@
-"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``, ``demo``.
+"""The ``refcache`` command line: ``du``, ``prune``, ``inspect``, ``check``, ``smoke``
+(``push``/``pull``: ``actors/_cli_registry.py``, ``demo``: ``actors/_demo.py``).
 
 ``du``, ``inspect``, ``check`` and ``prune --dry-run`` only read, and work on a cache that
 another process has open (LMDB readers never block its writer; handles held in that process
@@ -31,7 +32,6 @@ import importlib
 import json
 import os
 import re
-import stat
 import sys
 import threading
 import time
@@ -51,6 +51,8 @@ from ._cliutil import (
     InterruptedCommandError,
     UsageError,
     ago,
+    busy,
+    existing_cache,
     format_bytes,
     format_duration,
     format_duration_ns,
@@ -115,34 +117,6 @@ exit status:
 
 # -- the root ------------------------------------------------------------------------------------
 
-_HOW_TO_CHOOSE = "choose it with --root DIR or REFCACHE_ROOT; the default is ./refcache-data"
-
-
-def _existing_cache(root: Path) -> Path:
-    """``root`` when it holds a cache this process can read; otherwise a clear failure."""
-    try:
-        st = root.stat()
-    except FileNotFoundError:
-        msg = f"no cache at {root}: the directory does not exist ({_HOW_TO_CHOOSE})"
-        raise CommandFailedError(msg) from None
-    except OSError as exc:
-        msg = f"cannot read {root}: {exc.strerror or exc}"
-        raise CommandFailedError(msg) from None
-    if not stat.S_ISDIR(st.st_mode):
-        msg = f"{root} is not a directory, so it holds no cache ({_HOW_TO_CHOOSE})"
-        raise CommandFailedError(msg)
-    if not os.access(root, os.R_OK | os.X_OK):
-        msg = f"cannot read {root}: permission denied"
-        raise CommandFailedError(msg)
-    meta = root / "meta"
-    if not os.access(meta, os.F_OK):
-        msg = f"no refcache cache at {root} (it has no meta/ directory; {_HOW_TO_CHOOSE})"
-        raise CommandFailedError(msg)
-    if not os.access(meta, os.R_OK | os.X_OK):
-        msg = f"cannot read {meta}: permission denied"
-        raise CommandFailedError(msg)
-    return root
-
 
 def _new_or_existing_root(root: Path) -> Path:
     """For commands that create the cache: ``root`` must be a directory or not exist yet."""
@@ -152,18 +126,11 @@ def _new_or_existing_root(root: Path) -> Path:
     return root
 
 
-def _busy(root: Path, what: str) -> CommandFailedError:
-    return CommandFailedError(
-        f"cannot {what} {root}: the cache is busy (open in another process); stop that "
-        "process first (du, inspect and check work while it is open)"
-    )
-
-
 def _open(root: Path, what: str) -> Any:
     try:
         return open_cache(root)
     except LockedError as exc:
-        raise _busy(root, what) from exc
+        raise busy(root, what) from exc
 
 
 def _close(cache: Any) -> None:
@@ -268,7 +235,7 @@ def _record_json(r: UsageInfo) -> dict[str, Any]:
 
 def _cmd_du(args: argparse.Namespace) -> int:
     filters, until = _filters(args.filter)
-    root = _existing_cache(args.root)
+    root = existing_cache(args.root)
     rows = offline_usage(root, filters, age_limit=until)
     if args.format == "json":
         ordered = sort_usage(rows)
@@ -480,12 +447,12 @@ def _report_prune(
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     policy = _policy(args)
-    root = _existing_cache(args.root)
+    root = existing_cache(args.root)
     if args.dry_run:
         _report_prune(args, root, offline_prune_plan(root, [policy]), dry_run=True)
         return EXIT_OK
     if _in_use(root):
-        raise _busy(root, "prune")
+        raise busy(root, "prune")
     # With the cache closed, the plan is what the prune will delete (the same planning).
     plan = offline_prune_plan(root, [policy])
     if not plan:
@@ -567,7 +534,7 @@ def _details_dict(d: RecordDetails) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    root = _existing_cache(args.root)
+    root = existing_cache(args.root)
     details = inspect_record(root, args.id)
     doc = _details_dict(details)
     if args.format == "json":
@@ -644,7 +611,7 @@ def _fix(root: Path) -> list[str]:
     try:
         repaired = repair(root)
     except LockedError as exc:
-        raise _busy(root, "repair") from exc
+        raise busy(root, "repair") from exc
     after = set(check(root))
     fixed = [p for p in before if p not in after]
     named = "\n".join(fixed)
@@ -698,11 +665,11 @@ def _remedy(problem: str, root: Path, *, fixed: bool) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    root = _existing_cache(args.root)
+    root = existing_cache(args.root)
     fixed: list[str] = []
     if args.fix:
         if _in_use(root):
-            raise _busy(root, "repair")
+            raise busy(root, "repair")
         # A damaged metadata environment is check's finding below (one line), not a crash.
         with contextlib.suppress(CorruptedError):
             fixed = _fix(root)
@@ -864,7 +831,18 @@ def _parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=_cmd_smoke)
 
     _register_demo(sub)
+    # -- push and pull (actors/_cli_registry.py) --
+    _register_registry(sub)
     return parser
+
+
+def _register_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registration point of ``push`` and ``pull`` (``actors/_cli_registry.py``).
+
+    Contract as for the demo: ``add_parsers(subparsers)`` adds the parsers and sets their
+    ``func``; user errors are raised as ``RefcacheError`` (one line, exit code 2).
+    """
+    importlib.import_module("._cli_registry", __package__).add_parsers(sub)
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -37,6 +38,9 @@ from typing import Any
 from ._types import UsageInfo
 
 __all__ = [
+    "HOW_TO_CHOOSE",
+    "busy",
+    "existing_cache",
     "DEFAULT_ROOT",
     "MAX_DURATION_NS",
     "MAX_SIZE",
@@ -465,3 +469,39 @@ def hold_interrupts(what: str = "stopping cleanly") -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+HOW_TO_CHOOSE = "choose it with --root DIR or REFCACHE_ROOT; the default is ./refcache-data"
+
+
+def existing_cache(root: Path) -> Path:
+    """``root`` when it holds a cache this process can read; otherwise a clear failure."""
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        msg = f"no cache at {root}: the directory does not exist ({HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg) from None
+    except OSError as exc:
+        msg = f"cannot read {root}: {exc.strerror or exc}"
+        raise CommandFailedError(msg) from None
+    if not stat.S_ISDIR(st.st_mode):
+        msg = f"{root} is not a directory, so it holds no cache ({HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg)
+    if not os.access(root, os.R_OK | os.X_OK):
+        msg = f"cannot read {root}: permission denied"
+        raise CommandFailedError(msg)
+    meta = root / "meta"
+    if not os.access(meta, os.F_OK):
+        msg = f"no refcache cache at {root} (it has no meta/ directory; {HOW_TO_CHOOSE})"
+        raise CommandFailedError(msg)
+    if not os.access(meta, os.R_OK | os.X_OK):
+        msg = f"cannot read {meta}: permission denied"
+        raise CommandFailedError(msg)
+    return root
+
+
+def busy(root: Path, what: str) -> CommandFailedError:
+    return CommandFailedError(
+        f"cannot {what} {root}: the cache is busy (open in another process); stop that "
+        "process first (du, inspect and check work while it is open)"
+    )

@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "BoundedCalls",
     "CacheCore",
+    "RegistryCounters",
     "SingleFlight",
     "ask",
     "get_result",
@@ -220,6 +221,27 @@ class _Counters:
     latency_buckets: dict[str, list[int]] = field(default_factory=dict)
 
 
+@dataclass
+class RegistryCounters:
+    """Transfers to and from registries and OCI layouts since open (copies, for statistics).
+
+    Attributes:
+        bytes: Bytes per direction (``push``: uploaded; ``pull``: fetched).
+        blobs: Blobs per ``(direction, result)``: ``push`` ``uploaded``/``skipped``/
+            ``mounted``, ``pull`` ``fetched``.
+        requests: HTTP exchanges per ``(operation, status)``.
+        latency_sum: Summed latency (to the response headers) per ``(operation, status)``.
+        latency_buckets: Cumulative counts per ``(operation, status)`` over
+            :data:`LATENCY_BUCKETS`.
+    """
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    blobs: dict[tuple[str, str], int] = field(default_factory=dict)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency_sum: dict[tuple[str, str], float] = field(default_factory=dict)
+    latency_buckets: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+
 class CacheCore:
     """The services of one open cache (see the module docstring).
 
@@ -277,6 +299,17 @@ class CacheCore:
         self.closed = False
         self._handle_ids = itertools.count(1)
         self._counters = _Counters()
+        self._registry = RegistryCounters()
+        #: Descriptor handlers of pulled sources, by blob digest, for as long as the cache
+        #: is open (see :meth:`register_handlers`); guarded by ``_handlers_lock``.
+        self._remote_handlers: dict[str, Any] = {}
+        self._handlers_lock = threading.Lock()
+        #: Things to close with the cache (registry connection pools of pulled sources).
+        self.closers: list[Callable[[], None]] = []
+        #: Registry clients by (host, insecure, CA file, credentials): one connection pool
+        #: and one token table per registry and identity, reused by every push and pull of
+        #: this cache (guarded by ``_handlers_lock``; closed with the cache).
+        self.registry_clients: dict[tuple[Any, ...], Any] = {}
         self.token = object()  # identifies handles of this cache
         self._foreign = BoundedCalls("refcache-ref-checker", timeout)
         self._ref_checker: Callable[[str, Sequence[str]], bool] | None = None
@@ -358,6 +391,69 @@ class CacheCore:
                 dict(c.latency_sum),
                 {k: tuple(v) for k, v in c.latency_buckets.items()},
             )
+
+    # -- registries ----------------------------------------------------------------------
+
+    def observe_registry(self, operation: str, status: str, seconds: float) -> None:
+        """Records one registry HTTP exchange (latency until the response headers)."""
+        c, r = self._counters, self._registry
+        key = (operation, status)
+        with c.lock:
+            r.requests[key] = r.requests.get(key, 0) + 1
+            r.latency_sum[key] = r.latency_sum.get(key, 0.0) + seconds
+            buckets = r.latency_buckets.get(key)
+            if buckets is None:
+                buckets = r.latency_buckets[key] = [0] * len(LATENCY_BUCKETS)
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+
+    def count_transfer(self, direction: str, result: str, nbytes: int = 0, blobs: int = 1) -> None:
+        """Counts blobs (and bytes) moved to (``push``) or from (``pull``) a registry."""
+        c, r = self._counters, self._registry
+        with c.lock:
+            if blobs:
+                key = (direction, result)
+                r.blobs[key] = r.blobs.get(key, 0) + blobs
+            if nbytes:
+                r.bytes[direction] = r.bytes.get(direction, 0) + nbytes
+
+    def registry_counters(self) -> RegistryCounters:
+        """A copy of the registry counters."""
+        c, r = self._counters, self._registry
+        with c.lock:
+            return RegistryCounters(
+                dict(r.bytes),
+                dict(r.blobs),
+                dict(r.requests),
+                dict(r.latency_sum),
+                {k: list(v) for k, v in r.latency_buckets.items()},
+            )
+
+    def register_handlers(self, handlers: Mapping[str, Any]) -> None:
+        """Keeps a pulled source's descriptor handlers for the life of the open cache.
+
+        A later ``get`` of a pulled lazy record (or of one built on it) finds its handler
+        here when the caller's handle did not carry one: a pulled record never raises
+        ``NeedsRemoteProviderError`` while the cache that pulled it is open. The newest
+        pull of a digest wins.
+        """
+        with self._handlers_lock:
+            self._remote_handlers.update(handlers)
+
+    def registry_client(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """The registry client for ``key``, made (and closed with the cache) once."""
+        with self._handlers_lock:
+            client = self.registry_clients.get(key)
+            if client is None:
+                client = self.registry_clients[key] = make()
+                self.closers.append(client.close)
+            return client
+
+    def remote_handlers_for(self, digests: Sequence[str]) -> dict[str, Any]:
+        """The registered handlers of ``digests`` (those that have one)."""
+        with self._handlers_lock:
+            return {d: self._remote_handlers[d] for d in digests if d in self._remote_handlers}
 
     # -- waiting -----------------------------------------------------------------------------
 

@@ -38,12 +38,20 @@ from ._types import RecordKind
 
 __all__ = ["RecordEntry", "new_id", "parent_fields"]
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_ALPHABET = string.digits + string.ascii_lowercase
 
 
 def new_id() -> str:
-    """A random 25-character record id, as BuildKit's ``identity.NewID``."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+    """A random 25-character record id, as BuildKit's ``identity.NewID``: 128 random bits
+    in base 36, zero-padded (one ``urandom`` call: a pull makes thousands at a time)."""
+    n = int.from_bytes(secrets.token_bytes(16), "big")
+    out = ["0"] * 25
+    i = 24
+    while n:
+        n, r = divmod(n, 36)
+        out[i] = _ID_ALPHABET[r]
+        i -= 1
+    return "".join(out)
 
 
 class RecordEntry:

@@ -106,7 +106,13 @@ from ._types import (
     UsageInfo,
 )
 
-__all__ = ["CacheManager", "FlatteningFuture", "RecordEntry", "new_id"]
+__all__ = [
+    "BlobRecordPlan",
+    "CacheManager",
+    "FlatteningFuture",
+    "RecordEntry",
+    "new_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +149,29 @@ class FlatteningFuture(ThreadingFuture[Any]):
                 msg = f"the deferred reply did not come within {timeout:g} s"
                 raise pykka.Timeout(msg) from exc
         return value
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecordPlan:
+    """One layer record a ``pull`` wants (see ``CacheManager._op_by_blobs``).
+
+    Attributes:
+        key: The record's blob-chain ID.
+        parent: The parent's blob-chain ID (``""`` for a base layer).
+        desc: The layer blob's descriptor.
+        diff_id: Its diffID.
+        description: Description of a new record.
+        record_type: Record type of a new record (``""``: regular).
+        created_at: Creation time of a new record (ns; 0: now).
+    """
+
+    key: str
+    parent: str
+    desc: Descriptor
+    diff_id: str
+    description: str = ""
+    record_type: str = ""
+    created_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,10 +472,22 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
                 stack.extend(self.entries[p] for p in cur.parents if p and p in self.entries)
         return list(dict.fromkeys(reversed(missing)))
 
-    def _check_lazy(self, e: RecordEntry, handlers: Mapping[str, DescHandler]) -> None:
+    def _check_lazy(
+        self, e: RecordEntry, handlers: Mapping[str, DescHandler]
+    ) -> Mapping[str, DescHandler]:
+        """``handlers``, plus the registered handlers of pulled sources for the lazy blobs
+        of ``e``'s ancestry it does not cover (:meth:`CacheCore.register_handlers`).
+
+        Raises:
+            NeedsRemoteProviderError: lazy blobs that no handler covers.
+        """
         missing = self._lazy_digests(e, handlers)
-        if missing:
-            raise NeedsRemoteProviderError(missing)
+        if not missing:
+            return handlers
+        found = self.core.remote_handlers_for(missing)
+        if len(found) < len(missing):
+            raise NeedsRemoteProviderError([d for d in missing if d not in found])
+        return merge_handlers(handlers, found)
 
     def _reset_size(self, e: RecordEntry, *, durable: bool = False) -> None:
         """The record's size is unknown again (new blob variant, extraction, a mutable taken).
@@ -584,7 +625,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         handlers = check_handlers(desc_handlers)
         with self.core.timed("get"):
             e = self._entry(id)
-            self._check_lazy(e, handlers)
+            handlers = self._check_lazy(e, handlers)
             trigger = update_last_used
             if e.mutable:
                 if self._mutable_locked(e):
@@ -673,9 +714,12 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             handlers = merge_handlers(parent._desc_handlers, handlers)
         with self.core.timed("get_by_blob"):
             if desc.digest not in handlers and not self.core.content.exists(desc.digest):
-                raise NeedsRemoteProviderError([desc.digest])
+                found = self.core.remote_handlers_for([desc.digest])
+                if not found:
+                    raise NeedsRemoteProviderError([desc.digest])
+                handlers = merge_handlers(handlers, found)
             if parent_entry is not None:
-                self._check_lazy(parent_entry, handlers)
+                handlers = self._check_lazy(parent_entry, handlers)
                 self._addressable(parent_entry)
             # BuildKit finalizes the parent here. An addressable parent is finalized already:
             # chain IDs need a blob, and set_blob finalizes before it sets one.
@@ -768,6 +812,136 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         self._hold(parents)  # the new record owns a counted hold on its parent
         rid, hid, actor = self._acquire(e, True)
         return ImmutableRef(self.core, rid, hid, actor, request.handlers)
+
+    def _op_by_blobs(
+        self,
+        plans: tuple[BlobRecordPlan, ...],
+        known: Mapping[str, str],
+        handlers: Mapping[str, DescHandler],
+        want: frozenset[str],
+    ) -> tuple[dict[str, str], dict[str, tuple[str, int, pykka.ActorRef[Any]]]]:
+        """``get_by_blob`` for a batch of layer chains in one transaction (``pull``).
+
+        ``plans`` are in chain order (a parent before its children); each is keyed by its
+        blob-chain ID and names its parent by the parent's key (``""`` for a base). A key
+        already in the ``blobchainid:`` index (and not lazy without a handler) is that
+        record, as in ``get_by_blob``; the others are created blob-only, in one LMDB
+        transaction (one fsync however many records). ``known`` maps keys resolved by
+        earlier batches to record ids (the caller holds handles on them).
+
+        Returns:
+            ``(key -> record id for every plan, key -> (id, handle id, actor) for the keys
+            in want)``: handles the caller wraps in :class:`ImmutableRef` (carrying
+            ``handlers``) and releases.
+
+        Raises:
+            InvalidError: a plan whose key is not its blob-chain ID, or an unknown parent.
+        """
+        with self.core.timed("pull_records"):
+            resolved: dict[str, str] = dict(known)
+            chains: dict[str, str] = {}  # key -> chain ID
+            todo: list[BlobRecordPlan] = []
+            for p in plans:  # identities first (pure), so that lookups can be batched
+                if p.key in resolved or p.key in chains:
+                    continue
+                parent_cid = ""
+                if p.parent:
+                    parent_cid = chains.get(p.parent, "")
+                    if not parent_cid:
+                        if p.parent not in resolved:
+                            msg = f"pull: parent {p.parent} of layer {p.desc.digest} is unknown"
+                            raise InvalidError(msg)
+                        parent_cid = self._entry(resolved[p.parent]).chain_id
+                own = chain_id(p.desc.digest, p.diff_id)
+                bcid = chain_id(p.parent, own) if p.parent else own
+                if bcid != p.key:
+                    msg = f"pull: layer {p.desc.digest} has blob-chain ID {bcid}, not {p.key}"
+                    raise InvalidError(msg)
+                chains[p.key] = chain_id(parent_cid, p.diff_id) if parent_cid else p.diff_id
+                todo.append(p)
+            # Every index lookup of the batch in one read transaction.
+            found_ids = self.core.store.search_ids(
+                [INDEX_BLOB_CHAIN + p.key for p in todo]
+                + [INDEX_CHAIN + chains[p.key] for p in todo]
+            )
+            creates: list[tuple[BlobRecordPlan, str, str, str]] = []  # plan, id, parent, sid
+            for p in todo:
+                found = self._first_usable(found_ids[INDEX_BLOB_CHAIN + p.key], handlers)
+                if found is not None:
+                    resolved[p.key] = found.id
+                    continue
+                cid = chains[p.key]
+                linked = self._first_usable(found_ids[INDEX_CHAIN + cid], handlers)
+                record_id = new_id()
+                resolved[p.key] = record_id
+                parent_id = resolved[p.parent] if p.parent else ""
+                creates.append((p, record_id, parent_id, linked.snapshot_id if linked else cid))
+            self._create_blob_records(creates, chains)
+            handles = {}
+            for key in want:
+                rid = resolved.get(key)
+                if rid is not None:
+                    handles[key] = self._acquire(self.entries[rid], True)
+            return {p.key: resolved[p.key] for p in plans}, handles
+
+    def _first_usable(
+        self, ids: Iterable[str], handlers: Mapping[str, DescHandler]
+    ) -> RecordEntry | None:
+        for rid in ids:
+            e = self.entries.get(rid)
+            if e is None or e.dead or e.mutable or self._lazy_digests(e, handlers):
+                continue  # BuildKit skips not-found and needs-provider matches
+            return e
+        return None
+
+    def _create_blob_records(
+        self, creates: list[tuple[BlobRecordPlan, str, str, str]], chains: Mapping[str, str]
+    ) -> None:
+        if not creates:
+            return
+        sn = self.core.snapshotter
+        rows = []
+        with self.core.env.write_txn() as txn:
+            for p, record_id, parent_id, snapshot_id in creates:
+                cid = chains[p.key]
+                parents = (parent_id,) if parent_id else ()
+                kind: RecordKind = "layer" if parent_id else "base"
+                values: dict[str, Any] = {
+                    KEY_COMMITTED: True,
+                    KEY_CREATED_AT: p.created_at or time.time_ns(),
+                    KEY_SNAPSHOT: snapshot_id,
+                    KEY_SIZE: SIZE_UNKNOWN,
+                    KEY_DIFF_ID: p.diff_id,
+                    KEY_BLOB: p.desc.digest,
+                    KEY_CHAIN_ID: cid,
+                    KEY_BLOB_CHAIN_ID: p.key,
+                    KEY_BLOB_ONLY: True,
+                    KEY_MEDIA_TYPE: p.desc.media_type,
+                    KEY_BLOB_SIZE: p.desc.size,
+                    KEY_LAYER_URLS: list(p.desc.urls) or None,
+                    KEY_DESCRIPTION: p.description or None,
+                    KEY_RECORD_TYPE: p.record_type or None,
+                    **parent_fields(kind, parents),
+                }
+                # As get_by_blob: the lease holds the snapshot and the blob before either
+                # exists.
+                self.core.leases.create(record_id, flat=True, txn=txn)
+                self.core.leases.add_resource(
+                    record_id, Resource(snapshot_id, f"snapshots/{sn.name}"), txn=txn
+                )
+                self.core.leases.add_resource(
+                    record_id, Resource(p.desc.digest, RESOURCE_CONTENT), txn=txn
+                )
+                item = self.core.store.get(record_id)
+                item.queue_many(
+                    {k: v for k, v in values.items() if v is not None},
+                    {KEY_CHAIN_ID: INDEX_CHAIN + cid, KEY_BLOB_CHAIN_ID: INDEX_BLOB_CHAIN + p.key},
+                )
+                item.commit(txn=txn)
+                rows.append((record_id, kind, parents, values))
+        for record_id, kind, parents, values in rows:
+            self._new_entry(record_id, kind, parents, values)
+            self._hold(parents)
 
     def new(
         self,
@@ -1096,6 +1270,7 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
         detail.sort(key=lambda d: (d[1] == 0, d[0]))
         doubles, ops, lat_sum, lat_buckets = self.core.counters()
         map_size, used = self.core.env.map_info()
+        reg = self.core.registry_counters()
         total = len(self.entries)
         return CacheStatistics(
             records=total,
@@ -1122,6 +1297,11 @@ class CacheManager(PruneMixin, pykka.ThreadingActor):
             lmdb_map_size_bytes=map_size,
             lmdb_used_bytes=used,
             records_detail=tuple(detail),
+            registry_bytes=reg.bytes,
+            registry_blobs=reg.blobs,
+            registry_requests=reg.requests,
+            registry_latency_sum_seconds=reg.latency_sum,
+            registry_latency_buckets={k: tuple(v) for k, v in reg.latency_buckets.items()},
         )
 
     # -- internal operations (from handles and jobs) --------------------------------------

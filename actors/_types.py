@@ -167,6 +167,13 @@ class CacheStatistics:
         records_detail: ``(id, open handles, size)`` per record ``disk_usage`` shows (its
             size as shown there; -1 while not measured), plus the hidden half of an equal
             pair when it has handles (size -1); in-use first (for per-record series).
+        registry_bytes: Bytes moved per direction (``push``: uploaded, ``pull``: fetched)
+            to and from registries and OCI layouts.
+        registry_blobs: Blobs per ``(direction, result)``: ``("push", "uploaded" |
+            "skipped" | "mounted")``, ``("pull", "fetched")``.
+        registry_requests: Registry HTTP exchanges per ``(operation, status)``.
+        registry_latency_sum_seconds: Their summed latency (until the response headers).
+        registry_latency_buckets: Their cumulative histogram counts (``LATENCY_BUCKETS``).
     """
 
     records: int = 0
@@ -193,6 +200,13 @@ class CacheStatistics:
     lmdb_map_size_bytes: int = 0
     lmdb_used_bytes: int = 0
     records_detail: tuple[tuple[str, int, int], ...] = ()
+    registry_bytes: Mapping[str, int] = field(default_factory=lambda: frozen_map(None))
+    registry_blobs: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    registry_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    registry_latency_sum_seconds: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    registry_latency_buckets: Mapping[tuple[str, str], tuple[int, ...]] = field(
+        default_factory=dict
+    )
 
     def __hash__(self) -> int:
         return hash((self.records, self.open_handles))

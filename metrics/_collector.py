@@ -41,6 +41,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "RECORD_KINDS",
     "RECORD_STATES",
+    "REGISTRY_BLOB_RESULTS",
     "StatisticsSource",
 ]
 
@@ -187,6 +188,35 @@ _RECORD_SERIES_OMITTED = _Family(
     "Records left out of record_refs and record_size_bytes by max_record_series.",
 )
 
+_REGISTRY_BYTES = _Family(
+    "registry_bytes",
+    "counter",
+    "Bytes moved to (push: uploaded) and from (pull: fetched) registries and OCI layouts.",
+    ("direction",),
+)
+_REGISTRY_BLOBS = _Family(
+    "registry_blobs",
+    "counter",
+    "Blobs per direction and result: push uploaded/skipped (target had it)/mounted "
+    "(cross-repository), pull fetched.",
+    ("direction", "result"),
+)
+_REGISTRY_REQUEST_DURATION = _Family(
+    "registry_request_duration_seconds",
+    "histogram",
+    "Latency of registry HTTP exchanges until the response headers, per operation and "
+    "status (HTTP code, or error for a transport failure).",
+    ("operation", "status"),
+)
+
+#: Label sets of the registry counters that are always exposed (zero before any transfer).
+REGISTRY_BLOB_RESULTS: tuple[tuple[str, str], ...] = (
+    ("push", "uploaded"),
+    ("push", "skipped"),
+    ("push", "mounted"),
+    ("pull", "fetched"),
+)
+
 #: Every family a successful scrape yields, in exposition order.
 _FAMILIES: tuple[_Family, ...] = (
     _UP,
@@ -209,6 +239,9 @@ _FAMILIES: tuple[_Family, ...] = (
     _LMDB_USED,
     _OPERATIONS,
     _OPERATION_DURATION,
+    _REGISTRY_BYTES,
+    _REGISTRY_BLOBS,
+    _REGISTRY_REQUEST_DURATION,
     _RECORD_REFS,
     _RECORD_SIZE,
     _RECORD_SERIES_OMITTED,
@@ -367,6 +400,7 @@ class CacheCollector:
         yield self._gauge(_STATISTICS_DURATION, taken.seconds)
         yield from self._aggregates(stats)
         yield from self._operations(stats)
+        yield from self._registry(stats)
         yield from self._records(stats)
 
     def _shared_snapshot(self) -> _Snapshot:
@@ -487,6 +521,27 @@ class CacheCollector:
             if buckets is not None:
                 total = stats.latency_sum_seconds.get(operation, 0.0)
                 histogram.add_metric([operation], buckets, total)
+        yield histogram
+
+    def _registry(self, stats: CacheStatistics) -> Iterator[Metric]:
+        """Yields the registry transfer counters and the request latency histogram."""
+        nbytes = _REGISTRY_BYTES.counter(self._namespace)
+        for direction in ("push", "pull"):
+            nbytes.add_metric([direction], stats.registry_bytes.get(direction, 0))
+        yield nbytes
+        blobs = _REGISTRY_BLOBS.counter(self._namespace)
+        keys = list(REGISTRY_BLOB_RESULTS)
+        keys += sorted(k for k in stats.registry_blobs if k not in REGISTRY_BLOB_RESULTS)
+        for key in keys:
+            blobs.add_metric(list(key), stats.registry_blobs.get(key, 0))
+        yield blobs
+        histogram = _REGISTRY_REQUEST_DURATION.histogram(self._namespace)
+        for key, counts in sorted(stats.registry_latency_buckets.items()):
+            operation = f"registry {key[0]} {key[1]}"
+            buckets = _histogram_buckets(operation, counts, stats.registry_requests.get(key, 0))
+            if buckets is not None:
+                total = stats.registry_latency_sum_seconds.get(key, 0.0)
+                histogram.add_metric(list(key), buckets, total)
         yield histogram
 
     def _records(self, stats: CacheStatistics) -> Iterator[Metric]:

@@ -8,11 +8,13 @@ The layers live in :mod:`refcache.storage` (metadata and backends), :mod:`refcac
 
 from .actors import (
     AlreadyExistsError,
+    AuthError,
     Cache,
     CacheStatistics,
     ClosedError,
     CorruptedError,
     CorruptMetadataError,
+    Credentials,
     DescHandler,
     Descriptor,
     DiffIDMismatchError,
@@ -27,7 +29,9 @@ from .actors import (
     NeedsRemoteProviderError,
     NotFoundError,
     PermissionDeniedError,
+    ProgressEvent,
     PrunePolicy,
+    PushResult,
     RecordInfo,
     RefcacheError,
     RefList,
@@ -35,6 +39,7 @@ from .actors import (
     Remote,
     StoreFullError,
     TimeoutError,
+    UnavailableError,
     UsageInfo,
     open_cache,
 )
@@ -55,6 +60,9 @@ __all__ = [
     "PrunePolicy",
     "Remote",
     "CacheStatistics",
+    "PushResult",
+    "ProgressEvent",
+    "Credentials",
     "RefcacheError",
     "NotFoundError",
     "LockedError",
@@ -70,4 +78,6 @@ __all__ = [
     "StoreFullError",
     "ClosedError",
     "TimeoutError",
+    "UnavailableError",
+    "AuthError",
 ]

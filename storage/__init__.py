@@ -24,6 +24,7 @@ from ._env import (
 )
 from ._errors import (
     AlreadyExistsError,
+    AuthError,
     ClosedError,
     CorruptedError,
     CorruptMetadataError,
@@ -38,6 +39,7 @@ from ._errors import (
     RefcacheError,
     StoreFullError,
     TimeoutError,
+    UnavailableError,
 )
 from ._filters import Filter, parse_filters
 from ._gc import GCStats, collect
@@ -112,6 +114,8 @@ __all__ = [
     "StoreFullError",
     "ClosedError",
     "TimeoutError",
+    "UnavailableError",
+    "AuthError",
     # environment
     "MetaEnv",
     "ReadTxn",

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 __all__ = [
     "AlreadyExistsError",
     "ClosedError",
+    "AuthError",
     "CorruptMetadataError",
     "CorruptedError",
     "DiffIDMismatchError",
@@ -34,6 +35,7 @@ __all__ = [
     "RefcacheError",
     "StoreFullError",
     "TimeoutError",
+    "UnavailableError",
 ]
 
 
@@ -86,6 +88,17 @@ class CorruptMetadataError(CorruptedError):
         super().__init__(message)
         self.record_id = record_id
         self.key = key
+
+
+class AuthError(RefcacheError):
+    """A registry refused the request: no, wrong or insufficient credentials (containerd
+    ``ErrUnauthenticated``/``ErrPermissionDenied``). The message names the registry."""
+
+
+class UnavailableError(RefcacheError):
+    """A registry (or an OCI layout) could not be reached, even after retrying within the
+    cache's timeout (containerd ``ErrUnavailable``). The message names the registry and what
+    was being transferred (the blob digest for a fetch)."""
 
 
 class StoreFullError(RefcacheError):

@@ -950,6 +950,22 @@ class MetadataStore:
                 ids.append(key.rsplit(_INDEX_SEP, 1)[1].decode())
             return self._items(txn, dict.fromkeys(ids))
 
+    def search_ids(self, indexes: Iterable[str]) -> dict[str, list[str]]:
+        """Record ids per exact index, in one read transaction (no record is decoded).
+
+        For callers that look up many indexes at once (a pull resolving thousands of
+        blob-chain IDs); :meth:`search` is the one-index form that returns items.
+        """
+        out: dict[str, list[str]] = {}
+        with self.env.read_txn() as txn:
+            for index in indexes:
+                _validate_index(index)
+                out[index] = [
+                    key.rsplit(_INDEX_SEP, 1)[1].decode()
+                    for key in txn.keys(DB_INDEX, index.encode() + _INDEX_SEP)
+                ]
+        return out
+
     def _items(self, txn: ReadTxn, ids: Iterable[str]) -> list[StorageItem]:
         items = []
         for record_id in ids:

@@ -484,7 +484,7 @@ def test_describe_lists_exactly_the_families_a_successful_scrape_yields(
     collected = [(family.name, family.type) for family in collector.collect()]
 
     assert described == collected
-    assert len(described) == 23
+    assert len(described) == 26
 
 
 def test_namespace_prefixes_every_series(

@@ -82,6 +82,11 @@ def full_snapshot(held_id: str = "held", refs: int = 2) -> CacheStatistics:
             ("unsized", 0, -1),
             ('odd "id"\\with\nescapes', 0, 1),
         ),
+        registry_bytes=MappingProxyType({"push": 1000, "pull": 2000}),
+        registry_blobs=MappingProxyType({("push", "uploaded"): 2, ("pull", "fetched"): 1}),
+        registry_requests=MappingProxyType({("blob_get", "200"): len(latencies)}),
+        registry_latency_sum_seconds=MappingProxyType({("blob_get", "200"): sum(latencies)}),
+        registry_latency_buckets=MappingProxyType({("blob_get", "200"): buckets}),
     )
 
 

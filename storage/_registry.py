@@ -1,0 +1,1141 @@
+"""A client of the OCI distribution API (registries): the small adapter over ``httpx``.
+
+Only what a cache image needs, done the way container tools do it:
+
+* ``HEAD``/``GET`` of blobs and manifests; the ``GET`` of a blob streamed (its body read
+  with ``http.client``, see :meth:`RegistryClient.open_body`) and *resumed* with
+  ``Range: bytes=<offset>-`` when the connection breaks (:class:`BlobStream`);
+* monolithic uploads (``POST /blobs/uploads/`` then one streamed ``PUT ?digest=`` with a
+  ``Content-Length``: accepted by every registry, one round trip less than chunked ``PATCH``
+  uploads, and nothing is held in memory), and cross-repository mounts
+  (``POST /blobs/uploads/?mount=<digest>&from=<repo>``: 201 means the registry linked the
+  blob, 202 hands out an ordinary upload session);
+* authentication by challenge (``WWW-Authenticate``): ``Basic``, and ``Bearer`` through the
+  token service named in the challenge (anonymous, with the user's password, or with an
+  identity token as an OAuth2 refresh token); tokens are kept per scope until they expire;
+* credentials passed in, or read as every container tool reads them: ``$DOCKER_CONFIG/
+  config.json`` (default ``~/.docker/config.json``) ``auths`` entries (``auth`` =
+  base64 ``user:password``, or ``username``/``password``, or ``identitytoken``), and the
+  ``credHelpers``/``credsStore`` programs (``docker-credential-<name> get``);
+* HTTPS by default (system CAs, plus ``ca_file``, plus Docker's
+  ``/etc/docker/certs.d/<host>/ca.crt`` when it exists); plain HTTP only with
+  ``insecure=True``;
+* retries with exponential backoff (0.1 s doubling to 2 s, with jitter) on connection
+  errors, 5xx and 429, for as long as the client's ``timeout`` allows since the last
+  progress; then :class:`UnavailableError` naming the registry and the operation.
+
+Every error is a refcache error whose message names the registry: :class:`AuthError` for
+401/403 (and a token service refusing), :class:`NotFoundError` for 404 of a manifest or
+blob, :class:`UnavailableError` when retries ran out or TLS verification failed,
+:class:`RefcacheError` for any other refusal (with the registry's error codes).
+
+``on_request(operation, status, seconds)`` is called once per HTTP exchange (``status`` is
+the HTTP status code, or ``"error"`` for a transport failure; ``seconds`` runs until the
+response headers). Operations: ``ping``, ``token``, ``blob_head``, ``blob_get``,
+``blob_upload_start``, ``blob_upload``, ``blob_mount``, ``manifest_head``, ``manifest_get``,
+``manifest_put``.
+
+Pure (no pykka, no actors): the caller decides what to do with what it transfers.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import httpx
+
+from ._errors import AuthError, InvalidError, NotFoundError, RefcacheError, UnavailableError
+from ._oci import MANIFEST_ACCEPT, digest_bytes
+from ._types import Descriptor, validate_digest
+
+__all__ = [
+    "BlobStream",
+    "Credentials",
+    "RegistryClient",
+    "RegistryRepository",
+    "load_credentials",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK: Final = 1 << 20
+_BACKOFF_FIRST: Final = 0.1
+_BACKOFF_MAX: Final = 2.0
+_USER_AGENT: Final = "refcache/0.1 (+OCI distribution)"
+#: Socket-level timeouts (each bounded further by what is left of the retry budget).
+_CONNECT_TIMEOUT: Final = 10.0
+_IO_TIMEOUT: Final = 60.0
+
+OnRequest = Callable[[str, str, float], None]
+
+
+# -- credentials ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Credentials for one registry.
+
+    Attributes:
+        username: User name (``""`` with an identity token only).
+        password: Password or personal access token.
+        identity_token: An OAuth2 refresh token (``docker login`` with an identity
+            provider stores one as ``identitytoken``).
+        source: Where they came from (for error messages; never the secret).
+    """
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+    source: str = "given"
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, source={self.source!r})"
+
+
+def _docker_config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
+    if config_dir is not None:
+        return Path(config_dir)
+    env = os.environ.get("DOCKER_CONFIG")
+    if env:
+        return Path(env)
+    return Path.home() / ".docker"
+
+
+def _host_keys(key: str) -> str:
+    """``https://host:port/v1/`` -> ``host:port`` (config.json keys come in both forms)."""
+    for prefix in ("https://", "http://"):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key.split("/", 1)[0]
+
+
+def load_credentials(
+    host: str, *, config_dir: str | os.PathLike[str] | None = None
+) -> Credentials | None:
+    """Credentials for ``host`` from Docker's client configuration, or ``None``.
+
+    Looks in ``<config_dir>/config.json`` (default ``$DOCKER_CONFIG``, else
+    ``~/.docker``): a ``credHelpers[host]`` program, else an ``auths`` entry, else the
+    ``credsStore`` program. A helper is ``docker-credential-<name>`` on ``PATH``, asked with
+    ``get`` and the host on stdin.
+
+    Raises:
+        InvalidError: ``config.json`` exists but is not valid JSON, or an ``auth`` value
+            is not base64 ``user:password`` (naming the file and the host).
+    """
+    path = _docker_config_dir(config_dir) / "config.json"
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        msg = f"cannot read Docker credentials {path}: {exc}"
+        raise InvalidError(msg) from exc
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        msg = f"Docker credentials {path} are not valid JSON: {exc}"
+        raise InvalidError(msg) from exc
+    if not isinstance(doc, dict):
+        return None
+    helpers = doc.get("credHelpers") or {}
+    if isinstance(helpers, dict) and isinstance(helpers.get(host), str):
+        return _from_helper(helpers[host], host)
+    auths = doc.get("auths") or {}
+    if isinstance(auths, dict):
+        for key, entry in auths.items():
+            if isinstance(key, str) and _host_keys(key) == host and isinstance(entry, dict):
+                found = _from_auth_entry(entry, host, path)
+                if found is not None:
+                    return found
+    store = doc.get("credsStore")
+    if isinstance(store, str) and store:
+        return _from_helper(store, host)
+    return None
+
+
+def _from_auth_entry(entry: Mapping[str, Any], host: str, path: Path) -> Credentials | None:
+    source = f"{path} auths[{host!r}]"
+    token = entry.get("identitytoken")
+    if isinstance(token, str) and token:
+        user = entry.get("username")
+        return Credentials(user if isinstance(user, str) else "", "", token, source)
+    auth = entry.get("auth")
+    if isinstance(auth, str) and auth:
+        try:
+            decoded = base64.b64decode(auth, validate=True).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            msg = f"{source}: 'auth' is not base64 of user:password"
+            raise InvalidError(msg) from exc
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            msg = f"{source}: 'auth' does not decode to user:password"
+            raise InvalidError(msg)
+        return Credentials(user, password, "", source)
+    name, secret = entry.get("username"), entry.get("password")
+    if isinstance(name, str) and isinstance(secret, str) and name:
+        return Credentials(name, secret, "", source)
+    return None
+
+
+def _from_helper(name: str, host: str) -> Credentials | None:
+    program = shutil.which(f"docker-credential-{name}")
+    if program is None:
+        logger.warning("credential helper docker-credential-%s not found on PATH", name)
+        return None
+    try:
+        done = subprocess.run(
+            [program, "get"], input=host, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        msg = f"credential helper docker-credential-{name} failed for {host}: {exc}"
+        raise AuthError(msg) from exc
+    if done.returncode != 0:
+        return None  # "credentials not found in native keychain"
+    try:
+        doc = json.loads(done.stdout)
+        user, secret = doc["Username"], doc["Secret"]
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = f"credential helper docker-credential-{name} gave no credentials for {host}"
+        raise AuthError(msg) from exc
+    source = f"docker-credential-{name}"
+    if user == "<token>":
+        return Credentials("", "", str(secret), source)
+    return Credentials(str(user), str(secret), "", source)
+
+
+# -- challenges -----------------------------------------------------------------------------
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="...",service="...",scope="..."`` -> ``("bearer", {...})``."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " ,":
+            i += 1
+        eq = rest.find("=", i)
+        if eq < 0:
+            break
+        key = rest[i:eq].strip().lower()
+        i = eq + 1
+        if i < n and rest[i] == '"':
+            i += 1
+            value = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(rest[i])
+                i += 1
+            i += 1
+            params[key] = "".join(value)
+        else:
+            end = rest.find(",", i)
+            end = n if end < 0 else end
+            params[key] = rest[i:end].strip()
+            i = end
+    return scheme.lower(), params
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+class _Retry(Exception):  # noqa: N818 (internal control flow, never escapes)
+    """A transient failure the caller may retry (connection error, 5xx, 429)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- the client -----------------------------------------------------------------------------
+
+
+class RegistryClient:
+    """One registry host: connection pool, authentication state, retry policy.
+
+    Thread-safe (``httpx.Client`` pools connections across threads; the token table has its
+    own lock). Close it when done (:meth:`close`).
+
+    Args:
+        host: ``HOST[:PORT]``.
+        insecure: Plain HTTP (never HTTPS) to this host.
+        ca_file: PEM file of extra CA certificates to trust for this host.
+        credentials: Use these instead of Docker's configuration.
+        docker_config: Directory of ``config.json`` (default ``$DOCKER_CONFIG`` or
+            ``~/.docker``).
+        timeout: Seconds retries may go on without progress before a transfer fails.
+        on_request: ``(operation, status, seconds)`` hook, called per HTTP exchange.
+
+    Raises:
+        InvalidError: an unreadable ``ca_file`` or Docker configuration.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        insecure: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
+        credentials: Credentials | None = None,
+        docker_config: str | os.PathLike[str] | None = None,
+        timeout: float = 300.0,
+        on_request: OnRequest | None = None,
+    ) -> None:
+        if not isinstance(insecure, bool):
+            msg = f"insecure must be a bool, not {insecure!r}"
+            raise InvalidError(msg)
+        self.host = host
+        self.insecure = insecure
+        self.timeout = float(timeout)
+        self.base = f"{'http' if insecure else 'https'}://{host}"
+        self._on_request = on_request
+        self._config_file = _docker_config_dir(docker_config) / "config.json"
+        self._credentials = (
+            credentials
+            if credentials is not None
+            else load_credentials(host, config_dir=docker_config)
+        )
+        verify: ssl.SSLContext | bool = False
+        if not insecure:
+            verify = self._ssl_context(ca_file)
+        self._verify = verify
+        self._http = httpx.Client(
+            verify=verify,
+            headers={"User-Agent": _USER_AGENT},
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            timeout=httpx.Timeout(_IO_TIMEOUT, connect=_CONNECT_TIMEOUT),
+            trust_env=False,  # a cache talks to its registry directly, never via $HTTP_PROXY
+        )
+        self._lock = threading.Lock()
+        self._scheme = ""  # "basic" / "bearer" once a challenge was seen
+        self._challenge: dict[str, str] = {}
+        self._tokens: dict[str, _Token] = {}
+
+    def _ssl_context(self, ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        files = [Path(ca_file)] if ca_file is not None else []
+        docker_ca = Path("/etc/docker/certs.d") / self.host / "ca.crt"
+        if docker_ca.is_file():
+            files.append(docker_ca)
+        for f in files:
+            try:
+                ctx.load_verify_locations(cafile=str(f))
+            except (OSError, ssl.SSLError) as exc:
+                msg = f"cannot load CA certificates {str(f)!r} for registry {self.host}: {exc}"
+                raise InvalidError(msg) from exc
+        return ctx
+
+    def __repr__(self) -> str:
+        return f"RegistryClient({self.base!r})"
+
+    @property
+    def description(self) -> str:
+        """``registry HOST`` (what error messages say)."""
+        return f"registry {self.host}"
+
+    def close(self) -> None:
+        """Closes the connection pool (idempotent)."""
+        self._http.close()
+
+    def repository(self, name: str) -> RegistryRepository:
+        """The repository ``name`` on this registry."""
+        return RegistryRepository(self, name)
+
+    # -- auth ---------------------------------------------------------------------------
+
+    def _authorize(self, headers: dict[str, str], scope: str) -> None:
+        with self._lock:
+            scheme = self._scheme
+        creds = self._credentials
+        if scheme == "basic" and creds is not None and creds.username:
+            raw = f"{creds.username}:{creds.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        elif scheme == "bearer":
+            token = self._token(scope)
+            if token:
+                headers["Authorization"] = "Bearer " + token
+
+    def _token(self, scope: str, *, refresh: bool = False) -> str:
+        with self._lock:
+            cached = self._tokens.get(scope)
+            challenge = dict(self._challenge)
+        if cached is not None and not refresh and cached.expires > time.monotonic():
+            return cached.value
+        key = scope
+        scope = scope or challenge.get("scope", "")
+        realm = challenge.get("realm", "")
+        if not realm:
+            msg = f"{self.description} asked for a bearer token without naming a token realm"
+            raise AuthError(msg)
+        token = self._fetch_token(realm, challenge.get("service", ""), scope)
+        with self._lock:
+            self._tokens[key] = token
+        return token.value
+
+    def _fetch_token(self, realm: str, service: str, scope: str) -> _Token:
+        creds = self._credentials
+        scopes = [s for s in scope.split(" ") if s]
+        start = time.perf_counter()
+        try:
+            if creds is not None and creds.identity_token:
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "service": service,
+                    "client_id": "refcache",
+                    "scope": " ".join(scopes),
+                }
+                resp = self._http.post(realm, data=form, timeout=self._timeouts(60.0))
+            else:
+                params: list[tuple[str, str | int | float | bool | None]] = (
+                    [("service", service)] if service else []
+                )
+                params += [("scope", s) for s in scopes]
+                auth = None
+                if creds is not None and creds.username:
+                    auth = httpx.BasicAuth(creds.username, creds.password)
+                resp = self._http.get(realm, params=params, auth=auth, timeout=self._timeouts(60.0))
+        except httpx.TransportError as exc:
+            self._observe("token", "error", time.perf_counter() - start)
+            msg = f"{self.description}: token service {realm} unreachable: {exc}"
+            raise UnavailableError(msg) from exc
+        self._observe("token", str(resp.status_code), time.perf_counter() - start)
+        if resp.status_code in (401, 403):
+            raise AuthError(self._refused(f"token service {realm}"))
+        if resp.status_code != 200:
+            msg = f"{self.description}: token service {realm} answered {resp.status_code}"
+            raise AuthError(msg)
+        try:
+            doc = resp.json()
+            value = doc.get("token") or doc.get("access_token")
+            expires_in = int(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError) as exc:
+            msg = f"{self.description}: token service {realm} sent no token"
+            raise AuthError(msg) from exc
+        if not isinstance(value, str) or not value:
+            msg = f"{self.description}: token service {realm} sent no token"
+            raise AuthError(msg)
+        # Renew a little early: a token that expires in flight costs a 401 round trip.
+        return _Token(value, time.monotonic() + max(expires_in - 10, 5))
+
+    def _refused(self, by: str = "") -> str:
+        creds = self._credentials
+        who = by or self.description
+        if creds is None:
+            return (
+                f"{who} needs credentials and none were given or found for {self.host} "
+                f"(Docker config {self._config_file}); pass them in "
+                "or run docker login"
+            )
+        user = creds.username or "(identity token)"
+        return f"{who} refused the credentials of {user!r} from {creds.source} for {self.host}"
+
+    def _on_challenge(self, header: str, scope: str, had_auth: bool) -> None:
+        scheme, params = _parse_challenge(header)
+        if scheme not in ("basic", "bearer"):
+            msg = f"{self.description} asks for unsupported authentication {header!r}"
+            raise AuthError(msg)
+        if scheme == "basic" and (self._credentials is None or had_auth):
+            raise AuthError(self._refused())
+        with self._lock:
+            known = self._scheme == scheme and self._challenge.get("realm") == params.get("realm")
+            self._scheme = scheme
+            self._challenge = params
+        if scheme == "bearer" and known and had_auth:
+            # Our token for this scope was refused: a fresh one, or insufficient rights.
+            self._token(scope or params.get("scope", ""), refresh=True)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _observe(self, operation: str, status: str, seconds: float) -> None:
+        if self._on_request is not None:
+            with contextlib.suppress(Exception):
+                self._on_request(operation, status, seconds)
+
+    def _timeouts(self, remaining: float) -> httpx.Timeout:
+        left = max(remaining, 0.5)
+        return httpx.Timeout(min(_IO_TIMEOUT, left), connect=min(_CONNECT_TIMEOUT, left))
+
+    def url(self, path: str) -> str:
+        """Absolute URL of an API path (``/v2/...``) or of a ``Location`` header value."""
+        if path.startswith(("http://", "https://")):
+            return path
+        return self.base + path
+
+    def send(
+        self,
+        operation: str,
+        method: str,
+        url: str,
+        *,
+        scope: str,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        body: Callable[[], Iterator[bytes] | bytes] | None = None,
+        stream: bool = False,
+        retry: bool = True,
+        follow_redirects: bool = False,
+        budget: float | None = None,
+    ) -> httpx.Response:
+        """One API exchange, with authentication and (with ``retry``) retries.
+
+        ``body`` is called again for each attempt (a streamed upload must start over).
+        Statuses other than 401, 5xx and 429 are returned as they are: the caller decides.
+
+        Raises:
+            AuthError: 401 after authenticating, or 403.
+            UnavailableError: retries ran out (or TLS verification failed).
+            _Retry: a transient failure with ``retry=False`` (internal).
+        """
+        deadline = time.monotonic() + (self.timeout if budget is None else budget)
+        attempt = 0
+        challenged = False
+        started = time.monotonic()
+        while True:
+            h = dict(headers or {})
+            self._authorize(h, scope)
+            had_auth = "Authorization" in h
+            content = body() if body is not None else None
+            start = time.perf_counter()
+            try:
+                request = self._http.build_request(
+                    method,
+                    self.url(url),
+                    headers=h,
+                    content=content,
+                    timeout=self._timeouts(deadline - time.monotonic()),
+                )
+                resp = self._http.send(request, stream=stream, follow_redirects=follow_redirects)
+            except httpx.TransportError as exc:
+                self._observe(operation, "error", time.perf_counter() - start)
+                if _tls_failure(exc):
+                    msg = (
+                        f"TLS verification failed for {self.description} ({what}): {exc}; "
+                        "pass ca_file= with its CA (or insecure=True for plain HTTP)"
+                    )
+                    raise UnavailableError(msg) from exc
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if not retry:
+                    raise _Retry(reason) from exc
+                attempt += 1
+                if not _backoff(attempt, deadline):
+                    raise self._unavailable(what, reason, attempt, started) from exc
+                continue
+            self._observe(operation, str(resp.status_code), time.perf_counter() - start)
+            status = resp.status_code
+            if status == 401:
+                resp.close()
+                if challenged:
+                    raise AuthError(self._refused())
+                challenged = True
+                self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, had_auth)
+                continue
+            if status == 403:
+                detail = _error_detail(resp)
+                resp.close()
+                msg = f"{self.description} denied {what}{detail}"
+                if self._credentials is None:
+                    msg += " (no credentials were given or found)"
+                raise AuthError(msg)
+            if status >= 500 or status == 429:
+                detail = _error_detail(resp)
+                resp.close()
+                reason = f"HTTP {status}{detail}"
+                if not retry:
+                    raise _Retry(reason)
+                attempt += 1
+                if not _backoff(attempt, deadline):
+                    raise self._unavailable(what, reason, attempt, started)
+                continue
+            return resp
+
+    def open_body(
+        self,
+        operation: str,
+        path: str,
+        *,
+        scope: str,
+        what: str,
+        headers: Mapping[str, str],
+        budget: float,
+    ) -> _Body:
+        """A ``GET`` whose body is read straight from the socket (``http.client``).
+
+        Blob downloads take this path: ``httpx``'s HTTP/1.1 parser (h11) copies every
+        piece of a body through Python and tops out at a fraction of what the standard
+        library's buffered reader does on the same connection (docs/DISTRIBUTED.md). The
+        exchange is otherwise the same as :meth:`send`: credentials and challenges (a 401
+        is answered once), redirects followed (up to 5; ``Authorization`` only to this
+        registry), 5xx/429 and connection errors reported as transient (``_Retry``).
+
+        Raises:
+            AuthError / UnavailableError (TLS) / NotFoundError / RefcacheError; _Retry.
+        """
+        url = self.url(path)
+        challenged = False
+        for _ in range(6):
+            h = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", **headers}
+            if url.startswith(self.base + "/"):
+                self._authorize(h, scope)
+            had_auth = "Authorization" in h
+            parts = urllib.parse.urlsplit(url)
+            timeout = min(_IO_TIMEOUT, max(budget, 0.5))
+            conn: http.client.HTTPConnection
+            if parts.scheme == "https":
+                ctx = self._verify if isinstance(self._verify, ssl.SSLContext) else None
+                conn = http.client.HTTPSConnection(
+                    parts.hostname or "", parts.port, timeout=timeout, context=ctx
+                )
+            else:
+                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            start = time.perf_counter()
+            try:
+                conn.request("GET", target, headers=h)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._observe(operation, "error", time.perf_counter() - start)
+                if _tls_failure(exc):
+                    msg = (
+                        f"TLS verification failed for {self.description} ({what}): {exc}; "
+                        "pass ca_file= with its CA (or insecure=True for plain HTTP)"
+                    )
+                    raise UnavailableError(msg) from exc
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            status = resp.status
+            self._observe(operation, str(status), time.perf_counter() - start)
+            if status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
+                conn.close()
+                continue
+            if status == 401:
+                header = resp.getheader("WWW-Authenticate", "")
+                conn.close()
+                if challenged:
+                    raise AuthError(self._refused())
+                challenged = True
+                self._on_challenge(header, scope, had_auth)
+                continue
+            if status in (200, 206):
+                return _Body(conn, resp)
+            conn.close()
+            if status == 403:
+                raise AuthError(f"{self.description} denied {what}")
+            if status >= 500 or status == 429:
+                raise _Retry(f"HTTP {status}")
+            if status == 404:
+                raise NotFoundError(f"{what}: not found in {self.description}")
+            raise RefcacheError(f"{self.description} refused {what}: HTTP {status}")
+        msg = f"{self.description}: too many redirects for {what}"
+        raise RefcacheError(msg)
+
+    def _unavailable(self, what: str, reason: str, attempts: int, started: float) -> RefcacheError:
+        took = time.monotonic() - started
+        msg = (
+            f"{self.description} unavailable: {what} failed: {reason} "
+            f"(gave up after {attempts} attempt(s) in {took:.1f} s)"
+        )
+        return UnavailableError(msg)
+
+    def fail(self, resp: httpx.Response, what: str) -> RefcacheError:
+        """The error for an unexpected status (the response is closed)."""
+        detail = _error_detail(resp)
+        status = resp.status_code
+        resp.close()
+        if status == 404:
+            return NotFoundError(f"{what}: not found in {self.description}{detail}")
+        return RefcacheError(f"{self.description} refused {what}: HTTP {status}{detail}")
+
+    def ping(self) -> None:
+        """``GET /v2/``: checks reachability and credentials.
+
+        Raises:
+            AuthError / UnavailableError / RefcacheError: as :meth:`send`.
+        """
+        resp = self.send("ping", "GET", "/v2/", scope="", what="GET /v2/")
+        if resp.status_code != 200:
+            raise self.fail(resp, "the API version check")
+        resp.close()
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(cur, ssl.SSLError) and "CERTIFICATE" in str(cur).upper():
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _backoff(attempt: int, deadline: float) -> bool:
+    """Sleeps before retry ``attempt`` (1, 2, ...); ``False`` when the deadline is past."""
+    delay = min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX)
+    delay *= 0.75 + random.random() / 2  # jitter: workers retrying together spread out
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    time.sleep(min(delay, remaining))
+    return time.monotonic() < deadline
+
+
+def _error_detail(resp: httpx.Response) -> str:
+    """`` (CODE: message; ...)`` from a registry's JSON error body, if any."""
+    try:
+        doc = json.loads(resp.read()[:65536])
+        errors = doc.get("errors") if isinstance(doc, dict) else None
+        parts = [
+            f"{e.get('code', '?')}: {e.get('message', '')}".strip()
+            for e in errors or []
+            if isinstance(e, dict)
+        ]
+        return f" ({'; '.join(parts)})" if parts else ""
+    except Exception:
+        return ""
+
+
+# -- one repository -------------------------------------------------------------------------
+
+
+class RegistryRepository:
+    """One repository of a registry: the operations a cache image needs.
+
+    Args:
+        client: The registry.
+        name: Repository path (``team/cache``).
+    """
+
+    def __init__(self, client: RegistryClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"RegistryRepository({self.client.host!r}, {self.name!r})"
+
+    @property
+    def description(self) -> str:
+        """``registry HOST (repository REPO)``."""
+        return f"registry {self.client.host} (repository {self.name})"
+
+    def _scope(self, push: bool = False) -> str:
+        return f"repository:{self.name}:{'pull,push' if push else 'pull'}"
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def has_blob(self, digest: str, *, push: bool = False) -> bool:
+        """``HEAD`` of a blob: whether this repository has it."""
+        resp = self.client.send(
+            "blob_head",
+            "HEAD",
+            f"/v2/{self.name}/blobs/{digest}",
+            scope=self._scope(push),
+            what=f"HEAD of blob {digest}",
+            follow_redirects=True,
+        )
+        resp.close()
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise self.client.fail(resp, f"HEAD of blob {digest} in {self.name}")
+
+    def open_blob(
+        self, desc: Descriptor, *, on_bytes: Callable[[int], None] | None = None
+    ) -> BlobStream:
+        """A stream of blob ``desc`` that resumes after a broken connection (see
+        :class:`BlobStream`); nothing is sent before the first read."""
+        return BlobStream(self, desc, on_bytes)
+
+    def mount_blob(self, digest: str, source: str) -> str | None:
+        """Asks the registry to link ``digest`` from repository ``source`` into this one.
+
+        Returns:
+            ``None`` when mounted (201); otherwise the upload session URL it opened instead
+            (202), to upload into.
+        """
+        resp = self.client.send(
+            "blob_mount",
+            "POST",
+            f"/v2/{self.name}/blobs/uploads/?mount={digest}&from={source}",
+            # The token must allow pulling from the source repository too.
+            scope=f"{self._scope(True)} repository:{source}:pull",
+            what=f"mount of blob {digest} from {source}",
+            headers={"Content-Length": "0"},
+        )
+        resp.close()
+        if resp.status_code == 201:
+            return None
+        if resp.status_code == 202 and resp.headers.get("Location"):
+            return resp.headers["Location"]
+        raise self.client.fail(resp, f"mount of blob {digest} from {source}")
+
+    def _start_upload(self, digest: str, budget: float) -> str:
+        resp = self.client.send(
+            "blob_upload_start",
+            "POST",
+            f"/v2/{self.name}/blobs/uploads/",
+            scope=self._scope(True),
+            what=f"upload of blob {digest}",
+            headers={"Content-Length": "0"},
+            budget=budget,
+        )
+        resp.close()
+        location = resp.headers.get("Location")
+        if resp.status_code != 202 or not location:
+            raise self.client.fail(resp, f"upload of blob {digest}")
+        return location
+
+    def put_blob(
+        self,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        *,
+        session: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Uploads blob ``desc`` (monolithic: one streamed ``PUT``), reading ``opener()``.
+
+        A failed attempt (connection, 5xx, a lost upload session) starts over with a new
+        session and a new ``opener()`` stream, within the retry budget. ``on_bytes`` sees
+        the bytes sent (again after a restart: it counts traffic, not progress).
+
+        Raises:
+            UnavailableError: retries ran out.
+            RefcacheError: the registry rejected the blob (e.g. digest mismatch).
+        """
+        client = self.client
+        started = time.monotonic()
+        deadline = started + client.timeout
+        attempt = 0
+        what = f"upload of blob {desc.digest}"
+        while True:
+            try:
+                location = session or self._start_upload(desc.digest, deadline - time.monotonic())
+                session = None
+                url = httpx.URL(client.url(location)).copy_merge_params({"digest": desc.digest})
+
+                def body() -> Iterator[bytes]:
+                    return _read_chunks(opener, on_bytes)
+
+                resp = client.send(
+                    "blob_upload",
+                    "PUT",
+                    str(url),
+                    scope=self._scope(True),
+                    what=what,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(desc.size),
+                    },
+                    body=body,
+                    retry=False,
+                    budget=deadline - time.monotonic(),
+                )
+            except _Retry as exc:
+                attempt += 1
+                if not _backoff(attempt, deadline):
+                    raise client._unavailable(what, exc.reason, attempt, started) from exc
+                continue
+            if resp.status_code in (201, 204):
+                resp.close()
+                return
+            if resp.status_code == 404:  # BLOB_UPLOAD_UNKNOWN: the session was lost
+                resp.close()
+                attempt += 1
+                if not _backoff(attempt, deadline):
+                    raise client._unavailable(what, "upload session lost", attempt, started)
+                continue
+            raise client.fail(resp, what)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def has_manifest(self, digest: str) -> bool:
+        """``HEAD`` of a manifest by digest."""
+        resp = self.client.send(
+            "manifest_head",
+            "HEAD",
+            f"/v2/{self.name}/manifests/{digest}",
+            scope=self._scope(True),
+            what=f"HEAD of manifest {digest}",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        resp.close()
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise self.client.fail(resp, f"HEAD of manifest {digest} in {self.name}")
+
+    def get_manifest(self, reference: str) -> tuple[str, bytes, str]:
+        """``GET`` of a manifest or index by tag or digest.
+
+        Returns:
+            ``(media type, bytes, digest)``; fetched by digest, the bytes are verified.
+
+        Raises:
+            NotFoundError: no such tag or manifest.
+            InvalidError: the bytes do not match the digest asked for.
+        """
+        what = (
+            f"manifest {self.name}:{reference}"
+            if ":" not in reference
+            else (f"manifest {self.name}@{reference}")
+        )
+        resp = self.client.send(
+            "manifest_get",
+            "GET",
+            f"/v2/{self.name}/manifests/{reference}",
+            scope=self._scope(),
+            what=f"GET of {what}",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if resp.status_code != 200:
+            raise self.client.fail(resp, what)
+        data = resp.content
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        digest = digest_bytes(data)
+        if reference.startswith("sha256:") and digest != reference:
+            msg = f"{what} from {self.client.description} has digest {digest}"
+            raise InvalidError(msg)
+        return media_type, data, digest
+
+    def put_manifest(self, reference: str, media_type: str, data: bytes) -> str:
+        """``PUT`` of a manifest or index under a tag or its digest; returns its digest."""
+        what = f"manifest {self.name}:{reference}"
+        resp = self.client.send(
+            "manifest_put",
+            "PUT",
+            f"/v2/{self.name}/manifests/{reference}",
+            scope=self._scope(True),
+            what=f"PUT of {what}",
+            headers={"Content-Type": media_type},
+            body=lambda: data,
+        )
+        if resp.status_code not in (200, 201):
+            raise self.client.fail(resp, what)
+        resp.close()
+        return digest_bytes(data)
+
+
+def _read_chunks(
+    opener: Callable[[], BinaryIO], on_bytes: Callable[[int], None] | None
+) -> Iterator[bytes]:
+    with opener() as f:
+        while chunk := f.read(_CHUNK):
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+            yield chunk
+
+
+class _Body:
+    """An open ``GET`` response read from its socket (see :meth:`RegistryClient.open_body`)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        self.conn = conn
+        self.resp = resp
+        self.status = resp.status
+
+    def header(self, name: str) -> str:
+        return self.resp.getheader(name, "") or ""
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in pieces as the socket delivers them (up to 1 MiB); ends early (no
+        error) when the connection breaks: the caller compares with the expected size."""
+        while chunk := self.resp.read1(_CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resp.close()
+        self.conn.close()
+
+
+class BlobStream(io.RawIOBase):
+    """A blob read from a registry, resumed with ``Range`` requests when a connection breaks.
+
+    The first read sends ``GET /v2/<repo>/blobs/<digest>`` (redirects followed, as registries
+    backed by object stores answer with one). When the body stops early (reset, timeout,
+    truncated), the stream reconnects with ``Range: bytes=<offset>-`` and goes on, backing
+    off between attempts, for as long as the client's ``timeout`` allows since the last byte
+    arrived. A server that ignores ``Range`` (200) is read from the start and the bytes
+    already delivered are skipped. Reading stops at ``desc.size`` bytes; the digest is not
+    checked here (the content store's verified write does it, while the bytes stream in).
+
+    Raises (from ``read``):
+        UnavailableError: retries ran out; the message names the registry and the digest.
+        NotFoundError: the registry has no such blob.
+    """
+
+    def __init__(
+        self,
+        repo: RegistryRepository,
+        desc: Descriptor,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        validate_digest(desc.digest)
+        self._repo = repo
+        self._desc = desc
+        self._on_bytes = on_bytes
+        self._offset = 0
+        self._resp: _Body | None = None
+        self._chunks: Iterator[bytes] | None = None
+        self._pending = b""
+        self._attempts = 0
+        self.reconnects = 0
+
+    @property
+    def offset(self) -> int:
+        """Bytes delivered so far."""
+        return self._offset
+
+    def readable(self) -> bool:
+        return True
+
+    def _what(self) -> str:
+        return f"fetch of blob {self._desc.digest} from repository {self._repo.name}"
+
+    def _connect(self, deadline: float) -> None:
+        client = self._repo.client
+        headers = {}
+        if self._offset:
+            headers["Range"] = f"bytes={self._offset}-"
+        body = client.open_body(
+            "blob_get",
+            f"/v2/{self._repo.name}/blobs/{self._desc.digest}",
+            scope=self._repo._scope(),
+            what=self._what(),
+            headers=headers,
+            budget=deadline - time.monotonic(),
+        )
+        skip = 0
+        if body.status == 200:
+            skip = self._offset  # Range ignored: the whole blob again
+        elif self._offset:
+            start = _content_range_start(body.header("Content-Range"))
+            if start != self._offset:
+                body.close()
+                msg = (
+                    f"{client.description} answered a range from {start} for "
+                    f"{self._what()} at offset {self._offset}"
+                )
+                raise RefcacheError(msg)
+        self._resp = body
+        self._chunks = body.chunks()
+        while skip:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                raise _Retry("connection closed before the resume offset")
+            if len(chunk) > skip:
+                self._pending = chunk[skip:]
+                skip = 0
+            else:
+                skip -= len(chunk)
+
+    def _drop(self) -> None:
+        if self._resp is not None:
+            with contextlib.suppress(Exception):
+                self._resp.close()
+        self._resp = None
+        self._chunks = None
+
+    def _next_chunk(self) -> bytes:
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+            return chunk
+        client = self._repo.client
+        deadline = time.monotonic() + client.timeout
+        started = time.monotonic()
+        while True:
+            try:
+                return self._pull_chunk(deadline)
+            except (OSError, http.client.HTTPException, _Retry) as exc:
+                self._drop()
+                reason = exc.reason if isinstance(exc, _Retry) else f"{type(exc).__name__}: {exc}"
+                self._attempts += 1
+                self.reconnects += 1
+                logger.info("%s: %s; resuming at byte %d", self._what(), reason, self._offset)
+                if not _backoff(min(self._attempts, 8), deadline):
+                    raise client._unavailable(
+                        self._what(), reason, self._attempts, started
+                    ) from exc
+
+    def _pull_chunk(self, deadline: float) -> bytes:
+        """The next piece of the body (``b""`` at the end); ``_Retry`` when it broke off."""
+        if self._chunks is None:
+            self._connect(deadline)
+        assert self._chunks is not None
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+        else:
+            chunk = next(self._chunks, b"")
+        if chunk or self._desc.size <= 0 or self._offset >= self._desc.size:
+            return chunk
+        raise _Retry(f"connection closed at byte {self._offset} of {self._desc.size}")
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = len(view)
+        if want == 0:
+            return 0
+        if self._desc.size > 0:
+            want = min(want, self._desc.size - self._offset)
+            if want <= 0:
+                return 0
+        chunk = self._next_chunk()
+        if not chunk:
+            return 0
+        n = min(len(chunk), want)
+        view[:n] = chunk[:n]
+        if n < len(chunk):
+            self._pending = chunk[n:]
+        self._offset += n
+        self._attempts = 0  # progress: the retry budget starts again
+        if self._on_bytes is not None:
+            self._on_bytes(n)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (one network chunk at most); ``b""`` at the end."""
+        if size is None or size < 0:
+            return self.readall()
+        buf = bytearray(min(size, _CHUNK))
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def _content_range_start(value: str) -> int:
+    # "bytes 100-199/200"
+    try:
+        return int(value.split(" ", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return -1
