@@ -9,6 +9,7 @@ from ..storage import (
     ClosedError,
     CorruptedError,
     CorruptMetadataError,
+    Credentials,
     Descriptor,
     DiffIDMismatchError,
     FailedPreconditionError,
@@ -24,7 +25,6 @@ from ..storage import (
     TimeoutError,
     UnavailableError,
 )
-from ..storage._registry import Credentials
 from ._cache import Cache, open_cache
 from ._distribution import ProgressEvent, PushResult
 from ._manager import CacheManager

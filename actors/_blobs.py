@@ -51,6 +51,7 @@ from typing import Any, BinaryIO, Final, cast
 
 from ..storage import (
     ANNOTATION_UNCOMPRESSED,
+    COMPRESSIONS,
     KEY_BLOB_SIZE,
     KEY_CREATED_AT,
     KEY_LAYER_URLS,
@@ -58,6 +59,7 @@ from ..storage import (
     MEDIA_TYPE_OCI_LAYER,
     MEDIA_TYPE_OCI_LAYER_GZIP,
     MEDIA_TYPE_OCI_LAYER_ZSTD,
+    RESOURCE_CONTENT,
     AlreadyExistsError,
     ContentInfo,
     CorruptMetadataError,
@@ -65,19 +67,22 @@ from ..storage import (
     DiffIDMismatchError,
     FailedPreconditionError,
     InvalidError,
+    LmdbLeaseManager,
+    LocalContentStore,
     MetaEnv,
     Mount,
     NeedsRemoteProviderError,
     NotFoundError,
     RefcacheError,
+    Resource,
     WriteTxn,
+    compressed_writer,
+    decompressed_stream,
+    frozen_map,
+    local_mount,
     validate_digest,
+    write_diff,
 )
-from ..storage._archive import COMPRESSIONS, compressed_writer, decompressed_stream, write_diff
-from ..storage._content import LocalContentStore
-from ..storage._leases import RESOURCE_CONTENT, LmdbLeaseManager, Resource
-from ..storage._mount import local_mount
-from ..storage._types import frozen_map
 from ._core import CacheCore, get_result
 from ._types import DescHandler, RecordKind
 

@@ -25,16 +25,26 @@ from typing import Any, Self
 
 import pykka
 
-from ..storage import InvalidError, LockedError, MetadataStore, MetaEnv
-from ..storage._applier import check_cap
-from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
-from ..storage._content import LocalContentStore
-from ..storage._layout import PRIVATE_FILE_MODE, access_error, make_private_dir, secure_root
-from ..storage._leases import LmdbLeaseManager
-from ..storage._mount import MOUNTS_DIR, clean_mount_dir
-from ..storage._overlay import make_snapshotter
-from ..storage._registry import Credentials
-from ..storage._snapshotter import Snapshotter
+from ..storage import (
+    MAX_LAYER_ENTRIES,
+    MAX_LAYER_SIZE,
+    MOUNTS_DIR,
+    PRIVATE_FILE_MODE,
+    Credentials,
+    InvalidError,
+    LmdbLeaseManager,
+    LocalContentStore,
+    LockedError,
+    MetadataStore,
+    MetaEnv,
+    Snapshotter,
+    access_error,
+    check_cap,
+    clean_mount_dir,
+    make_private_dir,
+    make_snapshotter,
+    secure_root,
+)
 from . import _distribution as distribution
 from ._core import CacheCore, get_result
 from ._distribution import ProgressEvent, PushResult

@@ -43,8 +43,15 @@ from typing import Any, TextIO
 
 import pykka
 
-from ..storage import CorruptedError, InvalidError, LockedError, RefcacheError, check, repair
-from ..storage._check import _in_use
+from ..storage import (
+    CorruptedError,
+    InvalidError,
+    LockedError,
+    RefcacheError,
+    cache_in_use,
+    check,
+    repair,
+)
 from ._cache import open_cache
 from ._cliutil import (
     CommandFailedError,
@@ -451,7 +458,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         _report_prune(args, root, offline_prune_plan(root, [policy]), dry_run=True)
         return EXIT_OK
-    if _in_use(root):
+    if cache_in_use(root):
         raise busy(root, "prune")
     # With the cache closed, the plan is what the prune will delete (the same planning).
     plan = offline_prune_plan(root, [policy])
@@ -668,7 +675,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     root = existing_cache(args.root)
     fixed: list[str] = []
     if args.fix:
-        if _in_use(root):
+        if cache_in_use(root):
             raise busy(root, "repair")
         # A damaged metadata environment is check's finding below (one line), not a crash.
         with contextlib.suppress(CorruptedError):

@@ -21,18 +21,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pykka
 
-from ..storage import ClosedError, InvalidError, MetadataStore, MetaEnv
-from ..storage._applier import Applier, TarApplier
-from ..storage._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE
-from ..storage._errors import CacheTimeoutError
-from ..storage._mount import MOUNTS_DIR
+from ..storage import (
+    MAX_LAYER_ENTRIES,
+    MAX_LAYER_SIZE,
+    MOUNTS_DIR,
+    Applier,
+    CacheTimeoutError,
+    ClosedError,
+    InvalidError,
+    MetadataStore,
+    MetaEnv,
+    TarApplier,
+)
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
 
 if TYPE_CHECKING:
-    from ..storage._content import LocalContentStore
-    from ..storage._leases import LmdbLeaseManager
-    from ..storage._snapshotter import Snapshotter
+    from ..storage import LmdbLeaseManager, LocalContentStore, Snapshotter
 
 __all__ = [
     "LATENCY_BUCKETS",

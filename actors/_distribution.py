@@ -41,36 +41,33 @@ from typing import Any, BinaryIO, Final, Protocol
 
 from ..storage import (
     ANNOTATION_UNCOMPRESSED,
+    MEDIA_TYPE_OCI_INDEX,
+    RESOURCE_CONTENT,
+    CacheEntry,
     ContentInfo,
+    Credentials,
     Descriptor,
     InvalidError,
-    NotFoundError,
-    RefcacheError,
-)
-from ..storage._leases import RESOURCE_CONTENT, Resource
-from ..storage._oci import (
-    MEDIA_TYPE_OCI_INDEX,
-    CacheEntry,
     LayerMeta,
+    NotFoundError,
+    OciLayout,
     ParsedImage,
+    RefcacheError,
+    RegistryClient,
+    RegistryRepository,
+    Resource,
     Target,
     build_config,
     build_index,
     build_manifest,
     config_diff_ids,
+    frozen_map,
+    load_credentials,
     parse_image,
     parse_manifest,
     parse_target,
     validate_name,
 )
-from ..storage._ocilayout import OciLayout
-from ..storage._registry import (
-    Credentials,
-    RegistryClient,
-    RegistryRepository,
-    load_credentials,
-)
-from ..storage._types import frozen_map
 from ._blobs import chain_id, check_compression, diff_id_of, media_type_compression
 from ._core import CacheCore
 from ._manager import BlobRecordPlan

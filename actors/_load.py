@@ -33,15 +33,15 @@ from ..storage import (
     KEY_DELETED,
     KEY_EQUAL_MUTABLE,
     CorruptMetadataError,
+    Kind,
+    LmdbLeaseManager,
     MetadataStore,
+    MetaEnv,
     NotFoundError,
     RefcacheError,
+    Snapshotter,
     StorageItem,
 )
-from ..storage._env import MetaEnv
-from ..storage._leases import LmdbLeaseManager
-from ..storage._snapshotter import Snapshotter
-from ..storage._types import Kind
 from ._entry import RecordEntry
 
 __all__ = ["LoadReport", "load_records"]

@@ -68,6 +68,7 @@ from ..storage import (
     KEY_SIZE,
     KEY_SNAPSHOT,
     KEY_USAGE_COUNT,
+    RESOURCE_CONTENT,
     Descriptor,
     FailedPreconditionError,
     InvalidError,
@@ -75,10 +76,10 @@ from ..storage import (
     NeedsRemoteProviderError,
     NotFoundError,
     RefcacheError,
+    Resource,
     WriteTxn,
+    frozen_map,
 )
-from ..storage._leases import RESOURCE_CONTENT, Resource
-from ..storage._types import frozen_map
 from ._blobs import (
     BlobNode,
     chain_id,

@@ -28,15 +28,15 @@ from typing import Any
 from ..storage import (
     KEY_DELETED,
     CorruptMetadataError,
+    LmdbLeaseManager,
+    LocalContentStore,
     MetadataStore,
     MetaEnv,
     NotFoundError,
     RefcacheError,
+    Snapshotter,
+    open_snapshotter,
 )
-from ..storage._check import _open_snapshotter
-from ..storage._content import LocalContentStore
-from ..storage._leases import LmdbLeaseManager
-from ..storage._snapshotter import Snapshotter
 from ._entry import RecordEntry
 from ._prune import (
     RefChecker,
@@ -156,7 +156,7 @@ class _Backends:
     """Read-only snapshotter and content store for measuring sizes (None when absent)."""
 
     def __init__(self, root: Path, env: MetaEnv) -> None:
-        self.snapshotter: Snapshotter | None = _open_snapshotter(root, env, clean=False)
+        self.snapshotter: Snapshotter | None = open_snapshotter(root, env, clean=False)
         self.content: LocalContentStore | None = None
         if (root / "content").is_dir():
             self.content = LocalContentStore(root / "content", env, clean=False)

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pykka
 
-from ..storage import Descriptor, RefcacheError
-from ..storage._errors import CacheTimeoutError
+from ..storage import CacheTimeoutError, Descriptor, RefcacheError
 
 if TYPE_CHECKING:
     from ._core import CacheCore

@@ -67,12 +67,13 @@ import pykka
 from ..storage import (
     KEY_DELETED,
     ClosedError,
+    Filter,
     InvalidError,
     NotFoundError,
     RefcacheError,
+    collect,
+    parse_filters,
 )
-from ..storage._filters import Filter, parse_filters
-from ..storage._gc import collect
 from ._blobs import measure_record
 from ._record import SIZE_UNKNOWN
 from ._types import PrunePolicy, UsageInfo

@@ -31,16 +31,19 @@ from ..storage import (
     KEY_DESCRIPTION,
     KEY_LAYER_TYPE,
     KEY_RECORD_TYPE,
+    RESERVED_EXTERNAL_KEYS,
     AlreadyExistsError,
     InvalidError,
     Mount,
     NotFoundError,
     RefcacheError,
+    Resource,
+    frozen_map,
+    local_mount,
+    readonly_mounts,
+    reserved_index,
+    reserved_key,
 )
-from ..storage._leases import Resource
-from ..storage._metadata import RESERVED_EXTERNAL_KEYS, reserved_index, reserved_key
-from ..storage._mount import local_mount, readonly_mounts
-from ..storage._types import frozen_map
 from ._blobs import (
     check_compression,
     check_handlers,

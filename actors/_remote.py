@@ -34,10 +34,11 @@ from ..storage import (
     Mount,
     NotFoundError,
     RefcacheError,
+    Resource,
+    decompressed_stream,
+    detect_compression,
+    frozen_map,
 )
-from ..storage._archive import decompressed_stream, detect_compression
-from ..storage._leases import Resource
-from ..storage._types import frozen_map
 from ._blobs import (
     BlobLease,
     BlobNode,

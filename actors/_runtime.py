@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 import pykka
 from pykka import ActorDeadError, ActorRegistry, ThreadingFuture, messages
 
-from ..storage._errors import InvalidError
+from ..storage import InvalidError
 
 if TYPE_CHECKING:
     from pykka import ActorRef, Future

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import BinaryIO, Literal
 
-from ..storage import Descriptor, InvalidError
-from ..storage._types import frozen_map
+from ..storage import Descriptor, InvalidError, frozen_map
 
 __all__ = [
     "CacheStatistics",

@@ -32,8 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
 from ..actors._types import CacheStatistics
-from ..storage import AlreadyExistsError, ClosedError, InvalidError
-from ..storage._errors import CacheTimeoutError
+from ..storage import AlreadyExistsError, CacheTimeoutError, ClosedError, InvalidError
 
 __all__ = [
     "SNAPSHOT_MAX_AGE",

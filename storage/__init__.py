@@ -3,9 +3,19 @@
 Never imports pykka or ``actors``: everything here is plain, synchronous and thread-safe.
 """
 
-from ._applier import Applier, TarApplier
-from ._archive import ApplyResult, apply_tar, detect_compression, write_diff
-from ._check import check, repair
+from ._applier import Applier, TarApplier, check_cap
+from ._archive import (
+    COMPRESSIONS,
+    MAX_LAYER_ENTRIES,
+    MAX_LAYER_SIZE,
+    ApplyResult,
+    apply_tar,
+    compressed_writer,
+    decompressed_stream,
+    detect_compression,
+    write_diff,
+)
+from ._check import cache_in_use, check, open_snapshotter, repair
 from ._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
 from ._differ import Differ, WalkingDiffer
 from ._env import (
@@ -25,6 +35,7 @@ from ._env import (
 from ._errors import (
     AlreadyExistsError,
     AuthError,
+    CacheTimeoutError,
     ClosedError,
     CorruptedError,
     CorruptMetadataError,
@@ -43,7 +54,8 @@ from ._errors import (
 )
 from ._filters import Filter, parse_filters
 from ._gc import GCStats, collect
-from ._leases import Lease, LeaseManager, LmdbLeaseManager, Resource
+from ._layout import PRIVATE_FILE_MODE, access_error, make_private_dir, secure_root
+from ._leases import RESOURCE_CONTENT, Lease, LeaseManager, LmdbLeaseManager, Resource
 from ._metadata import (
     EXTERNAL_FILELIST,
     INDEX_BLOB_CHAIN,
@@ -73,13 +85,33 @@ from ._metadata import (
     KEY_SNAPSHOT,
     KEY_UPPER_DIFF_PARENT,
     KEY_USAGE_COUNT,
+    RESERVED_EXTERNAL_KEYS,
     MetadataStore,
     StorageItem,
+    reserved_index,
+    reserved_key,
     validate_record_id,
 )
-from ._mount import local_mount, probe_overlay, readonly_mounts
+from ._mount import MOUNTS_DIR, clean_mount_dir, local_mount, probe_overlay, readonly_mounts
 from ._native import NativeSnapshotter
+from ._oci import (
+    MEDIA_TYPE_OCI_INDEX,
+    CacheEntry,
+    LayerMeta,
+    ParsedImage,
+    Target,
+    build_config,
+    build_index,
+    build_manifest,
+    config_diff_ids,
+    parse_image,
+    parse_manifest,
+    parse_target,
+    validate_name,
+)
+from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
+from ._registry import Credentials, RegistryClient, RegistryRepository, load_credentials
 from ._snapshotter import Snapshotter
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
@@ -94,10 +126,50 @@ from ._types import (
     SnapshotInfo,
     Usage,
     digest_of,
+    frozen_map,
     validate_digest,
 )
 
 __all__ = [
+    # used by the layers above (actors, metrics)
+    "COMPRESSIONS",
+    "CacheEntry",
+    "CacheTimeoutError",
+    "Credentials",
+    "LayerMeta",
+    "MAX_LAYER_ENTRIES",
+    "MAX_LAYER_SIZE",
+    "MEDIA_TYPE_OCI_INDEX",
+    "MOUNTS_DIR",
+    "OciLayout",
+    "PRIVATE_FILE_MODE",
+    "ParsedImage",
+    "RESERVED_EXTERNAL_KEYS",
+    "RESOURCE_CONTENT",
+    "RegistryClient",
+    "RegistryRepository",
+    "Target",
+    "access_error",
+    "build_config",
+    "build_index",
+    "build_manifest",
+    "cache_in_use",
+    "check_cap",
+    "clean_mount_dir",
+    "compressed_writer",
+    "config_diff_ids",
+    "decompressed_stream",
+    "frozen_map",
+    "load_credentials",
+    "make_private_dir",
+    "open_snapshotter",
+    "parse_image",
+    "parse_manifest",
+    "parse_target",
+    "reserved_index",
+    "reserved_key",
+    "secure_root",
+    "validate_name",
     # errors
     "RefcacheError",
     "NotFoundError",

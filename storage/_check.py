@@ -78,7 +78,7 @@ __all__ = ["check", "repair"]
 _BLOB_GRACE_SECONDS = 60.0
 
 
-def _open_snapshotter(root: Path, env: MetaEnv, *, clean: bool) -> BaseSnapshotter | None:
+def open_snapshotter(root: Path, env: MetaEnv, *, clean: bool) -> BaseSnapshotter | None:
     name = stored_snapshotter_name(env)
     if name is None:
         return None
@@ -86,7 +86,7 @@ def _open_snapshotter(root: Path, env: MetaEnv, *, clean: bool) -> BaseSnapshott
     return cls(root, env, clean=clean)
 
 
-def _in_use(root: Path) -> bool:
+def cache_in_use(root: Path) -> bool:
     """Whether some process (this one included) has the cache open for writing."""
     env = MetaEnv.lookup(root / "meta")
     if env is not None and not env.readonly:
@@ -123,7 +123,7 @@ def check(root: str | os.PathLike[str]) -> list[str]:
     try:
         env = MetaEnv(root / "meta", readonly=True)
     except CorruptedError as exc:
-        return [f"metadata: {exc}", *_mount_problems(root, _in_use(root))]
+        return [f"metadata: {exc}", *_mount_problems(root, cache_in_use(root))]
     try:
         return _check_reporting_damage(root, env)
     finally:
@@ -135,14 +135,14 @@ def _check_reporting_damage(root: Path, env: MetaEnv) -> list[str]:
         return _check(root, env)
     except CorruptedError as exc:
         # Damage met while reading (a page LMDB cannot use): one line, the rest unknown.
-        return [f"metadata: {exc}", *_mount_problems(root, _in_use(root))]
+        return [f"metadata: {exc}", *_mount_problems(root, cache_in_use(root))]
 
 
 def _check(root: Path, env: MetaEnv) -> list[str]:
     problems: list[str] = []
-    live = _in_use(root)
+    live = cache_in_use(root)
     store = MetadataStore(env)
-    snapshotter = _open_snapshotter(root, env, clean=False)
+    snapshotter = open_snapshotter(root, env, clean=False)
     content = LocalContentStore(root / "content", env, clean=False)
     # One read transaction for records and snapshot metadata: a consistent committed state.
     with env.read_txn() as txn:
@@ -384,7 +384,7 @@ def repair(root: str | os.PathLike[str]) -> list[str]:
         try:
             content = LocalContentStore(root / "content", env, clean=False)
             done.extend(f"removed orphan blob file {p}" for p in content.remove_orphans())
-            snapshotter = _open_snapshotter(root, env, clean=True)
+            snapshotter = open_snapshotter(root, env, clean=True)
             if snapshotter is not None:
                 cleaned = getattr(snapshotter, "cleaned", [])
                 done.extend(f"removed orphan snapshot directory {p}" for p in cleaned)

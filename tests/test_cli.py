@@ -38,7 +38,7 @@ from refcache.actors._cliutil import (
     usage_lines,
 )
 from refcache.storage import KEY_LAST_USED_AT, MetadataStore, MetaEnv
-from refcache.storage._check import _open_snapshotter
+from refcache.storage._check import open_snapshotter
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0
@@ -775,7 +775,7 @@ class TestNoTracebacks:
         # next open clears ("mutable record has no active snapshot").
         env = MetaEnv(records.root / "meta")
         try:
-            snapshotter = _open_snapshotter(records.root, env, clean=False)
+            snapshotter = open_snapshotter(records.root, env, clean=False)
             assert snapshotter is not None
             snapshotter.remove(records.scratch)
             snapshotter.close()
@@ -811,7 +811,7 @@ class TestNoTracebacks:
         # back; check --fix names the command that deletes the record.
         env = MetaEnv(records.root / "meta")
         try:
-            snapshotter = _open_snapshotter(records.root, env, clean=False)
+            snapshotter = open_snapshotter(records.root, env, clean=False)
             assert snapshotter is not None
             snapshotter.remove(records.step)
             snapshotter.close()
