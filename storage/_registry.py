@@ -265,9 +265,10 @@ class _Token:
 class _Retry(Exception):  # noqa: N818 (internal control flow, never escapes)
     """A transient failure the caller may retry (connection error, 5xx, 429)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, status: int = 0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.status = status  #: the HTTP status when the registry answered (5xx, 429)
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -565,7 +566,7 @@ class RegistryClient:
                 resp.close()
                 reason = f"HTTP {status}{detail}"
                 if not retry:
-                    raise _Retry(reason)
+                    raise _Retry(reason, status)
                 attempt += 1
                 if not _backoff(attempt, deadline):
                     raise self._unavailable(what, reason, attempt, started)
@@ -748,15 +749,28 @@ class RegistryRepository:
     # -- blobs ----------------------------------------------------------------------------
 
     def has_blob(self, digest: str, *, push: bool = False) -> bool:
-        """``HEAD`` of a blob: whether this repository has it."""
-        resp = self.client.send(
-            "blob_head",
-            "HEAD",
-            f"/v2/{self.name}/blobs/{digest}",
-            scope=self._scope(push),
-            what=f"HEAD of blob {digest}",
-            follow_redirects=True,
-        )
+        """``HEAD`` of a blob: whether this repository has it.
+
+        When pushing, a registry that answers the ``HEAD`` with a server error (HTTP 5xx:
+        e.g. distribution's "invalid checksum digest format" for a link file a crash left
+        empty) is taken as not having the blob: the upload that follows rewrites it, and a
+        registry that is really down fails that upload with :class:`UnavailableError`.
+        """
+        what = f"HEAD of blob {digest}"
+        path = f"/v2/{self.name}/blobs/{digest}"
+        try:
+            resp = self.client.send(
+                "blob_head", "HEAD", path, scope=self._scope(push), what=what,
+                follow_redirects=True, retry=not push,
+            )  # fmt: skip
+        except _Retry as exc:
+            if exc.status >= 500:
+                logger.warning("%s: %s answered %s; uploading it", self.description, what, exc)
+                return False
+            resp = self.client.send(
+                "blob_head", "HEAD", path, scope=self._scope(push), what=what,
+                follow_redirects=True,
+            )  # fmt: skip
         resp.close()
         if resp.status_code == 200:
             return True

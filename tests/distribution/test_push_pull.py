@@ -256,6 +256,26 @@ def test_registry_stopped_mid_push_fails_clearly_and_a_retry_succeeds(
         refs["x"].release()
 
 
+def test_a_blob_link_the_registry_cannot_read_is_uploaded_again(
+    cache: Cache, registry: Any, helpers: Any
+) -> None:
+    # A registry killed while it wrote a blob's link leaves it empty: distribution then
+    # answers every HEAD of that blob with HTTP 500 ("invalid checksum digest format"). A
+    # push takes that as "not there" and uploads the blob, which rewrites the link.
+    ref = helpers.build_chain(cache, ["link0"])
+    target = f"registry://{registry.host}/broken/link:v1"
+    cache.push(target, {"x": ref}, insecure=True)
+    links = sorted((registry.storage / "docker/registry/v2/repositories/broken/link").rglob("link"))
+    layer_links = [p for p in links if "_layers" in p.parts]
+    assert layer_links
+    for link in layer_links:
+        link.write_text("")
+    result = cache.push(target, {"x": ref}, insecure=True)
+    assert result.blobs_uploaded == len(layer_links)
+    assert all(link.read_text().startswith("sha256:") for link in layer_links)
+    ref.release()
+
+
 def test_registry_stopped_mid_fetching_pull_leaves_no_record(
     cache: Cache, registry: Any, helpers: Any, tmp_path: Path
 ) -> None:
