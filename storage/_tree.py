@@ -34,6 +34,7 @@ __all__ = [
     "DirCursor",
     "PathNode",
     "display_path",
+    "fsync_dir",
     "fsync_tree_dirs",
     "list_entries",
     "node_parts",
@@ -509,3 +510,12 @@ def fsync_tree_dirs(path: str | os.PathLike[str]) -> None:
     with DirCursor.open(path) as cursor:
         for fd in walk_dirs(cursor):
             os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsyncs the directory ``path``: a rename or unlink in it is then durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
