@@ -109,6 +109,7 @@ __all__ = [
     "ApplyResult",
     "Compression",
     "apply_tar",
+    "check_compression",
     "compressed_writer",
     "decompressed_stream",
     "detect_compression",
@@ -272,6 +273,20 @@ class _NonClosing(io.RawIOBase):
         return len(data)
 
 
+def check_compression(value: object) -> str:
+    """Returns ``value`` if it names a compression of :data:`COMPRESSIONS`.
+
+    Raises:
+        InvalidError: Anything else (``"estargz"`` is out of scope here).
+    """
+    if not isinstance(value, str) or value not in COMPRESSIONS:
+        msg = f"unknown compression {value!r}: expected one of {', '.join(COMPRESSIONS)}"
+        if value == "estargz":
+            msg += " (estargz needs a stargz snapshotter, which refcache does not have)"
+        raise InvalidError(msg)
+    return value
+
+
 def compressed_writer(
     fileobj: BinaryIO | IO[bytes], compression: str, *, level: int | None = None
 ) -> BinaryIO:
@@ -305,10 +320,9 @@ def compressed_writer(
     if compression == "zstd":
         cctx = zstandard.ZstdCompressor(level=3 if level is None else level)
         return cast(BinaryIO, cctx.stream_writer(fileobj, closefd=False, write_return_read=True))
-    if compression == "uncompressed":
+    if check_compression(compression) == "uncompressed":
         return cast(BinaryIO, _NonClosing(fileobj))
-    msg = f"unknown compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}"
-    raise InvalidError(msg)
+    raise AssertionError(compression)  # check_compression accepts nothing else
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from ._errors import InvalidError
 from ._fscopy import read_xattrs
@@ -368,12 +367,7 @@ class ChangeWalk:
     def __enter__(self) -> ChangeWalk:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

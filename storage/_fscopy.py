@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._errors import FailedPreconditionError, InvalidError
-from ._tree import DirCursor, PathNode, list_entries, proc_path
+from ._tree import DirCursor, PathNode, list_entries, proc_path, walk_dirs
 from ._types import Usage
 
 __all__ = [
@@ -143,19 +143,8 @@ def _disk_usage(root: Path, exclude: set[tuple[int, int]] | None) -> Usage:
     except (FileNotFoundError, NotADirectoryError):
         return Usage(size=size, inodes=inodes)
     with cursor:
-        pending = [scan(cursor.fd)]
-        while pending:
-            if pending[-1]:
-                name = pending[-1].pop()
-                try:
-                    cursor.down(name)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                pending.append(scan(cursor.fd))
-                continue
-            pending.pop()
-            if cursor.depth:
-                cursor.up()
+        for _ in walk_dirs(cursor, scan):
+            pass  # scan counts every entry on the way down
     return Usage(size=size, inodes=inodes)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from ._changes import LayerStack
 from ._env import MetaEnv
 from ._fscopy import copy_tree
-from ._snapmeta import SnapshotRecord, check_key, must_get_record, parent_chain
+from ._snapmeta import SnapshotRecord
 from ._snapshotter import BaseSnapshotter, BuildPlan
 from ._types import Kind, Mount
 
@@ -61,36 +61,17 @@ class NativeSnapshotter(BaseSnapshotter):
         if plan.parent is not None:
             copy_tree(self._snapshot_dir(plan.parent.id), tmp)
 
-    def _source(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
+    def _local_dir(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
         if rec.kind == Kind.VIEW and chain:
             return self._snapshot_dir(chain[0].id)
         return self._snapshot_dir(rec.id)
 
     def _mounts(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> list[Mount]:
         flag = "ro" if rec.kind == Kind.VIEW else "rw"
-        return [Mount("bind", str(self._source(rec, chain)), ("rbind", flag))]
+        return [Mount("bind", str(self._local_dir(rec, chain)), ("rbind", flag))]
 
     def _usage_dir(self, sid: str) -> Path:
         return self._snapshot_dir(sid)
 
-    def _layer_dir(self, sid: str) -> Path:
-        return self._snapshot_dir(sid)
-
     def _content_tree(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> LayerStack:
         return LayerStack((self._snapshot_dir(rec.id),))
-
-    def path(self, key: str) -> Path:
-        """The directory holding ``key``'s tree: ``<root>/snapshots/<id>``.
-
-        For a view of a parent this is the parent's directory (what the view mounts).
-
-        Raises:
-            InvalidError: ``key`` is not a valid key.
-            NotFoundError: No such snapshot.
-        """
-        key = check_key(key)
-        self._check_open()
-        with self._env.read_txn() as txn:
-            rec = must_get_record(txn, key)
-            chain = parent_chain(txn, rec) if rec.kind == Kind.VIEW and rec.parent else []
-        return self._source(rec, chain)

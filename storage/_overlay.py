@@ -40,7 +40,7 @@ from ._env import MetaEnv
 from ._errors import FailedPreconditionError, InvalidError
 from ._mount import overlay_options, probe_overlay
 from ._native import NativeSnapshotter
-from ._snapmeta import SnapshotRecord, check_key, must_get_record, stored_snapshotter_name
+from ._snapmeta import SnapshotRecord, stored_snapshotter_name
 from ._snapshotter import BaseSnapshotter, BuildPlan, Snapshotter
 from ._types import Kind, Mount
 
@@ -117,9 +117,6 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _usage_dir(self, sid: str) -> Path:
         return self._fs(sid)
 
-    def _layer_dir(self, sid: str) -> Path:
-        return self._fs(sid)
-
     def _merge_target(self, tmp: Path) -> Path:
         fs = tmp / "fs"
         fs.mkdir()
@@ -129,20 +126,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _content_tree(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> LayerStack:
         return LayerStack(tuple(self._fs(r.id) for r in (rec, *chain)), overlay=True)
 
-    def path(self, key: str) -> Path:
-        """The snapshot's own layer directory ``<root>/snapshots/<id>/fs``.
-
-        This is the layer alone (an active snapshot's upperdir), not its merged content;
-        use :func:`~storage._mount.local_mount` on :meth:`mounts` to see the whole tree.
-
-        Raises:
-            InvalidError: ``key`` is not a valid key.
-            NotFoundError: No such snapshot.
-        """
-        key = check_key(key)
-        self._check_open()
-        with self._env.read_txn() as txn:
-            rec = must_get_record(txn, key)
+    def _local_dir(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
         return self._fs(rec.id)
 
 

@@ -199,7 +199,7 @@ class BaseSnapshotter:
     """The :class:`Snapshotter` protocol over the shared metadata, for both backends.
 
     Subclasses set :attr:`name` and implement :meth:`_build`, :meth:`_mounts`,
-    :meth:`_owns_dir`, :meth:`_usage_dir`, :meth:`_layer_dir`, :meth:`path` and
+    :meth:`_owns_dir`, :meth:`_usage_dir`, :meth:`_local_dir` and
     :meth:`_content_tree`.
 
     Args:
@@ -274,17 +274,32 @@ class BaseSnapshotter:
     def _usage_dir(self, sid: str) -> Path:
         raise NotImplementedError
 
-    def _layer_dir(self, sid: str) -> Path:
-        """Where a merge writes its content inside a new snapshot directory ``sid``."""
-        raise NotImplementedError
-
     def _content_tree(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> LayerStack:
         """The full content of committed ``rec`` (with parents): its layer directories."""
         raise NotImplementedError
 
-    def path(self, key: str) -> Path:
-        """A plain local directory of ``key`` (see the backends)."""
+    def _local_dir(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
+        """The plain local directory :meth:`path` returns for ``rec``."""
         raise NotImplementedError
+
+    def path(self, key: str) -> Path:
+        """A plain local directory of snapshot ``key``.
+
+        Native: the snapshot's tree, ``<root>/snapshots/<id>`` (for a view of a parent, the
+        parent's directory, which the view mounts). Overlay: the snapshot's own layer,
+        ``<root>/snapshots/<id>/fs`` (an active snapshot's upperdir), not its merged
+        content; :func:`~._mount.local_mount` of :meth:`mounts` shows the whole tree.
+
+        Raises:
+            InvalidError: ``key`` is not a valid key.
+            NotFoundError: No such snapshot.
+        """
+        key = check_key(key)
+        self._check_open()
+        with self._env.read_txn() as txn:
+            rec = must_get_record(txn, key)
+            chain = parent_chain(txn, rec) if rec.kind == Kind.VIEW and rec.parent else []
+        return self._local_dir(rec, chain)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -292,9 +307,6 @@ class BaseSnapshotter:
         if self._closed:
             msg = f"{self.name} snapshotter at {self.root} is closed"
             raise FailedPreconditionError(msg)
-
-    def _record_path(self, rec: SnapshotRecord) -> Path:
-        return self._snapshot_dir(rec.id)
 
     def _read(self, key: str) -> SnapshotRecord:
         with self._env.read_txn() as txn:
