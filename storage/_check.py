@@ -80,6 +80,16 @@ _BLOB_GRACE_SECONDS = 60.0
 
 
 def open_snapshotter(root: Path, env: MetaEnv, *, clean: bool) -> BaseSnapshotter | None:
+    """Opens the snapshotter a cache was created with (``None`` when none was recorded).
+
+    Args:
+        root: The cache root.
+        env: Its metadata environment (read-only for inspection).
+        clean: Remove leftovers at open (``False`` for a cache another process may be using).
+
+    Raises:
+        FailedPreconditionError / CorruptMetadataError: as the snapshotter's constructor.
+    """
     name = stored_snapshotter_name(env)
     if name is None:
         return None
