@@ -41,6 +41,8 @@ __all__ = [
     "RECORD_STATES",
     "REGISTRY_BLOB_RESULTS",
     "StatisticsSource",
+    "check_registry",
+    "check_seconds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -328,30 +330,13 @@ class CacheCollector:
         ):
             msg = f"invalid max_record_series {max_record_series!r}: expected an int >= 0"
             raise InvalidError(msg)
-        if (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            msg = f"invalid metrics timeout {timeout!r}: expected seconds > 0"
-            raise InvalidError(msg)
-        if (
-            not isinstance(max_age, int | float)
-            or isinstance(max_age, bool)
-            or not math.isfinite(max_age)
-            or max_age < 0
-        ):
-            msg = f"invalid metrics max_age {max_age!r}: expected seconds >= 0"
-            raise InvalidError(msg)
-        if registry is not None and not isinstance(registry, CollectorRegistry):
-            msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
-            raise InvalidError(msg)
+        self._timeout = check_seconds(timeout, "timeout")
+        self._max_age = check_seconds(max_age, "max_age", zero=True)
+        if registry is not None:
+            check_registry(registry)
         self._manager = manager
         self._namespace = namespace
         self._max_record_series = max_record_series
-        self._timeout = float(timeout)
-        self._max_age = float(max_age)
         self._lock = threading.Lock()
         self._flight: Future[_Snapshot] | None = None
         self._last: _Snapshot | None = None
@@ -559,6 +544,36 @@ class CacheCollector:
             (([record_id], size) for record_id, _, size in chosen if size >= 0),
         )
         yield self._gauge(_RECORD_SERIES_OMITTED, len(stats.records_detail) - len(chosen))
+
+
+def check_seconds(value: object, what: str, *, zero: bool = False) -> float:
+    """Returns ``value`` as seconds: a finite number > 0 (>= 0 with ``zero``).
+
+    Raises:
+        InvalidError: Naming the option (``what``) and the value.
+    """
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        msg = f"invalid metrics {what} {value!r}: expected seconds {'>= 0' if zero else '> 0'}"
+        raise InvalidError(msg)
+    return float(value)
+
+
+def check_registry(registry: object) -> CollectorRegistry:
+    """Returns ``registry`` if it is a client_python ``CollectorRegistry``.
+
+    Raises:
+        InvalidError: Naming the value.
+    """
+    if not isinstance(registry, CollectorRegistry):
+        msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
+        raise InvalidError(msg)
+    return registry
 
 
 def _states(stats: CacheStatistics) -> list[tuple[list[str], int]]:
