@@ -26,6 +26,8 @@ from ..storage import (
     UnavailableError,
 )
 from ._cache import Cache, open_cache
+from ._cliutil import cli_main
+from ._core import LATENCY_BUCKETS
 from ._distribution import ProgressEvent, PushResult
 from ._manager import CacheManager
 from ._proxy import CacheManagerProxy, ManagerFuture
@@ -49,6 +51,7 @@ __all__ = [
     "CacheManagerProxy",
     "ManagerFuture",
     "CacheListener",
+    "cli_main",
     # handles
     "ImmutableRef",
     "MutableRef",
@@ -64,6 +67,7 @@ __all__ = [
     "PrunePolicy",
     "Remote",
     "CacheStatistics",
+    "LATENCY_BUCKETS",
     "PushResult",
     "ProgressEvent",
     "Credentials",

@@ -95,7 +95,8 @@ class Cache:
         self._lock_fd = lock_fd
         self._owns_pool = owns_pool
         self._closed = False
-        #: The HTTP ``/metrics`` server started by ``open_cache(metrics_port=...)``, if any.
+        #: A ``/metrics`` server serving this cache, attached by the layer above
+        #: (``refcache.open_cache(metrics_port=...)``); :meth:`close` stops it first.
         self.metrics_server: Any = None
 
     def __enter__(self) -> Self:
@@ -283,8 +284,6 @@ def open_cache(
     io_workers: int = 4,
     timeout: float = 300.0,
     map_size: int = 1 << 30,
-    metrics_port: int | None = None,
-    metrics_addr: str = "127.0.0.1",
     max_layer_size: int = MAX_LAYER_SIZE,
     max_layer_entries: int = MAX_LAYER_ENTRIES,
     **options: Any,
@@ -306,9 +305,6 @@ def open_cache(
         timeout: Seconds any internal wait may take (a snapshot job, a descriptor provider,
             each ``ref_checker`` call...) before it fails with refcache's ``TimeoutError``.
         map_size: Initial LMDB map size (it grows on demand).
-        metrics_port: Serve Prometheus ``/metrics`` for this cache on this port (0: any
-            free port; see ``cache.metrics_server.port``); stopped by :meth:`Cache.close`.
-        metrics_addr: Address for ``metrics_port`` (loopback by default).
         max_layer_size: Cap on the uncompressed size of one layer when it is applied
             (default 64 GiB); a larger layer fails with ``InvalidError`` naming its blob.
         max_layer_entries: Cap on the number of tar entries of one layer (default 10
@@ -398,13 +394,6 @@ def open_cache(
         core.manager = manager_ref
         get_result(manager_ref.ask(("ping",), block=False), timeout, "cache manager start")
         cache = Cache(root_path, core, manager_ref, lock_fd, report, own_pool)
-        if metrics_port is not None:
-            # metrics sits above actors (it reads the manager's statistics); imported only
-            # when asked for, so that actors never depends on it otherwise.
-            from ..metrics import serve  # noqa: PLC0415
-
-            stack.callback(cache.close)
-            cache.metrics_server = serve(cache, metrics_port, metrics_addr)
     except BaseException:
         stack.close()
         with contextlib.suppress(OSError):

@@ -35,7 +35,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
@@ -880,10 +880,20 @@ def _quiet_stdout() -> None:
         pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``refcache`` console script; returns the exit code."""
+def main(
+    argv: Sequence[str] | None = None, *, serve_metrics: Callable[[Any, int], Any] | None = None
+) -> int:
+    """The ``refcache`` command line; returns the exit code.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+        serve_metrics: ``(cache, port) -> server`` for ``demo``'s ``/metrics``; the layer
+            above passes ``refcache.metrics.serve`` (``refcache/__main__.py``, the console
+            script). Without it the demo serves no metrics.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
+    args.serve_metrics = serve_metrics
     command = args.command
     try:
         args.root = resolve_root(args.root)

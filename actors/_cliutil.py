@@ -27,7 +27,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
@@ -39,6 +39,7 @@ from ._types import UsageInfo
 
 __all__ = [
     "HOW_TO_CHOOSE",
+    "cli_main",
     "busy",
     "existing_cache",
     "DEFAULT_ROOT",
@@ -505,3 +506,20 @@ def busy(root: Path, what: str) -> CommandFailedError:
         f"cannot {what} {root}: the cache is busy (open in another process); stop that "
         "process first (du, inspect and check work while it is open)"
     )
+
+
+def cli_main(
+    argv: Sequence[str] | None = None, *, serve_metrics: Callable[[Any, int], Any] | None = None
+) -> int:
+    """The ``refcache`` command line (``refcache --help``); returns its exit code.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+        serve_metrics: ``(cache, port) -> server`` for ``demo``'s ``/metrics`` (the console
+            script passes ``refcache.metrics.serve``); without it the demo serves none.
+    """
+    # Imported here, not at the top: ``python -m refcache.actors._cli`` must find its module
+    # not yet imported by the package (runpy warns, and the warning is not ours to print).
+    from ._cli import main  # noqa: PLC0415
+
+    return main(argv, serve_metrics=serve_metrics)

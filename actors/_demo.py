@@ -18,8 +18,9 @@ The generated layers (:func:`generate_layer`, :class:`LayerRegistry`) are also w
 and crash tests pull (``scripts/_workload.py``).
 
 This module is a program on top of the whole system (like ``scripts/``), kept in ``actors``
-only because the console script's package is here: it imports ``metrics`` inside
-:func:`run`, never at import time, so ``actors`` itself stays below ``metrics``.
+with the command line. It never imports ``metrics`` (which sits above ``actors``): the
+``refcache`` console script (``refcache/__main__.py``) hands it ``refcache.metrics.serve``
+as ``args.serve_metrics``; run through ``actors`` alone, the demo serves no metrics.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -665,11 +666,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     bases = images[:bases_n]
     jobs = [(im.name, im, bases[n % bases_n]) for n, im in enumerate(images[bases_n:])]
     port = args.metrics_port if args.metrics_port >= 0 else None
+    cache = open_cache(root, timeout=DEMO_TIMEOUT)
     try:
-        cache = open_cache(root, timeout=DEMO_TIMEOUT, metrics_port=port)
-    except FailedPreconditionError as exc:  # the port is taken: any free one will do
-        console.raw(f"metrics: port {port} unavailable ({exc}); using a free port")
-        cache = open_cache(root, timeout=DEMO_TIMEOUT, metrics_port=0)
+        _serve_metrics(cache, getattr(args, "serve_metrics", None), port, console)
+    except BaseException:
+        cache.close()
+        raise
     interrupted = False
     try:
         console.raw(
@@ -697,6 +699,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         f"next: refcache --root {root} du   |   refcache --root {root} check"
     )
     return 1 if failed or problems else 0
+
+
+def _serve_metrics(
+    cache: Any, serve: Callable[[Any, int], Any] | None, port: int | None, console: _Console
+) -> None:
+    """Serves ``/metrics`` for ``cache`` on ``port`` (another free one when it is taken);
+    the server is ``cache.metrics_server``, which ``cache.close()`` stops."""
+    if port is None:
+        return
+    if serve is None:
+        console.raw("metrics: not served (run `refcache demo` for the metrics server)")
+        return
+    try:
+        cache.metrics_server = serve(cache, port)
+    except FailedPreconditionError as exc:  # the port is taken: any free one will do
+        console.raw(f"metrics: port {port} unavailable ({exc}); using a free port")
+        cache.metrics_server = serve(cache, 0)
 
 
 def _play(

@@ -30,8 +30,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from ..actors._core import LATENCY_BUCKETS as CORE_LATENCY_BUCKETS
-from ..actors._types import CacheStatistics
+from ..actors import LATENCY_BUCKETS, CacheStatistics
 from ..storage import AlreadyExistsError, CacheTimeoutError, ClosedError, InvalidError
 
 __all__ = [
@@ -42,19 +41,20 @@ __all__ = [
     "RECORD_STATES",
     "REGISTRY_BLOB_RESULTS",
     "StatisticsSource",
+    "check_registry",
+    "check_seconds",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Upper bounds (seconds) of ``<namespace>_operation_duration_seconds``: the manager fills
-#: ``CacheStatistics.latency_buckets`` against this one tuple, which lives in actors (metrics
-#: imports actors, never the reverse).
-LATENCY_BUCKETS: tuple[float, ...] = CORE_LATENCY_BUCKETS
+# LATENCY_BUCKETS (the upper bounds of ``<namespace>_operation_duration_seconds``) is the
+# one tuple the manager fills ``CacheStatistics.latency_buckets`` against; it lives in actors
+# (metrics imports actors, never the reverse) and is re-exported here.
 
 #: Kinds always exposed (zero when absent) so that dashboards see a stable label set.
 RECORD_KINDS: tuple[str, ...] = ("base", "layer", "merge", "diff")
-#: States exposed by ``<ns>_records_by_state``, each backed by a ``CacheStatistics`` field.
-RECORD_STATES: tuple[str, ...] = ("mutable", "immutable", "lazy", "in_use", "dead")
+#: The values of ``<ns>_record_states{state}``: a partition, each record is in exactly one.
+RECORD_STATES: tuple[str, ...] = ("mutable", "immutable", "lazy")
 
 _NAMESPACE_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Bucket bounds rendered once, the way client_python renders its own histograms' ``le``.
@@ -115,14 +115,21 @@ _STATISTICS_DURATION = _Family(
     "gauge",
     "Time the manager took to answer statistics() for this scrape.",
 )
-_RECORDS = _Family("records", "gauge", "Loaded records (records being removed excluded).")
-_RECORDS_BY_KIND = _Family("records_by_kind", "gauge", "Loaded records per kind.", ("kind",))
-_RECORDS_BY_STATE = _Family(
-    "records_by_state",
+_RECORDS = _Family(
+    "records",
     "gauge",
-    "Records per state. States overlap (an in-use record is also mutable or immutable): "
-    "do not sum across states.",
+    "Loaded records per kind (records being removed excluded); the kinds sum to all records.",
+    ("kind",),
+)
+_RECORD_STATES = _Family(
+    "record_states",
+    "gauge",
+    "Loaded records per state: mutable, immutable (with a snapshot) or lazy (immutable, only "
+    "a blob so far). Each record is in exactly one state: the states sum to all records.",
     ("state",),
+)
+_RECORDS_IN_USE = _Family(
+    "records_in_use", "gauge", "Records with at least one open handle (in any state)."
 )
 _OPEN_HANDLES = _Family(
     "open_handles", "gauge", "Open user ref handles over all records (the total refcount)."
@@ -221,8 +228,8 @@ _FAMILIES: tuple[_Family, ...] = (
     _UP,
     _STATISTICS_DURATION,
     _RECORDS,
-    _RECORDS_BY_KIND,
-    _RECORDS_BY_STATE,
+    _RECORD_STATES,
+    _RECORDS_IN_USE,
     _OPEN_HANDLES,
     _USAGE_BYTES,
     _RECLAIMABLE_BYTES,
@@ -323,30 +330,13 @@ class CacheCollector:
         ):
             msg = f"invalid max_record_series {max_record_series!r}: expected an int >= 0"
             raise InvalidError(msg)
-        if (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            msg = f"invalid metrics timeout {timeout!r}: expected seconds > 0"
-            raise InvalidError(msg)
-        if (
-            not isinstance(max_age, int | float)
-            or isinstance(max_age, bool)
-            or not math.isfinite(max_age)
-            or max_age < 0
-        ):
-            msg = f"invalid metrics max_age {max_age!r}: expected seconds >= 0"
-            raise InvalidError(msg)
-        if registry is not None and not isinstance(registry, CollectorRegistry):
-            msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
-            raise InvalidError(msg)
+        self._timeout = check_seconds(timeout, "timeout")
+        self._max_age = check_seconds(max_age, "max_age", zero=True)
+        if registry is not None:
+            check_registry(registry)
         self._manager = manager
         self._namespace = namespace
         self._max_record_series = max_record_series
-        self._timeout = float(timeout)
-        self._max_age = float(max_age)
         self._lock = threading.Lock()
         self._flight: Future[_Snapshot] | None = None
         self._last: _Snapshot | None = None
@@ -480,14 +470,12 @@ class CacheCollector:
 
     def _aggregates(self, stats: CacheStatistics) -> Iterator[Metric]:
         """Yields the record, handle, size, actor, prune, GC and LMDB families."""
-        yield self._gauge(_RECORDS, stats.records)
         yield self._labelled_gauge(
-            _RECORDS_BY_KIND,
+            _RECORDS,
             (([kind], stats.records_by_kind.get(kind, 0)) for kind in _kinds(stats)),
         )
-        yield self._labelled_gauge(
-            _RECORDS_BY_STATE, (([state], getattr(stats, state)) for state in RECORD_STATES)
-        )
+        yield self._labelled_gauge(_RECORD_STATES, _states(stats))
+        yield self._gauge(_RECORDS_IN_USE, stats.in_use)
         yield self._gauge(_OPEN_HANDLES, stats.open_handles)
         yield self._labelled_gauge(
             _USAGE_BYTES,
@@ -556,6 +544,44 @@ class CacheCollector:
             (([record_id], size) for record_id, _, size in chosen if size >= 0),
         )
         yield self._gauge(_RECORD_SERIES_OMITTED, len(stats.records_detail) - len(chosen))
+
+
+def check_seconds(value: object, what: str, *, zero: bool = False) -> float:
+    """Returns ``value`` as seconds: a finite number > 0 (>= 0 with ``zero``).
+
+    Raises:
+        InvalidError: Naming the option (``what``) and the value.
+    """
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        msg = f"invalid metrics {what} {value!r}: expected seconds {'>= 0' if zero else '> 0'}"
+        raise InvalidError(msg)
+    return float(value)
+
+
+def check_registry(registry: object) -> CollectorRegistry:
+    """Returns ``registry`` if it is a client_python ``CollectorRegistry``.
+
+    Raises:
+        InvalidError: Naming the value.
+    """
+    if not isinstance(registry, CollectorRegistry):
+        msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
+        raise InvalidError(msg)
+    return registry
+
+
+def _states(stats: CacheStatistics) -> list[tuple[list[str], int]]:
+    """``(labels, records)`` per :data:`RECORD_STATES`: lazy records are immutable ones
+    without a snapshot, so they are taken out of ``immutable`` (each record counts once)."""
+    lazy = min(stats.lazy, stats.immutable)
+    counts = (stats.mutable, stats.immutable - lazy, lazy)
+    return [([state], n) for state, n in zip(RECORD_STATES, counts, strict=True)]
 
 
 def _kinds(stats: CacheStatistics) -> list[str]:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import selectors
 import socket
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import TracebackType
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -34,7 +32,13 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from ..storage import FailedPreconditionError, InvalidError
-from ._collector import SNAPSHOT_MAX_AGE, CacheCollector, StatisticsSource
+from ._collector import (
+    SNAPSHOT_MAX_AGE,
+    CacheCollector,
+    StatisticsSource,
+    check_registry,
+    check_seconds,
+)
 
 __all__ = ["MetricsServer", "serve", "wsgi_app"]
 
@@ -68,10 +72,7 @@ class CacheLike(Protocol):
 def _registry_for(cache: CacheLike, registry: CollectorRegistry | None) -> CollectorRegistry:
     """Returns ``registry``, or a fresh one holding a collector for ``cache.manager``."""
     if registry is not None:
-        if not isinstance(registry, CollectorRegistry):
-            msg = f"invalid metrics registry {registry!r}: expected a CollectorRegistry"
-            raise InvalidError(msg)
-        return registry
+        return check_registry(registry)
     manager = getattr(cache, "manager", None)
     if manager is None:
         msg = f"cannot expose metrics of {cache!r}: it has no manager"
@@ -435,12 +436,7 @@ class MetricsServer:
     def __enter__(self) -> MetricsServer:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -491,14 +487,7 @@ def serve(
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         msg = f"invalid metrics workers {workers!r}: expected an int >= 1"
         raise InvalidError(msg)
-    if (
-        not isinstance(connection_timeout, int | float)
-        or isinstance(connection_timeout, bool)
-        or not math.isfinite(connection_timeout)
-        or connection_timeout <= 0
-    ):
-        msg = f"invalid metrics connection_timeout {connection_timeout!r}: expected seconds > 0"
-        raise InvalidError(msg)
+    connection_timeout = check_seconds(connection_timeout, "connection_timeout")
     rendered = make_wsgi_app(_registry_for(cache, registry))
     app = _only_metrics_path(_SharedResponses(rendered, SNAPSHOT_MAX_AGE, _RENDER_TIMEOUT))
     try:

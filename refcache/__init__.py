@@ -1,11 +1,13 @@
 """refcache: BuildKit's layer-cache ref manager as an embeddable actor service.
 
-The front door. ``from refcache import open_cache`` opens a cache; the error classes, handle
-types and value types an embedder needs are re-exported here from :mod:`refcache.actors`.
+The front door. ``from refcache import open_cache`` opens a cache (and, with
+``metrics_port=``, serves its Prometheus metrics); the error classes, handle types and value
+types an embedder needs are re-exported here from :mod:`refcache.actors`.
 The layers live in :mod:`refcache.storage` (metadata and backends), :mod:`refcache.actors`
 (manager, records, handles) and :mod:`refcache.metrics` (Prometheus exposition).
 """
 
+from ._open import open_cache
 from .actors import (
     AlreadyExistsError,
     AuthError,
@@ -41,7 +43,6 @@ from .actors import (
     TimeoutError,
     UnavailableError,
     UsageInfo,
-    open_cache,
 )
 
 __all__ = [

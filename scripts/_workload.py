@@ -1,7 +1,7 @@
 """The random operation mix shared by ``loadtest.py`` and ``crashtest.py``.
 
 A :class:`Client` is one thread's view of the cache: the handles it owns (never shared with
-another thread: a second owner gets a ``clone()``, API.md), and a seeded random choice of the
+another thread: a second owner gets a ``clone()``, docs/API.md), and a seeded random choice of the
 next operation. Every operation of the public API is in the mix: ``new``, writes into a
 mutable's mount, ``commit``, ``get``, ``get_mutable``, ``clone``, ``release``, ``merge``,
 ``diff``, ``get_by_blob`` of generated layers (lazy, through a provider), ``extract``,

@@ -50,10 +50,11 @@ from refcache.storage._applier import TarApplier
 from refcache.storage._content import LocalContentStore
 from refcache.storage._differ import WalkingDiffer
 from refcache.storage._env import MetaEnv
+from refcache.storage._fscopy import copy_tree, disk_usage, sync_filesystem
 from refcache.storage._mount import local_mount, probe_overlay
 from refcache.storage._native import NativeSnapshotter
 from refcache.storage._overlay import OverlaySnapshotter
-from refcache.storage._snapshotter import BaseSnapshotter, copy_tree, disk_usage, sync_filesystem
+from refcache.storage._snapshotter import BaseSnapshotter
 from refcache.storage._types import Descriptor
 
 COMPRESSIONS = ("uncompressed", "gzip", "zstd")

@@ -13,7 +13,7 @@ import pathlib, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
 assert tops == {"refcache"}, f"wheel top level is {sorted(tops)}, expected only refcache/"
-want = {"refcache/__init__.py", "refcache/py.typed"}
+want = {"refcache/py.typed", *(p.as_posix() for p in pathlib.Path("refcache").glob("*.py"))}
 for pkg in ("actors", "storage", "metrics"):
     for p in pathlib.Path(pkg).rglob("*"):
         if p.is_file() and p.suffix in (".py", ".json") and "__pycache__" not in p.parts:
@@ -42,3 +42,5 @@ with tempfile.TemporaryDirectory() as root, open_cache(root, snapshotter="native
 print("ci: the installed wheel works beside a user's metrics.py and storage.py")
 PY
 (cd "$work/user" && "$work/venv/bin/python" orchestrator.py)
+# The console script is the front door's (refcache/__main__.py, which wires demo's metrics).
+(cd "$work/user" && "$work/venv/bin/refcache" --version >/dev/null)

@@ -10,6 +10,7 @@ from ._archive import (
     MAX_LAYER_SIZE,
     ApplyResult,
     apply_tar,
+    check_compression,
     compressed_writer,
     decompressed_stream,
     detect_compression,
@@ -17,7 +18,7 @@ from ._archive import (
 )
 from ._check import cache_in_use, check, open_snapshotter, repair
 from ._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
-from ._differ import Differ, WalkingDiffer
+from ._differ import Differ, LayerBlobWriter, WalkingDiffer
 from ._env import (
     DB_CONTENT,
     DB_EXTERNAL,
@@ -156,6 +157,7 @@ __all__ = [
     "cache_in_use",
     "check_cap",
     "clean_mount_dir",
+    "check_compression",
     "compressed_writer",
     "config_diff_ids",
     "decompressed_stream",
@@ -267,6 +269,7 @@ __all__ = [
     "TarApplier",
     "Differ",
     "WalkingDiffer",
+    "LayerBlobWriter",
     "ApplyResult",
     "apply_tar",
     "write_diff",

@@ -58,13 +58,13 @@ unknown entry type                                     ``InvalidError``
 xattr the kernel refuses (EPERM/ENOTSUP)               skipped with a warning
 =====================================================  ========================================
 
-Diffing (:func:`write_diff`) is continuity's double walk (``fs.Changes``) plus containerd's
-``ChangeWriter``; see its docstring for the comparison rules and where they deviate.
+Diffing (:func:`write_diff`) is containerd's ``ChangeWriter`` over the change walk of
+``storage/_changes.py`` (continuity's ``fs.Changes``); see its docstring for where the
+output deviates from containerd's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gzip
 import hashlib
@@ -75,24 +75,25 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Final, Literal, Protocol, cast
 
 import zstandard
 
+from ._changes import Change, ChangeWalk, LayerStack, TreeDir
 from ._errors import (
     FailedPreconditionError,
     InvalidError,
     RefcacheError,
     StoreFullError,
 )
+from ._fscopy import OVERLAY_XATTR_PREFIXES, read_xattrs
 from ._tree import (
     DirCursor,
     PathNode,
     display_path,
-    list_entries,
     node_parts,
     post_order,
     proc_path,
@@ -108,6 +109,7 @@ __all__ = [
     "ApplyResult",
     "Compression",
     "apply_tar",
+    "check_compression",
     "compressed_writer",
     "decompressed_stream",
     "detect_compression",
@@ -147,10 +149,6 @@ _NS: Final = 1_000_000_000
 _INT64_MAX: Final = (1 << 63) - 1
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PAX_TIME_RE: Final = re.compile(r"^(-?)(\d+)(?:\.(\d*))?$")
-# A layer must not steer overlayfs (redirect_dir, metacopy, opaque) through PAX xattrs.
-_OVERLAY_XATTR_PREFIXES: Final = ("trusted.overlay.", "user.overlay.")
-# Recorded by neither the differ nor copy-up: host-specific labels.
-_DIFF_SKIPPED_XATTRS: Final = ("security.selinux",)
 
 
 class _Readable(Protocol):
@@ -275,6 +273,20 @@ class _NonClosing(io.RawIOBase):
         return len(data)
 
 
+def check_compression(value: object) -> str:
+    """Returns ``value`` if it names a compression of :data:`COMPRESSIONS`.
+
+    Raises:
+        InvalidError: Anything else (``"estargz"`` is out of scope here).
+    """
+    if not isinstance(value, str) or value not in COMPRESSIONS:
+        msg = f"unknown compression {value!r}: expected one of {', '.join(COMPRESSIONS)}"
+        if value == "estargz":
+            msg += " (estargz needs a stargz snapshotter, which refcache does not have)"
+        raise InvalidError(msg)
+    return value
+
+
 def compressed_writer(
     fileobj: BinaryIO | IO[bytes], compression: str, *, level: int | None = None
 ) -> BinaryIO:
@@ -308,10 +320,9 @@ def compressed_writer(
     if compression == "zstd":
         cctx = zstandard.ZstdCompressor(level=3 if level is None else level)
         return cast(BinaryIO, cctx.stream_writer(fileobj, closefd=False, write_return_read=True))
-    if compression == "uncompressed":
+    if check_compression(compression) == "uncompressed":
         return cast(BinaryIO, _NonClosing(fileobj))
-    msg = f"unknown compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}"
-    raise InvalidError(msg)
+    raise AssertionError(compression)  # check_compression accepts nothing else
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,7 +669,7 @@ class _Unpacker:
             try:
                 if self.same_owner:
                     os.fchown(fd, st.st_uid, st.st_gid)
-                xattrs = _read_xattrs(proc_path(cursor.fd, name), skip_overlay=True)
+                xattrs = read_xattrs(proc_path(cursor.fd, name))
                 if xattrs:
                     where = display_path("", [*node_parts(parent), name])
                     for key, value in xattrs.items():
@@ -966,7 +977,8 @@ def _member_xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
         if not key.startswith("SCHILY.xattr."):
             continue
         xname = key.removeprefix("SCHILY.xattr.")
-        if xname.startswith(_OVERLAY_XATTR_PREFIXES):
+        # A layer must not steer overlayfs (redirect_dir, metacopy, opaque) through xattrs.
+        if xname.startswith(OVERLAY_XATTR_PREFIXES):
             logger.warning("layer entry %r: overlay xattr %s ignored", member.name, xname)
             continue
         # tarfile decodes PAX values with surrogateescape: this restores binary values.
@@ -1101,214 +1113,23 @@ def _check_archive_end(hashing: _HashingReader, end: int) -> None:
 # Diffing
 
 
-def _read_xattrs(path: str, *, skip_overlay: bool) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for key in sorted(names):
-        if key in _DIFF_SKIPPED_XATTRS or (
-            skip_overlay and key.startswith(_OVERLAY_XATTR_PREFIXES)
-        ):
-            continue
-        try:
-            out[key] = os.getxattr(path, key, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.EPERM, errno.EACCES, errno.ENOTSUP):
-                continue
-            raise
-    return out
-
-
-def _fs_key(name: str) -> bytes:
-    return os.fsencode(name)
-
-
-def _same_content(lfd: int, ufd: int, name: str) -> bool:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fa = os.open(name, flags, dir_fd=lfd)
-    try:
-        fb = os.open(name, flags, dir_fd=ufd)
-        try:
-            offset = 0
-            while True:
-                ca = os.pread(fa, _CHUNK, offset)
-                cb = os.pread(fb, _CHUNK, offset)
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
-                offset += len(ca)
-        finally:
-            os.close(fb)
-    finally:
-        os.close(fa)
-
-
-def _same_file(lfd: int, ufd: int, name: str, lst: os.stat_result, ust: os.stat_result) -> bool:
-    """continuity ``sameFile``, plus xattrs, dir mtimes and symlink targets (see write_diff).
-
-    ``name`` is in the lower directory ``lfd`` and the upper directory ``ufd``.
-    """
-    if lst.st_dev == ust.st_dev and lst.st_ino == ust.st_ino:
-        return True
-    if (lst.st_mode, lst.st_uid, lst.st_gid, lst.st_rdev) != (
-        ust.st_mode,
-        ust.st_uid,
-        ust.st_gid,
-        ust.st_rdev,
-    ):
-        return False
-    lxattrs = _read_xattrs(proc_path(lfd, name), skip_overlay=True)
-    if lxattrs != _read_xattrs(proc_path(ufd, name), skip_overlay=True):
-        return False
-    if stat.S_ISDIR(ust.st_mode):
-        return lst.st_mtime_ns == ust.st_mtime_ns
-    if lst.st_size != ust.st_size:
-        return False
-    if stat.S_ISLNK(ust.st_mode):
-        # Targets are cheap to compare: always do it (continuity only when mtimes are
-        # truncated), and mtimes must match too.
-        return (
-            os.readlink(name, dir_fd=lfd) == os.readlink(name, dir_fd=ufd)
-            and lst.st_mtime_ns == ust.st_mtime_ns
-        )
-    lsec, lns = divmod(lst.st_mtime_ns, _NS)
-    usec, uns = divmod(ust.st_mtime_ns, _NS)
-    if lsec != usec:
-        return False
-    if lns == 0 and uns == 0:
-        # Both may have been truncated by a tar round trip: compare the bytes.
-        if stat.S_ISREG(ust.st_mode) and ust.st_size > 0:
-            return _same_content(lfd, ufd, name)
-        return True
-    return lns == uns
-
-
-class _DNode(PathNode):
-    """A directory of the upper tree met by the double walk.
-
-    ``st``: its lstat in the upper; ``in_lower``: the lower has a directory here too.
-    """
-
-    __slots__ = ("in_lower", "st")
-
-    def __init__(self, parent: PathNode | None = None, name: str = "") -> None:
-        super().__init__(parent, name)
-        self.in_lower = False
-        self.st: os.stat_result | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Change:
-    parent: _DNode  # the upper directory holding the entry
-    name: str
-    st: os.stat_result | None  # None: deleted
-
-
-@dataclass(slots=True)
-class _Walk:
-    top: _DNode
-    changes: list[_Change] = field(default_factory=list)
-    # (dev, ino) -> an unchanged, multiply-linked upper file (continuity reports these so
-    # that added links to them can be written as tar hardlinks).
-    unchanged_links: dict[tuple[int, int], tuple[_DNode, str]] = field(default_factory=dict)
-
-
-def _entries(dir_fd: int) -> dict[str, os.stat_result]:
-    return {entry.name: entry.stat(follow_symlinks=False) for entry in list_entries(dir_fd)}
-
-
-def _double_walk(lower: str | None, upper: str) -> _Walk:
-    """continuity ``fs.Changes``: depth first, children in byte order of their names.
-
-    Iterative, with one cursor per side: trees of any depth.
-    """
-    walk = _Walk(_DNode())
-    top = walk.top
-    top.in_lower = lower is not None
-    with contextlib.ExitStack() as stack:
-        ucur = stack.enter_context(DirCursor.open(upper, top))
-        lcur = stack.enter_context(DirCursor.open(lower, top)) if lower is not None else None
-        # Stack items: a directory to scan, or a change to record.
-        pending: list[_DNode | _Change] = [top]
-        while pending:
-            item = pending.pop()
-            if isinstance(item, _Change):
-                walk.changes.append(item)
-                continue
-            node = item
-            ucur.goto(node)
-            lchildren: dict[str, os.stat_result] = {}
-            if lcur is not None and node.in_lower:
-                lcur.goto(node)
-                lchildren = _entries(lcur.fd)
-            # Sockets cannot be carried by a tar (containerd skips them): treat them as absent.
-            uchildren = {
-                n: st for n, st in _entries(ucur.fd).items() if not stat.S_ISSOCK(st.st_mode)
-            }
-            events: list[_DNode | _Change] = []
-            for child in sorted(lchildren.keys() | uchildren.keys(), key=_fs_key):
-                lst = lchildren.get(child)
-                ust = uchildren.get(child)
-                if ust is None:
-                    events.append(_Change(node, child, None))  # a removed dir implies its subtree
-                    continue
-                udir = stat.S_ISDIR(ust.st_mode)
-                if lst is None:
-                    events.append(_Change(node, child, ust))
-                    if udir:
-                        events.append(_subdir(node, child, ust, in_lower=False))
-                    continue
-                assert lcur is not None
-                ldir = stat.S_ISDIR(lst.st_mode)
-                same = stat.S_IFMT(lst.st_mode) == stat.S_IFMT(ust.st_mode) and _same_file(
-                    lcur.fd, ucur.fd, child, lst, ust
-                )
-                if not same:
-                    events.append(_Change(node, child, ust))
-                elif not udir and ust.st_nlink > 1:
-                    walk.unchanged_links.setdefault((ust.st_dev, ust.st_ino), (node, child))
-                if udir:
-                    events.append(_subdir(node, child, ust, in_lower=ldir))
-            pending.extend(reversed(events))
-    return walk
-
-
-def _subdir(parent: _DNode, name: str, st: os.stat_result, *, in_lower: bool) -> _DNode:
-    node = parent.child(name)
-    assert isinstance(node, _DNode)
-    node.st, node.in_lower = st, in_lower
-    return node
-
-
 class _DiffWriter:
     """containerd ``ChangeWriter``: one tar entry per change, parents emitted once."""
 
-    def __init__(
-        self,
-        tf: tarfile.TarFile,
-        cursor: DirCursor,
-        unchanged: Mapping[tuple[int, int], tuple[_DNode, str]],
-    ) -> None:
+    def __init__(self, tf: tarfile.TarFile, walk: ChangeWalk) -> None:
         self._tf = tf
-        self._cursor = cursor
-        self._unchanged = unchanged
-        self._written: dict[tuple[int, int], tuple[_DNode, str]] = {}
-        self._dirs: set[_DNode] = set()
+        self._walk = walk
+        self._unchanged = walk.unchanged_links
+        self._written: dict[tuple[int, int], tuple[TreeDir, str]] = {}
+        self._dirs: set[TreeDir] = set()
         # The tar name prefix of the last directory written into, and of each of its
         # ancestors (as lengths): the next prefix is found from the common ancestor, so
         # names cost what changed, not the depth.
-        top = cursor.node
-        assert isinstance(top, _DNode)
-        self._chain: list[PathNode] = [top]
+        self._chain: list[PathNode] = [walk.top]
         self._lens: list[int] = [0]
         self._text = ""
 
-    def _name(self, parent: _DNode, name: str) -> str:
+    def _name(self, parent: TreeDir, name: str) -> str:
         chain, lens = self._chain, self._lens
         downs: list[PathNode] = []
         current: PathNode | None = parent
@@ -1328,17 +1149,17 @@ class _DiffWriter:
         self._text = prefix
         return prefix + name
 
-    def add(self, change: _Change) -> None:
-        chain: list[_DNode] = []
+    def add(self, change: Change) -> None:
+        chain: list[TreeDir] = []
         parent: PathNode | None = change.parent
-        while isinstance(parent, _DNode) and parent.parent is not None:
+        while isinstance(parent, TreeDir) and parent.parent is not None:
             if parent in self._dirs:
                 break
             chain.append(parent)
             parent = parent.parent
         for node in reversed(chain):
             self._dirs.add(node)
-            assert isinstance(node.parent, _DNode)
+            assert isinstance(node.parent, TreeDir)
             assert node.st is not None
             self._entry(node.parent, node.name, node.st)
         if change.st is None:
@@ -1346,11 +1167,11 @@ class _DiffWriter:
             return
         if stat.S_ISDIR(change.st.st_mode):
             child = change.parent.child(change.name)
-            assert isinstance(child, _DNode)
+            assert isinstance(child, TreeDir)
             self._dirs.add(child)
         self._entry(change.parent, change.name, change.st)
 
-    def _whiteout(self, parent: _DNode, name: str) -> None:
+    def _whiteout(self, parent: TreeDir, name: str) -> None:
         info = tarfile.TarInfo(self._name(parent, WHITEOUT_PREFIX + name))
         info.type = tarfile.REGTYPE
         info.mode = 0
@@ -1358,9 +1179,8 @@ class _DiffWriter:
         info.uname = info.gname = ""
         self._tf.addfile(info)
 
-    def _entry(self, parent: _DNode, name: str, st: os.stat_result) -> None:
-        self._cursor.goto(parent)
-        dir_fd = self._cursor.fd
+    def _entry(self, parent: TreeDir, name: str, st: os.stat_result) -> None:
+        dir_fd = self._walk.upper_fd(parent)
         info = tarfile.TarInfo(self._name(parent, name))
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid = st.st_uid
@@ -1372,7 +1192,7 @@ class _DiffWriter:
         if frac:
             # Nanoseconds are kept (containerd truncates to seconds): see write_diff.
             pax["mtime"] = _format_ns(st.st_mtime_ns)
-        for xname, value in _read_xattrs(proc_path(dir_fd, name), skip_overlay=True).items():
+        for xname, value in read_xattrs(proc_path(dir_fd, name)).items():
             pax["SCHILY.xattr." + xname] = value.decode("utf-8", "surrogateescape")
         info.pax_headers = pax
         fmt = stat.S_IFMT(st.st_mode)
@@ -1418,14 +1238,11 @@ def write_diff(lower: Path | None, upper: Path, out: BinaryIO | IO[bytes]) -> No
     * entries only in ``upper`` are added; entries only in ``lower`` become ``.wh.<name>``
       whiteouts (zero-size, mode 0, epoch mtime; a removed directory gives one whiteout);
       a type change is written as the new entry (the applier replaces the old one);
-    * an entry present in both is unchanged when it is the same inode, or when type+mode,
-      uid, gid, rdev and xattrs are equal and, for non-directories, size and mtime seconds
-      are equal and then: if both mtimes have zero nanoseconds (truncated by an earlier tar
-      round trip) the contents are compared; otherwise the nanoseconds must match. So a file
-      rewritten with the same size *and* the same nanosecond mtime is taken as unchanged
-      (continuity's trade-off). Deviations from continuity, for a faithful round trip:
-      directory mtimes are compared; symlink targets are always compared; all xattrs are
-      compared and recorded (continuity: only ``security.capability``), except
+    * an entry present in both is unchanged when ``same_file`` says so: continuity's
+      ``sameFile``, made stricter for a faithful round trip (all xattrs, directory mtimes
+      and symlink targets are compared; the rule is in ``storage/_changes.py``, the walk
+      merges use too);
+    * all xattrs are recorded (continuity: only ``security.capability``), except
       ``security.selinux`` and overlayfs' own ``trusted.overlay.*``/``user.overlay.*``;
       mtimes keep nanoseconds as a PAX ``mtime`` record (containerd truncates to seconds);
     * the parent directories of every change are written once (containerd does the same),
@@ -1446,14 +1263,15 @@ def write_diff(lower: Path | None, upper: Path, out: BinaryIO | IO[bytes]) -> No
     lower_str = None if lower is None else os.fspath(lower)
     upper_str = os.fspath(upper)
     try:
-        walk = _double_walk(lower_str, upper_str)
-        with (
-            DirCursor.open(upper_str, walk.top) as cursor,
-            tarfile.open(None, "w|", out, _TAR_BUFSIZE, format=tarfile.PAX_FORMAT) as tf,
-        ):
-            writer = _DiffWriter(tf, cursor, walk.unchanged_links)
-            for change in walk.changes:
-                writer.add(change)
+        lower_stack = None if lower is None else LayerStack((Path(lower),))
+        with ChangeWalk(lower_stack, LayerStack((Path(upper),)), skip_sockets=True) as walk:
+            # All changes first: an unchanged link met anywhere in the walk can then be the
+            # target of an added link's tar hardlink.
+            changes = list(walk)
+            with tarfile.open(None, "w|", out, _TAR_BUFSIZE, format=tarfile.PAX_FORMAT) as tf:
+                writer = _DiffWriter(tf, walk)
+                for change in changes:
+                    writer.add(change)
     except RefcacheError:
         raise
     except OSError as exc:

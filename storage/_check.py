@@ -52,7 +52,7 @@ from ._env import (
     ReadTxn,
 )
 from ._errors import CorruptedError, CorruptMetadataError, LockedError, RefcacheError
-from ._layout import PRIVATE_FILE_MODE, access_error, secure_root
+from ._layout import PRIVATE_FILE_MODE, access_error, lock_held, secure_root
 from ._leases import parse_resource_key
 from ._metadata import (
     KEY_BLOB_ONLY,
@@ -69,7 +69,8 @@ from ._metadata import (
 from ._mount import MOUNTS_DIR, clean_mount_dir, stale_mounts
 from ._native import NativeSnapshotter
 from ._overlay import OverlaySnapshotter
-from ._snapshotter import BaseSnapshotter, _decode, stored_snapshotter_name
+from ._snapmeta import decode_record, stored_snapshotter_name
+from ._snapshotter import BaseSnapshotter
 from ._types import Kind
 
 __all__ = ["check", "repair"]
@@ -79,6 +80,16 @@ _BLOB_GRACE_SECONDS = 60.0
 
 
 def open_snapshotter(root: Path, env: MetaEnv, *, clean: bool) -> BaseSnapshotter | None:
+    """Opens the snapshotter a cache was created with (``None`` when none was recorded).
+
+    Args:
+        root: The cache root.
+        env: Its metadata environment (read-only for inspection).
+        clean: Remove leftovers at open (``False`` for a cache another process may be using).
+
+    Raises:
+        FailedPreconditionError / CorruptMetadataError: as the snapshotter's constructor.
+    """
     name = stored_snapshotter_name(env)
     if name is None:
         return None
@@ -91,17 +102,7 @@ def cache_in_use(root: Path) -> bool:
     env = MetaEnv.lookup(root / "meta")
     if env is not None and not env.readonly:
         return True
-    try:
-        fd = os.open(root / "lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(root)
 
 
 def check(root: str | os.PathLike[str]) -> list[str]:
@@ -160,7 +161,7 @@ def _check(root: Path, env: MetaEnv) -> list[str]:
                 if not raw_key.startswith(b"\x00"):
                     key = raw_key.decode("utf-8", "surrogateescape")
                     try:
-                        kinds[key] = _decode(key, raw).kind
+                        kinds[key] = decode_record(key, raw).kind
                     except CorruptMetadataError as exc:
                         problems.append(f"snapshots: {exc}")
             owners = snapshotter.owned_dirs(txn)

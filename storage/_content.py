@@ -57,7 +57,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import msgpack
@@ -74,8 +73,9 @@ from ._errors import (
     StoreFullError,
 )
 from ._filters import Adaptor, map_field, parse_filters
+from ._labels import validate_labels
 from ._layout import make_private_dir
-from ._tree import remove_tree
+from ._tree import fsync_dir, remove_tree
 from ._types import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     ContentInfo,
@@ -85,18 +85,13 @@ from ._types import (
 )
 
 __all__ = [
-    "MAX_LABEL_SIZE",
     "ContentStatus",
     "ContentStore",
     "ContentWriter",
     "LocalContentStore",
-    "validate_labels",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: containerd ``pkg/labels``: a label's key plus value may hold at most this many bytes.
-MAX_LABEL_SIZE = 4096
 
 _CHUNK = 1 << 20
 _HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
@@ -206,12 +201,7 @@ class ContentWriter(Protocol):
 
     def __enter__(self) -> ContentWriter: ...
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    def __exit__(self, *exc_info: object) -> None: ...
 
 
 @runtime_checkable
@@ -359,7 +349,7 @@ class LocalContentStore:
             CorruptMetadataError: Its metadata cannot be decoded.
         """
         validate_digest(digest)
-        with self._reading(txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             raw = rtxn.get(DB_CONTENT, digest.encode())
         if raw is None:
             msg = f"content {digest} not found"
@@ -373,7 +363,7 @@ class LocalContentStore:
             InvalidError: ``digest`` is malformed.
         """
         validate_digest(digest)
-        with self._reading(txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             return rtxn.get(DB_CONTENT, digest.encode()) is not None
 
     def walk(self, *filters: str, txn: ReadTxn | None = None) -> Iterator[ContentInfo]:
@@ -389,7 +379,7 @@ class LocalContentStore:
             CorruptMetadataError: A blob's metadata cannot be decoded.
         """
         matcher = parse_filters(*filters)
-        with self._reading(txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             items = list(rtxn.items(DB_CONTENT))
         infos = [_decode_info(key.decode("utf-8", "replace"), raw) for key, raw in items]
         return iter([i for i in infos if matcher.match(_info_adaptor(i))])
@@ -999,20 +989,8 @@ class LocalContentStore:
                 _rmtree(Path(entry.path))
 
     @contextmanager
-    def _reading(self, txn: ReadTxn | None) -> Iterator[ReadTxn]:
-        if txn is not None:
-            yield txn
-            return
-        with self._env.read_txn() as rtxn:
-            yield rtxn
-
-    @contextmanager
     def _writing(self, txn: WriteTxn | None) -> Iterator[WriteTxn]:
-        if txn is not None:
-            self._forget_rolled_back(txn)
-            yield txn
-            return
-        with self._env.write_txn() as wtxn:
+        with self._env.joined_write(txn) as wtxn:
             self._forget_rolled_back(wtxn)
             yield wtxn
 
@@ -1143,12 +1121,7 @@ class _LocalWriter:
     def __enter__(self) -> _LocalWriter:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -1358,45 +1331,6 @@ class _LocalWriter:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def validate_labels(labels: object, *, what: str) -> dict[str, str]:
-    """Checks labels as containerd does (``pkg/labels.Validate``) and returns a plain copy.
-
-    Keys and values must be strings, keys non-empty, and ``len(key) + len(value)`` at most
-    :data:`MAX_LABEL_SIZE` bytes (UTF-8).
-
-    Args:
-        labels: A mapping, or ``None`` for no labels.
-        what: Names the object in error messages.
-
-    Raises:
-        InvalidError: Naming the offending key.
-    """
-    if labels is None:
-        return {}
-    if not isinstance(labels, Mapping):
-        msg = f"labels of {what} must be a mapping, got {type(labels).__name__}"
-        raise InvalidError(msg)
-    result: dict[str, str] = {}
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            msg = f"label {key!r}={value!r} of {what}: keys and values must be strings"
-            raise InvalidError(msg)
-        if not key:
-            msg = f"label of {what} has an empty key"
-            raise InvalidError(msg)
-        size = len(key.encode("utf-8", "surrogatepass")) + len(
-            value.encode("utf-8", "surrogatepass")
-        )
-        if size > MAX_LABEL_SIZE:
-            msg = (
-                f"label key and value of {what} are {size} bytes, more than the maximum "
-                f"{MAX_LABEL_SIZE}; key: {key[:64]!r}"
-            )
-            raise InvalidError(msg)
-        result[key] = value
-    return result
-
-
 def _check_ref(ref: object) -> None:
     if not isinstance(ref, str) or not ref:
         msg = f"invalid ingest ref {ref!r}: must be a non-empty string"
@@ -1473,23 +1407,15 @@ def _place_blob(source: Path, target: Path, ref: str) -> None:
         directory = target.parent
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         # os.replace: an orphan file of the same digest (crash, rolled-back commit) is simply
         # overwritten by this verified copy.
         os.replace(source, target)
         os.chmod(target, 0o444)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         msg = f"cannot move ingest ref {ref!r} into {target}: {exc}"
         raise _disk_error(msg, exc) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hash_fd(fd: int, hasher: Any) -> int:

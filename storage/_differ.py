@@ -2,8 +2,9 @@
 
 :class:`WalkingDiffer` mounts both sides read-only (:func:`storage._mount.local_mount`),
 walks them with :func:`storage._archive.write_diff` and streams the tar through the
-compressor into a content-store ingest: nothing is buffered in memory beyond a chunk. The
-uncompressed bytes are hashed on the way for the diffID, which is stored as the content label
+compressor into a content-store ingest (:class:`LayerBlobWriter`, which the record layer
+uses for its conversions too): nothing is buffered in memory beyond a chunk. The uncompressed
+bytes are hashed on the way for the diffID, which is stored as the content label
 ``containerd.io/uncompressed`` and returned as the descriptor annotation of the same name.
 """
 
@@ -17,9 +18,11 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from ._archive import COMPRESSIONS, compressed_writer, write_diff
-from ._content import ContentStore, ContentWriter, validate_labels
+from ._archive import check_compression, compressed_writer, write_diff
+from ._content import ContentStore, ContentWriter
+from ._env import WriteTxn
 from ._errors import AlreadyExistsError, InvalidError, NotFoundError
+from ._labels import validate_labels
 from ._mount import local_mount
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
@@ -31,7 +34,7 @@ from ._types import (
     Mount,
 )
 
-__all__ = ["Differ", "WalkingDiffer"]
+__all__ = ["Differ", "LayerBlobWriter", "WalkingDiffer"]
 
 _MEDIA_TYPES: Mapping[str, str] = {
     "gzip": MEDIA_TYPE_OCI_LAYER_GZIP,
@@ -82,6 +85,98 @@ class _HashingWriter:
         return "sha256:" + self._hash.hexdigest()
 
 
+class LayerBlobWriter:
+    """Streams a layer's uncompressed tar through a compressor into a new blob.
+
+    Both streams are hashed on the way: the uncompressed bytes give the diffID, the
+    compressed ones the blob's digest. Nothing is buffered beyond a compressor's chunk. Use
+    it as a context manager: write the tar to :attr:`stream`, then :meth:`commit` (or
+    :meth:`finish` first to look at the digests); leaving the block without a commit removes
+    the ingest.
+
+    Runs on the caller's thread and blocks on file I/O.
+
+    Args:
+        content: The content store to write into.
+        compression: ``"gzip"``, ``"zstd"`` or ``"uncompressed"``.
+        what: Names the ingest ref (``refcache-<what>-<random>``).
+
+    Raises:
+        InvalidError: Unknown compression (nothing is written).
+    """
+
+    def __init__(self, content: ContentStore, compression: str, *, what: str = "layer") -> None:
+        check_compression(compression)
+        self._content = content
+        self._ref = f"refcache-{what}-{uuid.uuid4().hex}"
+        self._writer = content.writer(self._ref)
+        self._compressed = _HashingWriter(self._writer)
+        self._sink = compressed_writer(cast(BinaryIO, self._compressed), compression)
+        self._uncompressed = _HashingWriter(self._sink)
+        self._finished: tuple[str, int, str] | None = None
+        self._committed = False
+
+    @property
+    def stream(self) -> BinaryIO:
+        """Where the uncompressed layer tar goes."""
+        return cast(BinaryIO, self._uncompressed)
+
+    def finish(self) -> tuple[str, int, str]:
+        """Ends the compressed stream (idempotent).
+
+        Returns:
+            ``(digest, size, diff_id)`` of the blob to commit.
+        """
+        if self._finished is None:
+            self._sink.close()
+            self._finished = (
+                self._compressed.digest,
+                self._compressed.count,
+                self._uncompressed.digest,
+            )
+        return self._finished
+
+    def commit(
+        self, *, labels: Mapping[str, str] | None = None, txn: WriteTxn | None = None
+    ) -> tuple[str, int, str]:
+        """Commits the blob with ``labels`` and ``containerd.io/uncompressed`` = diffID.
+
+        A blob that exists already is success (containerd's ``AlreadyExists``): the labels
+        are added to it.
+
+        Args:
+            labels: More content labels.
+            txn: Commit inside this write transaction (for example one that leases the blob).
+
+        Returns:
+            ``(digest, size, diff_id)``.
+        """
+        digest, size, diff_id = self.finish()
+        merged = {**(labels or {}), ANNOTATION_UNCOMPRESSED: diff_id}
+        try:
+            self._writer.commit(size, digest, labels=merged, txn=txn)
+        except AlreadyExistsError:
+            info = ContentInfo(digest=digest, size=0, labels=merged)
+            self._content.update(info, *(f"labels.{k}" for k in merged), txn=txn)
+        self._committed = True
+        return digest, size, diff_id
+
+    def close(self) -> None:
+        """Removes the ingest unless the blob was committed (idempotent)."""
+        if self._committed:
+            return
+        self._committed = True
+        self._writer.close()
+        with suppress(NotFoundError):
+            self._content.abort(self._ref)
+
+    def __enter__(self) -> LayerBlobWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class WalkingDiffer:
     """The embedded differ: a double walk of two directory trees, written as an OCI layer.
 
@@ -130,9 +225,7 @@ class WalkingDiffer:
             FailedPreconditionError: A tree cannot be read, or mounting is not permitted.
             StoreFullError: The disk filled up (the ingest is removed).
         """
-        if compression not in COMPRESSIONS:
-            msg = f"unknown compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}"
-            raise InvalidError(msg)
+        check_compression(compression)
         if media_type is not None and (not isinstance(media_type, str) or not media_type):
             msg = f"invalid media type {media_type!r}"
             raise InvalidError(msg)
@@ -163,32 +256,9 @@ class WalkingDiffer:
     def _write(
         self, lower: Path | None, upper: Path, compression: str, extra: dict[str, str]
     ) -> tuple[str, int, str]:
-        ref = f"refcache-diff-{uuid.uuid4().hex}"
-        writer = self._content.writer(ref)
-        committed = False
-        try:
-            compressed = _HashingWriter(writer)
-            sink = compressed_writer(cast(BinaryIO, compressed), compression)
-            uncompressed = _HashingWriter(sink)
-            write_diff(lower, upper, cast(BinaryIO, uncompressed))
-            sink.close()
-            diff_id = uncompressed.digest
-            digest = compressed.digest
-            size = compressed.count
-            labels = {**extra, ANNOTATION_UNCOMPRESSED: diff_id}
-            try:
-                writer.commit(size, digest, labels=labels)
-            except AlreadyExistsError:
-                # containerd: AlreadyExists is success; add the label to the existing blob.
-                merge = ContentInfo(digest=digest, size=0, labels=labels)
-                self._content.update(merge, *(f"labels.{k}" for k in labels))
-            committed = True
-        finally:
-            if not committed:
-                writer.close()
-                with suppress(NotFoundError):
-                    self._content.abort(ref)
-        return digest, size, diff_id
+        with LayerBlobWriter(self._content, compression, what="diff") as blob:
+            write_diff(lower, upper, blob.stream)
+            return blob.commit(labels=extra)
 
 
 def _mount_list(mounts: Sequence[Mount], what: str) -> list[Mount]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -60,8 +59,8 @@ from ._errors import (
     RefcacheError,
     StoreFullError,
 )
-from ._layout import PRIVATE_FILE_MODE, access_error, make_private_dir
-from ._tree import remove_tree
+from ._layout import PRIVATE_FILE_MODE, access_error, lock_held, make_private_dir
+from ._tree import fsync_dir, remove_tree
 
 try:  # py-lmdb >= 3.0: an offline structural verifier that never maps the file
     from lmdb import verify as _lmdb_verify
@@ -428,7 +427,7 @@ class MetaEnv:
                     "cannot create the metadata environment", self.path, exc
                 ) from exc
         if verify is None:
-            verify = "header" if readonly and _writer_active(self.path) else "full"
+            verify = "header" if readonly and lock_held(self.path.parent) else "full"
         check_data_file(data, full=verify == "full")
         options: dict[str, Any] = {
             "map_size": map_size,
@@ -601,6 +600,28 @@ class MetaEnv:
             except Exception:
                 logger.exception("after-unlock callback %r failed", callback)
 
+    @contextmanager
+    def joined_write(self, txn: WriteTxn | None) -> Iterator[WriteTxn]:
+        """Yields the caller's ``txn`` (its commit stays the caller's), else a new one.
+
+        For the backends' ``txn=`` parameters: with a transaction, the work joins it;
+        without, it runs in its own :meth:`write_txn`.
+        """
+        if txn is not None:
+            yield txn
+            return
+        with self.write_txn() as own:
+            yield own
+
+    @contextmanager
+    def joined_read(self, txn: ReadTxn | None) -> Iterator[ReadTxn]:
+        """Yields the caller's ``txn``, else a new :meth:`read_txn`."""
+        if txn is not None:
+            yield txn
+            return
+        with self.read_txn() as own:
+            yield own
+
     def _commit(self, wtxn: WriteTxn) -> None:
         try:
             wtxn._txn.commit()
@@ -735,7 +756,7 @@ class MetaEnv:
             finally:
                 env.close()
             os.rename(stage / _DATA_FILE, self.path / _DATA_FILE)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except lmdb.Error as exc:
             raise self.error("cannot create the metadata environment", exc, write=True) from exc
         finally:
@@ -872,34 +893,9 @@ def check_data_file(data: Path, *, full: bool = True) -> None:
             raise CorruptedError(msg)
 
 
-def _writer_active(path: Path) -> bool:
-    """Whether a process holds the write lock of the cache whose ``meta/`` is ``path``."""
-    try:
-        fd = os.open(path.parent / "lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
-
-
 def _free_bytes(path: Path) -> int:
     try:
         st = os.statvfs(path)
     except OSError:
         return -1
     return st.f_bavail * st.f_frsize
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ changed. Read-only tools (``check``, ``du``) never change modes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -33,6 +34,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "SUBDIRS",
     "access_error",
+    "lock_held",
     "make_private_dir",
     "secure_root",
 ]
@@ -123,3 +125,24 @@ def secure_root(root: Path) -> list[str]:
             "; ".join(changed),
         )
     return changed
+
+
+def lock_held(root: Path) -> bool:
+    """Whether some process holds the write lock (``<root>/lock``) of the cache at ``root``.
+
+    A probe with a shared, non-blocking ``flock``: nothing is held after it returns. A
+    missing or unreadable lock file means no writer.
+    """
+    try:
+        fd = os.open(root / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False

@@ -36,8 +36,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
@@ -52,6 +51,7 @@ from ._errors import (
     NotFoundError,
 )
 from ._filters import Adaptor, map_field, parse_filters
+from ._labels import check_label_size, stored_labels, validate_labels
 from ._types import frozen_map, validate_digest
 
 __all__ = [
@@ -88,8 +88,6 @@ RESOURCE_CONTENT = "content"  #: resource type of a blob; the id is its digest
 RESOURCE_INGESTS = "ingests"  #: resource type of an in-progress write; the id is its ref
 RESOURCE_SNAPSHOTS = "snapshots"  #: resource type prefix: ``snapshots/<snapshotter name>``
 
-# containerd's labels.Validate: key plus value at most 4096 bytes.
-_MAX_LABEL_BYTES = 4096
 # LMDB's compiled-in MDB_MAXKEYSIZE: a longer key cannot be stored at all.
 _MAX_KEY_BYTES = 511
 _SEP = b"\x00"
@@ -333,7 +331,7 @@ class LmdbLeaseManager:
             AlreadyExistsError: A lease ``id`` exists.
         """
         key = _lease_key(id)
-        stored = _validate_labels(labels, what=f"lease {id!r}")
+        stored = stored_labels(validate_labels(labels, what=f"lease {id!r}"))
         now_ns = time.time_ns()
         stamp = format_rfc3339(datetime.fromtimestamp(now_ns / 1e9, UTC))
         if expire is not None:
@@ -343,9 +341,9 @@ class LmdbLeaseManager:
         if temporary:
             stored[LABEL_LEASE_TEMPORARY] = stamp
         for k, v in stored.items():
-            _check_label_size(k, v, what=f"lease {id!r}")
+            check_label_size(k, v, what=f"lease {id!r}")
         record = msgpack.packb({"created_at": now_ns, "labels": stored})
-        with _writing(self._env, txn) as wtxn:
+        with self._env.joined_write(txn) as wtxn:
             if wtxn.get(DB_LEASES, key) is not None:
                 msg = f"lease {id!r} already exists"
                 raise AlreadyExistsError(msg)
@@ -378,7 +376,7 @@ class LmdbLeaseManager:
         """
         del synchronous  # documented above: GC is the caller's to run
         key = _lease_key(id)
-        with _writing(self._env, txn) as wtxn:
+        with self._env.joined_write(txn) as wtxn:
             if not wtxn.delete(DB_LEASES, key):
                 msg = f"lease {id!r} not found"
                 raise NotFoundError(msg)
@@ -393,7 +391,7 @@ class LmdbLeaseManager:
             CorruptMetadataError: The stored record cannot be decoded.
         """
         key = _lease_key(id)
-        with _reading(self._env, txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             raw = rtxn.get(DB_LEASES, key)
         if raw is None:
             msg = f"lease {id!r} not found"
@@ -410,7 +408,7 @@ class LmdbLeaseManager:
             InvalidError: A filter does not parse.
         """
         matcher = parse_filters(*filters)
-        with _reading(self._env, txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             leases = [decode_lease(k, v) for k, v in rtxn.items(DB_LEASES)]
         return [lease for lease in leases if matcher.match(_adaptor(lease))]
 
@@ -467,7 +465,7 @@ class LmdbLeaseManager:
         """
         lease_key = _lease_key(lease_id)
         key = resource_key(lease_id, resource)
-        with _writing(self._env, txn) as wtxn:
+        with self._env.joined_write(txn) as wtxn:
             if wtxn.get(DB_LEASES, lease_key) is None:
                 msg = f"lease {lease_id!r} not found (adding {resource.type} {resource.id!r})"
                 raise NotFoundError(msg)
@@ -484,7 +482,7 @@ class LmdbLeaseManager:
         """
         lease_key = _lease_key(lease_id)
         key = resource_key(lease_id, resource)
-        with _writing(self._env, txn) as wtxn:
+        with self._env.joined_write(txn) as wtxn:
             if wtxn.get(DB_LEASES, lease_key) is None:
                 msg = f"lease {lease_id!r} not found (deleting {resource.type} {resource.id!r})"
                 raise NotFoundError(msg)
@@ -502,7 +500,7 @@ class LmdbLeaseManager:
             NotFoundError: No lease ``lease_id``.
         """
         lease_key = _lease_key(lease_id)
-        with _reading(self._env, txn) as rtxn:
+        with self._env.joined_read(txn) as rtxn:
             if rtxn.get(DB_LEASES, lease_key) is None:
                 msg = f"lease {lease_id!r} not found"
                 raise NotFoundError(msg)
@@ -623,33 +621,6 @@ def _lease_key(lease_id: object) -> bytes:
     return key
 
 
-def _validate_labels(labels: Mapping[str, str] | None, *, what: str) -> dict[str, str]:
-    if labels is None:
-        return {}
-    if not isinstance(labels, Mapping):
-        msg = f"labels of {what} must be a mapping, got {labels!r}"
-        raise InvalidError(msg)
-    out: dict[str, str] = {}
-    for k, v in labels.items():
-        if not isinstance(k, str) or not k or not isinstance(v, str):
-            msg = f"label {k!r}={v!r} of {what} must be a non-empty str key and a str value"
-            raise InvalidError(msg)
-        _check_label_size(k, v, what=what)
-        if v:  # containerd's WriteLabels does not store empty values
-            out[k] = v
-    return out
-
-
-def _check_label_size(key: str, value: str, *, what: str) -> None:
-    total = len(key.encode()) + len(value.encode())
-    if total > _MAX_LABEL_BYTES:
-        msg = (
-            f"label {key[:40]!r} of {what}: key and value take {total} bytes, more than "
-            f"{_MAX_LABEL_BYTES}"
-        )
-        raise InvalidError(msg)
-
-
 def _expiry_label(expire: object, *, lease_id: str) -> str:
     if isinstance(expire, timedelta):
         return format_rfc3339(datetime.now(UTC) + expire)
@@ -674,21 +645,3 @@ def _adaptor(lease: Lease) -> Adaptor:
         return "", False
 
     return adapt
-
-
-@contextmanager
-def _writing(env: MetaEnv, txn: WriteTxn | None) -> Iterator[WriteTxn]:
-    if txn is not None:
-        yield txn
-        return
-    with env.write_txn() as own:
-        yield own
-
-
-@contextmanager
-def _reading(env: MetaEnv, txn: ReadTxn | None) -> Iterator[ReadTxn]:
-    if txn is not None:
-        yield txn
-        return
-    with env.read_txn() as own:
-        yield own

@@ -5,8 +5,8 @@ files uses :func:`local_mount`, BuildKit's ``LocalMounter`` (``snapshot/localmou
 
 * a single bind mount (the native snapshotter, or an overlay snapshot without parents) is used
   in place: the context yields ``Path(source)`` and no syscall happens. BuildKit performs a real
-  mount for a read-only bind; here ``ro`` is a contract of the API instead (see
-  ``containerd-backends.md`` §13, risk 1), which keeps the native backend usable without mount
+  mount for a read-only bind; here ``ro`` is a contract of the API instead (see "Where the
+  snapshotters differ" in docs/STORAGE.md), which keeps the native backend usable without mount
   privileges;
 * anything else (an overlay, several mounts, a mount with a ``target``) is really mounted with
   ``mount(2)`` (through ``ctypes``; the ``mount`` command when libc cannot be used) into a fresh

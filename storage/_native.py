@@ -1,20 +1,21 @@
 """The native snapshotter: every active snapshot is a full copy of its parent.
 
 A port of containerd's ``plugins/snapshots/native`` on the shared metadata
-(:class:`~storage._snapshotter.BaseSnapshotter`). It needs no mount privileges: every mount it
+(``BaseSnapshotter`` in ``storage/_snapshotter.py``). It needs no mount privileges: every mount it
 returns is a bind mount whose source is a plain directory, which
 :func:`~storage._mount.local_mount` uses in place.
 
 Layout: ``<root>/snapshots/<id>/`` is the snapshot's tree itself (no ``fs/`` subdirectory).
 
 * ``prepare(key, parent)``: ``new-<random>`` (mode 0755) receives a full copy of the parent's
-  tree (:func:`~storage._snapshotter.copy_tree`: modes, owners, times, xattrs, symlinks,
+  tree (``copy_tree`` in ``storage/_fscopy.py``: modes, owners, times, xattrs, symlinks,
   hardlinks within the tree, devices, sparse files), then is renamed to ``<id>`` inside the
   transaction that records it. Cost: O(size of the parent's whole tree).
 * ``view(key, parent)``: like containerd, **no copy and no directory**: the view mounts the
   parent's own directory read-only. ``ro`` is a contract here (a bind mount used in place is
   writable), so a caller writing through a view would change the committed parent
-  (``containerd-backends.md`` §13, risk 1). A view without a parent gets an empty directory.
+  (see "Where the snapshotters differ" in docs/STORAGE.md). A view without a parent gets an
+  empty directory.
 * ``mounts``: ``[Mount("bind", <dir>, ("rbind", "rw"|"ro"))]``.
 * ``commit``: the directory stays; its usage (unique inodes, ``st_blocks * 512``) is stored.
 * ``merge``: a hardlink farm built from the inputs' directories (BuildKit, ``native``).
@@ -25,18 +26,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._changes import LayerStack
 from ._env import MetaEnv
-from ._snapshotter import (
-    BaseSnapshotter,
-    _chain,
-    _check_key,
-    _must_get,
-    _Plan,
-    _Record,
-    _Tree,
-    copy_tree,
-    scan_tree,
-)
+from ._fscopy import copy_tree
+from ._snapmeta import SnapshotRecord
+from ._snapshotter import BaseSnapshotter, BuildPlan
 from ._types import Kind, Mount
 
 __all__ = ["NativeSnapshotter"]
@@ -63,40 +57,21 @@ class NativeSnapshotter(BaseSnapshotter):
         # containerd native: a view of a parent mounts the parent's directory, nothing new.
         return kind != Kind.VIEW or not has_parent
 
-    def _build(self, tmp: Path, plan: _Plan) -> None:
+    def _build(self, tmp: Path, plan: BuildPlan) -> None:
         if plan.parent is not None:
             copy_tree(self._snapshot_dir(plan.parent.id), tmp)
 
-    def _source(self, rec: _Record, chain: list[_Record]) -> Path:
+    def _local_dir(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
         if rec.kind == Kind.VIEW and chain:
             return self._snapshot_dir(chain[0].id)
         return self._snapshot_dir(rec.id)
 
-    def _mounts(self, rec: _Record, chain: list[_Record]) -> list[Mount]:
+    def _mounts(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> list[Mount]:
         flag = "ro" if rec.kind == Kind.VIEW else "rw"
-        return [Mount("bind", str(self._source(rec, chain)), ("rbind", flag))]
+        return [Mount("bind", str(self._local_dir(rec, chain)), ("rbind", flag))]
 
     def _usage_dir(self, sid: str) -> Path:
         return self._snapshot_dir(sid)
 
-    def _layer_dir(self, sid: str) -> Path:
-        return self._snapshot_dir(sid)
-
-    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Tree:
-        return scan_tree(self._snapshot_dir(rec.id))
-
-    def path(self, key: str) -> Path:
-        """The directory holding ``key``'s tree: ``<root>/snapshots/<id>``.
-
-        For a view of a parent this is the parent's directory (what the view mounts).
-
-        Raises:
-            InvalidError: ``key`` is not a valid key.
-            NotFoundError: No such snapshot.
-        """
-        key = _check_key(key)
-        self._check_open()
-        with self._env.read_txn() as txn:
-            rec = _must_get(txn, key)
-            chain = _chain(txn, rec) if rec.kind == Kind.VIEW and rec.parent else []
-        return self._source(rec, chain)
+    def _content_tree(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> LayerStack:
+        return LayerStack((self._snapshot_dir(rec.id),))

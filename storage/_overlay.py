@@ -1,7 +1,7 @@
 """The overlay snapshotter, and :func:`make_snapshotter` (BuildKit's ``auto`` choice).
 
 A port of containerd's ``plugins/snapshots/overlay`` on the shared metadata
-(:class:`~storage._snapshotter.BaseSnapshotter`). Snapshots are overlayfs layers; nothing is
+(``BaseSnapshotter`` in ``storage/_snapshotter.py``). Snapshots are overlayfs layers; nothing is
 copied on ``prepare``. Someone must perform the returned mounts
 (:func:`~storage._mount.local_mount` does, with ``mount(2)``), so this backend needs mount
 privileges: :func:`make_snapshotter` only picks it when a probe mount works.
@@ -24,7 +24,7 @@ them. Usage walks count unique inodes, so the kernel's shared whiteout inode cou
 
 ``merge`` applies the diffs into a new layer with no parent (a full tree, hardlinked from the
 input layers), computing each input's content by stacking its layers in userspace
-(:func:`~storage._snapshotter.overlay_tree`). BuildKit instead makes the leading parent chain
+(``LayerStack`` in ``storage/_changes.py``). BuildKit instead makes the leading parent chain
 the merge's parent ("skip base layers"); this port keeps one code path for both backends.
 """
 
@@ -35,21 +35,13 @@ import logging
 import os
 from pathlib import Path
 
+from ._changes import LayerStack
 from ._env import MetaEnv
 from ._errors import FailedPreconditionError, InvalidError
 from ._mount import overlay_options, probe_overlay
 from ._native import NativeSnapshotter
-from ._snapshotter import (
-    BaseSnapshotter,
-    Snapshotter,
-    _check_key,
-    _must_get,
-    _Plan,
-    _Record,
-    _Tree,
-    overlay_tree,
-    stored_snapshotter_name,
-)
+from ._snapmeta import SnapshotRecord, stored_snapshotter_name
+from ._snapshotter import BaseSnapshotter, BuildPlan, Snapshotter
 from ._types import Kind, Mount
 
 __all__ = ["OverlaySnapshotter", "make_snapshotter"]
@@ -85,7 +77,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _owns_dir(self, kind: Kind, has_parent: bool) -> bool:
         return True
 
-    def _build(self, tmp: Path, plan: _Plan) -> None:
+    def _build(self, tmp: Path, plan: BuildPlan) -> None:
         fs = tmp / "fs"
         fs.mkdir()
         # A layer root is world-readable (containerd: 0755).
@@ -108,7 +100,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _fs(self, sid: str) -> Path:
         return self._snapshot_dir(sid) / "fs"
 
-    def _mounts(self, rec: _Record, chain: list[_Record]) -> list[Mount]:
+    def _mounts(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> list[Mount]:
         if not chain:
             flag = "ro" if rec.kind == Kind.VIEW else "rw"
             return [Mount("bind", str(self._fs(rec.id)), ("rbind", flag))]
@@ -125,32 +117,16 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _usage_dir(self, sid: str) -> Path:
         return self._fs(sid)
 
-    def _layer_dir(self, sid: str) -> Path:
-        return self._fs(sid)
-
     def _merge_target(self, tmp: Path) -> Path:
         fs = tmp / "fs"
         fs.mkdir()
         os.chmod(fs, 0o755)  # noqa: S103
         return fs
 
-    def _content_tree(self, rec: _Record, chain: list[_Record]) -> _Tree:
-        return overlay_tree([self._fs(r.id) for r in (rec, *chain)])
+    def _content_tree(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> LayerStack:
+        return LayerStack(tuple(self._fs(r.id) for r in (rec, *chain)), overlay=True)
 
-    def path(self, key: str) -> Path:
-        """The snapshot's own layer directory ``<root>/snapshots/<id>/fs``.
-
-        This is the layer alone (an active snapshot's upperdir), not its merged content;
-        use :func:`~storage._mount.local_mount` on :meth:`mounts` to see the whole tree.
-
-        Raises:
-            InvalidError: ``key`` is not a valid key.
-            NotFoundError: No such snapshot.
-        """
-        key = _check_key(key)
-        self._check_open()
-        with self._env.read_txn() as txn:
-            rec = _must_get(txn, key)
+    def _local_dir(self, rec: SnapshotRecord, chain: list[SnapshotRecord]) -> Path:
         return self._fs(rec.id)
 
 

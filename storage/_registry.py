@@ -532,12 +532,7 @@ class RegistryClient:
                 resp = self._http.send(request, stream=stream, follow_redirects=follow_redirects)
             except httpx.TransportError as exc:
                 self._observe(operation, "error", time.perf_counter() - start)
-                if _tls_failure(exc):
-                    msg = (
-                        f"TLS verification failed for {self.description} ({what}): {exc}; "
-                        "pass ca_file= with its CA (or insecure=True for plain HTTP)"
-                    )
-                    raise UnavailableError(msg) from exc
+                self._check_tls(what, exc)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not retry:
                     raise _Retry(reason) from exc
@@ -620,12 +615,7 @@ class RegistryClient:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 self._observe(operation, "error", time.perf_counter() - start)
-                if _tls_failure(exc):
-                    msg = (
-                        f"TLS verification failed for {self.description} ({what}): {exc}; "
-                        "pass ca_file= with its CA (or insecure=True for plain HTTP)"
-                    )
-                    raise UnavailableError(msg) from exc
+                self._check_tls(what, exc)
                 raise _Retry(f"{type(exc).__name__}: {exc}") from exc
             status = resp.status
             self._observe(operation, str(status), time.perf_counter() - start)
@@ -653,6 +643,16 @@ class RegistryClient:
             raise RefcacheError(f"{self.description} refused {what}: HTTP {status}")
         msg = f"{self.description}: too many redirects for {what}"
         raise RefcacheError(msg)
+
+    def _check_tls(self, what: str, exc: BaseException) -> None:
+        """Raises an :class:`UnavailableError` when ``exc`` is a failed TLS verification
+        (no retry helps; the message says what to pass)."""
+        if _tls_failure(exc):
+            msg = (
+                f"TLS verification failed for {self.description} ({what}): {exc}; "
+                "pass ca_file= with its CA (or insecure=True for plain HTTP)"
+            )
+            raise UnavailableError(msg) from exc
 
     def _unavailable(self, what: str, reason: str, attempts: int, started: float) -> RefcacheError:
         took = time.monotonic() - started

@@ -26,7 +26,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 __all__ = [
@@ -34,12 +34,14 @@ __all__ = [
     "DirCursor",
     "PathNode",
     "display_path",
+    "fsync_dir",
     "fsync_tree_dirs",
     "list_entries",
     "node_parts",
     "post_order",
     "proc_path",
     "remove_tree",
+    "subdirs",
     "walk_dirs",
 ]
 
@@ -462,17 +464,26 @@ def remove_tree(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> b
     return True
 
 
-def walk_dirs(cursor: DirCursor) -> Iterator[int]:
+def subdirs(dir_fd: int) -> list[str]:
+    """The names of the subdirectories (never symlinks) of the directory ``dir_fd``."""
+    return [e.name for e in list_entries(dir_fd) if e.is_dir(follow_symlinks=False)]
+
+
+def walk_dirs(cursor: DirCursor, scan: Callable[[int], list[str]] = subdirs) -> Iterator[int]:
     """Visits every directory below the cursor's position, depth first (post-order).
 
     Yields the descriptor of each directory once all of its subdirectories were visited
     (the starting directory last). The cursor moves; the descriptor is valid until the
-    generator is resumed.
+    generator is resumed. A subdirectory that is gone, or no directory any more, when the
+    walk reaches it is skipped.
+
+    Args:
+        cursor: Where the walk starts.
+        scan: Lists the subdirectories to visit of a directory (by descriptor), once per
+            directory, before they are visited; it may look at the other entries on the way.
     """
     start = cursor.depth
-    pending: list[list[str]] = [
-        [e.name for e in list_entries(cursor.fd) if e.is_dir(follow_symlinks=False)]
-    ]
+    pending: list[list[str]] = [scan(cursor.fd)]
     while pending:
         if pending[-1]:
             name = pending[-1].pop()
@@ -480,9 +491,7 @@ def walk_dirs(cursor: DirCursor) -> Iterator[int]:
                 cursor.down(name)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            pending.append(
-                [e.name for e in list_entries(cursor.fd) if e.is_dir(follow_symlinks=False)]
-            )
+            pending.append(scan(cursor.fd))
             continue
         pending.pop()
         yield cursor.fd
@@ -509,3 +518,12 @@ def fsync_tree_dirs(path: str | os.PathLike[str]) -> None:
     with DirCursor.open(path) as cursor:
         for fd in walk_dirs(cursor):
             os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsyncs the directory ``path``: a rename or unlink in it is then durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

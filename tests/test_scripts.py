@@ -243,8 +243,9 @@ def test_the_demo_serves_metrics_while_it_runs_and_leaves_a_consistent_cache(
     root = tmp_path / "refcache-data"
     cmd = [
         sys.executable,
-        "-c",
-        "import sys; from refcache.actors._demo import main; sys.exit(main(sys.argv[1:]))",
+        "-m",
+        "refcache",
+        "demo",
         "--root",
         str(root),
         "--metrics-port",

@@ -1,7 +1,7 @@
-"""Lazy layers: ``get_by_blob``, descriptor handlers, extraction, sizes (reference §1.2, §2.10).
+"""Lazy layers: ``get_by_blob``, descriptor handlers, extraction, sizes (docs/DESIGN.md).
 
 Ports of BuildKit's TestLazyGetByBlob, TestMergeBlobchainID, TestSnapshotExtract,
-TestExtractOnMutable, TestSetBlob and TestMissingMaterializedLowerDiffExtract (§6.1), plus
+TestExtractOnMutable, TestSetBlob and TestMissingMaterializedLowerDiffExtract, plus
 the concurrency and bad-provider cases of issue 5. Real caches in ``tmp_path``; real tar blobs
 built with tarfile/gzip/zstandard; providers are plain functions over in-memory bytes that
 count their calls. Counts are exact: snapshot directories under ``<root>/snapshots`` and blobs

@@ -1,4 +1,4 @@
-"""Disk usage (BuildKit ``DiskUsage``, reference §4.1 and §4.4) on real caches and tables.
+"""Disk usage (BuildKit ``DiskUsage`` and its filters) on real caches and tables.
 
 Equal pairs show once; in-use is propagated from unreferenced children; a mutable record in
 use reports size 0; shared marking through the ref checker (the record and its ancestors);
@@ -190,7 +190,7 @@ class TestRows:
 
 
 class TestFilters:
-    """containerd filter syntax over every field of a usage row (reference §4.4)."""
+    """containerd filter syntax over every field of a usage row (BuildKit ``adaptUsageInfo``)."""
 
     @pytest.fixture
     def records(self, tmp_path: Path) -> Any:

@@ -78,7 +78,7 @@ class TieError(Exception):
 
 
 def sort_delete_records(to_delete: list[DeleteRecord]) -> None:
-    """``sortDeleteRecords``, line by line (ranks start at 1, reference §4.2)."""
+    """``sortDeleteRecords``, line by line (ranks start at 1, as in BuildKit's ``prune``)."""
     # sort.Slice(toDelete, ...lastUsedAt nil first, then Before)
     to_delete.sort(key=lambda r: (r.last_used_at is not None, r.last_used_at or 0))
     max_last_used_index = 1

@@ -1,4 +1,4 @@
-"""The cache manager against BuildKit's ``cache/manager_test.go`` (reference §6.1).
+"""The cache manager against BuildKit's ``cache/manager_test.go``.
 
 Every test runs on a real cache in ``tmp_path`` (LMDB, content store, native snapshotter).
 Counts are exact: ``check_disk_usage`` counts ``disk_usage`` rows in use and unused, and
@@ -443,7 +443,7 @@ class TestLoadHalfFinalizedRef:
         m = new(cache, retain=True)
         m_id, m_snapshot = m.id, m.info().snapshot_id
         i = m.commit()
-        m.release()  # consumed by the commit: a counted no-op (API.md)
+        m.release()  # consumed by the commit: a counted no-op (docs/API.md)
         i_snapshot = i.info().snapshot_id
         assert cache.snapshotter.stat(m_snapshot).kind == Kind.ACTIVE
 
@@ -675,7 +675,7 @@ class TestPrune:
 
 
 class TestDiskUsage:
-    """In-use propagation (reference §4.1 step 3)."""
+    """In-use propagation from unreferenced children (BuildKit's ``DiskUsage``)."""
 
     def test_parent_held_only_by_an_unused_retained_pair_is_not_in_use(self, cache: Cache) -> None:
         parent = committed(cache)
@@ -690,7 +690,7 @@ class TestDiskUsage:
 
 
 class TestRestart:
-    """What survives a close and reopen of the same root (reference §3.3)."""
+    """What survives a close and reopen of the same root (BuildKit's ``init``)."""
 
     def test_usage_statistics_and_open_records_survive_a_restart(
         self, open_cache_at: Callable[[], Cache], caplog: pytest.LogCaptureFixture

@@ -1,4 +1,4 @@
-"""Prune (BuildKit ``Prune``/``pruneOnce``, reference §4.2) on real caches.
+"""Prune (BuildKit ``Prune``/``pruneOnce``) on real caches.
 
 Policies (``all``, filters, ``keep_duration``, the three size limits and BuildKit's
 ``calculateKeepBytes``), the LRU/usage order of size-limited prunes, leaf-first passes,

@@ -614,7 +614,7 @@ class TestDiskUsageArguments:
 
 
 class TestLastUsed:
-    """Which releases count as a use (reference §2.7)."""
+    """Which releases count as a use (BuildKit's ``updateLastUsed`` on release)."""
 
     def test_clones_and_no_update_handles_do_not_count_concurrent_users_count_once(
         self, cache: Cache

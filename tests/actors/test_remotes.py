@@ -1,4 +1,4 @@
-"""Compression variants and export: ``get_remotes``, conversion, ``file_list`` (§6.1).
+"""Compression variants and export: ``get_remotes``, conversion, ``file_list``.
 
 Ports of BuildKit's TestLoopLeaseContent, TestSharingCompressionVariant, TestConversion,
 TestGetRemotes and TestNondistributableBlobs. estargz is out of scope (no stargz snapshotter

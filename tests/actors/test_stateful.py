@@ -55,7 +55,7 @@ class ModelHandle:
 
 @dataclass
 class Model:
-    """BuildKit's refcount rules (reference §2), for layer records only."""
+    """BuildKit's refcount rules (``cache/refs.go``), for layer records only."""
 
     records: dict[str, ModelRecord] = field(default_factory=dict)
     handles: list[ModelHandle] = field(default_factory=list)

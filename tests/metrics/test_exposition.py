@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -427,8 +428,9 @@ def test_every_dashboard_expr_uses_only_series_the_collector_produces(
     # The dashboard covers what the issue asks for: records, handles, bytes, reclaimable,
     # operation rate and latency, prune activity.
     assert {
-        "refcache_records_by_kind",
-        "refcache_records_by_state",
+        "refcache_records",
+        "refcache_record_states",
+        "refcache_records_in_use",
         "refcache_open_handles",
         "refcache_usage_bytes",
         "refcache_reclaimable_bytes",
@@ -477,7 +479,7 @@ def test_open_cache_serves_metrics_when_asked_and_stops_at_close(tmp_path: Path)
     import urllib.error
     import urllib.request
 
-    from refcache.actors import open_cache
+    from refcache import open_cache
 
     with open_cache(tmp_path / "cache", snapshotter="native", metrics_port=0) as cache:
         server = cache.metrics_server
@@ -486,3 +488,21 @@ def test_open_cache_serves_metrics_when_asked_and_stops_at_close(tmp_path: Path)
     assert not server.running
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_a_metrics_server_that_cannot_start_leaves_the_cache_closed(tmp_path: Path) -> None:
+    from refcache import InvalidError, open_cache
+
+    with pytest.raises(InvalidError, match="invalid metrics port 70000"):
+        open_cache(tmp_path / "cache", snapshotter="native", metrics_port=70000)
+    # The cache was closed again: its lock is free for the next open.
+    with open_cache(tmp_path / "cache", snapshotter="native") as cache:
+        assert cache.metrics_server is None
+
+
+def test_the_actor_layer_opens_caches_without_knowing_metrics(tmp_path: Path) -> None:
+    from refcache import actors
+
+    with pytest.raises(actors.InvalidError, match="unknown open_cache options: metrics_port"):
+        actors.open_cache(tmp_path / "cache", snapshotter="native", metrics_port=0)
+    assert "metrics_port" not in inspect.signature(actors.open_cache).parameters

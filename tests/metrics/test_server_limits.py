@@ -20,7 +20,6 @@ from typing import Any
 
 import pykka
 import pytest
-from refcache.actors import Cache, open_cache
 from refcache.actors._entry import new_id
 from refcache.actors._types import CacheStatistics
 from refcache.metrics import CacheCollector, serve
@@ -32,6 +31,8 @@ from refcache.storage import (
     MetadataStore,
     MetaEnv,
 )
+
+from refcache import Cache, open_cache
 
 WAIT = 30.0
 

@@ -16,8 +16,8 @@ from refcache.storage import DiffIDMismatchError
 from refcache.storage._applier import Applier, TarApplier
 from refcache.storage._archive import decompressed_stream
 from refcache.storage._content import LocalContentStore
-from refcache.storage._differ import Differ, WalkingDiffer
-from refcache.storage._env import MetaEnv
+from refcache.storage._differ import Differ, LayerBlobWriter, WalkingDiffer
+from refcache.storage._env import DB_INFO, MetaEnv
 from refcache.storage._errors import FailedPreconditionError, InvalidError, NotFoundError
 from refcache.storage._mount import local_mount, probe_overlay
 from refcache.storage._types import (
@@ -206,6 +206,43 @@ def test_differ_failure_leaves_no_ingest(store: LocalContentStore, tmp_path: Pat
         WalkingDiffer(store).compare([], ro(tmp_path / "missing"))
     assert store.list_statuses() == []
     assert list(store.walk()) == []
+
+
+def test_layer_blob_writer_commits_inside_a_transaction_or_leaves_no_ingest(
+    store: LocalContentStore, env: MetaEnv
+) -> None:
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        info = tarfile.TarInfo("hello")
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    # Left without a commit (a failed diff, a diffID check that refused): no ingest stays.
+    with LayerBlobWriter(store, "gzip", what="test") as blob:
+        blob.stream.write(tar.getvalue())
+        blob.finish()
+    assert store.list_statuses() == []
+    assert list(store.walk()) == []
+    # Committed in the caller's transaction, together with another write.
+    with env.write_txn() as txn, LayerBlobWriter(store, "zstd") as blob:
+        blob.stream.write(tar.getvalue())
+        digest, size, diff_id = blob.commit(labels={"k": "v"}, txn=txn)
+        txn.put(DB_INFO, b"test-key", b"written with the blob")
+    assert diff_id == "sha256:" + hashlib.sha256(tar.getvalue()).hexdigest()
+    info_ = store.info(digest)
+    assert info_.size == size
+    assert dict(info_.labels) == {"k": "v", ANNOTATION_UNCOMPRESSED: diff_id}
+    # The same blob again is success; its labels join the stored ones.
+    with LayerBlobWriter(store, "zstd") as blob:
+        blob.stream.write(tar.getvalue())
+        assert blob.commit(labels={"more": "x"}) == (digest, size, diff_id)
+    assert dict(store.info(digest).labels) == {
+        "k": "v",
+        "more": "x",
+        ANNOTATION_UNCOMPRESSED: diff_id,
+    }
+    with pytest.raises(InvalidError, match="estargz needs a stargz snapshotter"):
+        LayerBlobWriter(store, "estargz")
+    assert store.list_statuses() == []
 
 
 # --- corrupt blobs --------------------------------------------------------------------------

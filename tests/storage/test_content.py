@@ -26,7 +26,6 @@ import msgpack
 import pytest
 from refcache.storage import _content
 from refcache.storage._content import (
-    MAX_LABEL_SIZE,
     ContentStatus,
     ContentStore,
     ContentWriter,
@@ -42,6 +41,7 @@ from refcache.storage._errors import (
     NotFoundError,
     StoreFullError,
 )
+from refcache.storage._labels import MAX_LABEL_SIZE
 from refcache.storage._types import (
     MEDIA_TYPE_OCI_LAYER,
     MEDIA_TYPE_OCI_LAYER_GZIP,

@@ -14,12 +14,14 @@ import errno
 import os
 import shutil
 import stat
+import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
 import pytest
+from refcache.storage._archive import write_diff
 from refcache.storage._env import DB_SNAPSHOTS, MetaEnv
 from refcache.storage._errors import (
     AlreadyExistsError,
@@ -28,10 +30,11 @@ from refcache.storage._errors import (
     NotFoundError,
     RefcacheError,
 )
+from refcache.storage._fscopy import disk_usage
 from refcache.storage._mount import local_mount, mount_all, probe_overlay, unmount
 from refcache.storage._native import NativeSnapshotter
 from refcache.storage._overlay import OverlaySnapshotter, make_snapshotter
-from refcache.storage._snapshotter import BaseSnapshotter, Snapshotter, disk_usage
+from refcache.storage._snapshotter import BaseSnapshotter, Snapshotter
 from refcache.storage._types import Kind, Mount, SnapshotInfo, Usage
 
 GC_ROOT = {"containerd.io/gc.root": "2026-01-01T00:00:00Z"}
@@ -980,6 +983,54 @@ def test_merge_of_three_layers_hardlinks_and_applies_deletions(sn: BaseSnapshott
     for key in ("M", "C", "B", "A"):
         sn.remove(key)
     assert (sn.path("MM") / "shared").read_bytes() == b"from c"
+
+
+def test_xattr_only_and_directory_time_only_changes_are_carried_by_merge_and_differ(
+    sn: BaseSnapshotter, tmp_path: Path
+) -> None:
+    # B changes A only in an xattr of a file and in the mtime of a directory: continuity's
+    # sameFile (security.capability only, directories always equal) would see no change.
+    with local_mount(sn.prepare("a")) as root:
+        (root / "etc").mkdir()
+        (root / "etc" / "conf").write_bytes(b"same bytes")
+        os.utime(root / "etc", ns=(1_000_000_000, 1_000_000_000))
+    sn.commit("A", "a")
+    dir_ns = 1_700_000_000_123_456_789
+    with local_mount(sn.prepare("b", "A")) as root:
+        conf_before = os.lstat(root / "etc" / "conf")
+        try:
+            os.setxattr(root / "etc" / "conf", "user.note", b"added")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            pytest.skip(f"no user xattrs here: {exc}")
+        os.utime(root / "etc", ns=(dir_ns, dir_ns))
+        conf_after = os.lstat(root / "etc" / "conf")
+    sn.commit("B", "b")
+    assert (conf_after.st_size, conf_after.st_mtime_ns) == (
+        conf_before.st_size,
+        conf_before.st_mtime_ns,
+    )
+
+    # The merge of (all of A) then (A -> B) looks like B.
+    sn.merge("M", [("", "A"), ("A", "B")])
+    merged = sn.path("M")
+    assert os.getxattr(merged / "etc" / "conf", "user.note") == b"added"
+    assert os.lstat(merged / "etc").st_mtime_ns == dir_ns
+
+    # The layer diff A -> B carries the same two changes, and nothing else.
+    out = tmp_path / "a-to-b.tar"
+    with (
+        local_mount(sn.view("va", "A")) as lower,
+        local_mount(sn.view("vb", "B")) as upper,
+        out.open("wb") as sink,
+    ):
+        write_diff(lower, upper, sink)
+    with tarfile.open(out) as tf:
+        members = {m.name.rstrip("/"): m for m in tf.getmembers()}
+    assert sorted(members) == ["etc", "etc/conf"]
+    assert members["etc/conf"].pax_headers.get("SCHILY.xattr.user.note") == "added"
+    assert members["etc"].pax_headers.get("mtime") == "1700000000.123456789"
 
 
 def test_merge_validates_inputs_and_changes_nothing(sn: BaseSnapshotter) -> None:
