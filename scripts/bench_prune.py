@@ -20,8 +20,9 @@ same records the API makes, ``--build api`` to use the API) and each run works o
   (until the last ``record_pruned`` event) and the rest (GC of the snapshot directories),
   and, from one thread each pausing 2 ms between calls, the longest single ``get`` (+
   release), ``new``, ``commit`` (+ release, default policy) and metadata write
-  (``ref.metadata.description = ...``) during the prune; ``max_wait_ms`` is the longest of
-  every single call above. ``e_prune_growth`` is the prune time of each size over the
+  (``ref.metadata.description = ...``) during the prune, with when it started
+  (``*_max_at_s``, from the start of the prune); ``max_wait_ms`` is the longest of every
+  single call above. ``e_prune_growth`` is the prune time of each size over the
   previous one (20,000 / 10,000 by default: linear is ~2x).
 * ``--gc-mode``: also ``prune(PrunePolicy(all=True, max_used_space=1))`` (BuildKit's gc
   mode: LRU/usage order) the same way (``e_prune_gc_mode``).
@@ -256,13 +257,19 @@ def prune_fields(probe: Probe, base: tuple[float, float], ps: float, pe: float) 
         "during_over_100ms": sum(x > 0.100 for x in during),
         "max_completion_gap_ms": gap * 1e3,
     }
+    # When the longest call of each kind started, from the start of the prune (compare with
+    # delete_phase_s: a stall in the deletion or in the garbage collection after it).
+    worst = max(((b - a, a) for a, b in clones if b >= ps and a <= pe), default=(0.0, ps))
+    out["during_max_at_s"] = worst[1] - ps
     waits = [out["during_max_ms"]]
     for op, lists in probe.samples.items():
         if op == "clone_release":
             continue
-        lat = [b - a for a, b in lists[0] if b >= ps and a <= pe]
-        out[f"{op}_max_ms"] = max(lat, default=0.0) * 1e3
-        out[f"{op}_n"] = len(lat)
+        calls = [(b - a, a) for a, b in lists[0] if b >= ps and a <= pe]
+        longest = max(calls, default=(0.0, ps))
+        out[f"{op}_max_ms"] = longest[0] * 1e3
+        out[f"{op}_max_at_s"] = longest[1] - ps
+        out[f"{op}_n"] = len(calls)
         waits.append(out[f"{op}_max_ms"])
     out["max_wait_ms"] = max(waits)
     return out
