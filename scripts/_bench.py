@@ -68,6 +68,7 @@ from refcache.storage import (
 from refcache.storage._env import DB_NAMES
 from refcache.storage._leases import LmdbLeaseManager, Resource
 from refcache.storage._native import NativeSnapshotter
+from refcache.storage._snapshotter import sync_filesystem
 
 SHAPES = ("pairs", "finalized")
 #: Records per write transaction of the bulk builder.
@@ -331,7 +332,7 @@ def copy_dataset(src: Path, dst: Path) -> None:
     import subprocess
 
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    os.sync()
+    sync_filesystem(dst)  # this filesystem only: a sync(2) would wait for every disk
 
 
 def check_shape(shape: str) -> None:

@@ -9,7 +9,7 @@ a mutable with its active snapshot and its never-finalized equal immutable), and
 
 For each shape and size, a dataset is built once (in bulk through the storage layer; the
 same records the API makes, ``--build api`` to use the API) and each run works on a fresh
-``cp -a`` copy of it, after a ``sync``:
+``cp -a`` copy of it, flushed to its disk (``syncfs``):
 
 * (e) ``e_prune``: opens the copy, makes ``--held`` held records through the API, starts
   ``--prune-g`` threads looping ``clone()`` + ``release()`` on them (no pause, as BuildKit's
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import random
 import statistics
 import sys
@@ -56,6 +55,7 @@ import pykka
 from refcache.actors import CacheListener, ImmutableRef, PrunePolicy, UsageInfo, open_cache
 from refcache.actors._offline import offline_prune_plan
 from refcache.storage import KEY_LAST_USED_AT, KEY_USAGE_COUNT, MetadataStore, MetaEnv
+from refcache.storage._snapshotter import sync_filesystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (
@@ -384,7 +384,7 @@ def bench_gc_half(root: Path, n: int, shape: str, seed: int, how: str) -> dict[s
         root,
         {rid: st for ids, st in zip(built, stats, strict=True) for rid in ids if rid},
     )
-    os.sync()
+    sync_filesystem(root)
     res: dict[str, Any] = {}
     with open_cache(root, snapshotter="native", timeout=3600) as cache:
         t0 = time.perf_counter()
