@@ -8,13 +8,19 @@ Measured in one run, so the ratios hold across machines:
   written and verified into the content store, then applied), ``local`` (the blobs are in
   the content store already: apply only). The baseline, ``raw apply``, is the same blobs
   applied with a bare :class:`storage.TarApplier` into the same snapshotter (prepare, apply,
-  commit per layer) without the cache. MB/s counts uncompressed tar bytes.
+  commit per layer) without the cache. MB/s counts uncompressed tar bytes. Record shapes do
+  not apply: ``get_by_blob`` makes lazy immutable records, never a lazy-commit pair.
 * ``get_remotes``: a 10-layer chain built with ``new`` + files + ``commit``; per
   compression, ``get_remotes(c)`` with ``create_if_needed`` from scratch (the differ writes
   every blob), again when cached, and forcing another compression (conversion of all ten).
+  Per record shape (``--shapes``): ``pairs`` times it on the chain as the build left it
+  (``new`` on a parent finalizes that parent, as BuildKit's does, so the top layer is a
+  lazy-commit pair, which ``get_remotes`` finalizes inside the timed ``create``);
+  ``finalized`` calls ``finalize()`` on the top first, untimed.
 
-Every repetition uses a fresh cache under a temporary directory in the current directory
-(the disk under test); the median is reported.
+Every repetition uses a fresh cache under a temporary directory in ``--dir`` (the disk under
+test, the current directory by default); the medians of ``--repeat`` runs are reported,
+with ``/proc/loadavg``; ``--json`` prints JSON lines (see ``scripts/_bench.py``).
 
     python scripts/bench_blobs.py [--layers 4] [--layer-mb 8] [--repeat 3]
 """
@@ -27,7 +33,7 @@ import io
 import os
 import random
 import shutil
-import statistics
+import sys
 import tarfile
 import tempfile
 import time
@@ -40,10 +46,26 @@ from refcache.actors import Cache, DescHandler, ImmutableRef, open_cache
 from refcache.storage import Descriptor, LocalContentStore, MetaEnv, TarApplier, digest_of
 from refcache.storage._overlay import make_snapshotter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import Report, add_common_arguments, add_shape_argument, parse_shapes, work_dir
+
 OCI = "application/vnd.oci.image.layer.v1.tar"
 MEDIA = {"uncompressed": OCI, "gzip": OCI + "+gzip", "zstd": OCI + "+zstd"}
 COMPRESSIONS = ("uncompressed", "gzip", "zstd")
 MB = 1_000_000
+#: What the table shows (``--json`` has every field).
+COLUMNS = {
+    "extract": [
+        "blobs_mb",
+        "raw_apply_mb_s",
+        "local_mb_s",
+        "local_vs_raw",
+        "lazy_mb_s",
+        "lazy_vs_raw",
+        "provider_calls",
+    ],
+    "get_remotes": ["create_ms", "cached_ms", "force_other_ms", "force_other_cached_ms"],
+}
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -193,18 +215,21 @@ def build_chain(cache: Cache, layers: int, files: int, size: int) -> ImmutableRe
     return parent
 
 
-def remotes_times(base: Path, snapshotter: str, compression: str, size: int) -> dict[str, float]:
+def remotes_times(
+    base: Path, snapshotter: str, compression: str, size: int, shape: str, layers: int
+) -> dict[str, float]:
     root = fresh_dir(base)
     cache = open_cache(root, snapshotter=snapshotter, timeout=600)
     try:
-        top = build_chain(cache, 10, 40, size)
-        top.finalize()
+        top = build_chain(cache, layers, 40, size)
+        if shape == "finalized":
+            top.finalize()
         other = "zstd" if compression != "zstd" else "gzip"
         out = {
-            "create": timed(lambda: top.get_remotes(compression)),
-            "cached": timed(lambda: top.get_remotes(compression)),
-            "force_other": timed(lambda: top.get_remotes(other, force=True)),
-            "force_other_cached": timed(lambda: top.get_remotes(other, force=True)),
+            "create_ms": timed(lambda: top.get_remotes(compression)) * 1e3,
+            "cached_ms": timed(lambda: top.get_remotes(compression)) * 1e3,
+            "force_other_ms": timed(lambda: top.get_remotes(other, force=True)) * 1e3,
+            "force_other_cached_ms": timed(lambda: top.get_remotes(other, force=True)) * 1e3,
         }
         top.release()
         return out
@@ -216,78 +241,73 @@ def remotes_times(base: Path, snapshotter: str, compression: str, size: int) -> 
 # -- main -------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4, help="layers of the extracted chain")
     parser.add_argument("--layer-mb", type=float, default=8.0, help="MB of tar per layer")
     parser.add_argument("--files", type=int, default=200, help="files per extracted layer")
     parser.add_argument("--remote-mb", type=float, default=1.0, help="MB per get_remotes layer")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--remote-layers", type=int, default=10, help="get_remotes chain length")
+    parser.add_argument(
+        "--compressions", default=",".join(COMPRESSIONS), help="comma-separated subset"
+    )
     parser.add_argument("--snapshotter", default="native", choices=("native", "overlay"))
-    parser.add_argument("--workdir", default=".", help="where temporary caches go (the disk)")
-    args = parser.parse_args()
+    add_shape_argument(parser)
+    add_common_arguments(parser)
+    # The former name of --dir.
+    parser.add_argument(
+        "--workdir", dest="dir", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    compressions = [c for c in args.compressions.split(",") if c]
+    if set(compressions) - set(COMPRESSIONS):
+        parser.error(f"compressions are {', '.join(COMPRESSIONS)}")
 
-    base = Path(args.workdir).resolve() / f".bench-blobs-{os.getpid()}"
-    base.mkdir(parents=True)
-    started = time.perf_counter()
+    report = Report("bench_blobs", args, args.dir, columns=COLUMNS)
+    base = work_dir(args.dir.resolve(), "bench-blobs-")
     try:
         size = int(args.layer_mb * MB)
         tars = [layer_tar(i, size, args.files) for i in range(args.layers)]
         total = sum(len(t) for t in tars)
-        print(
-            f"extract: {args.layers} layers, {total / MB:.1f} MB of tar, "
-            f"{args.files} files per layer, snapshotter {args.snapshotter}, "
-            f"median of {args.repeat}"
+        report.note(
+            f"extract: {args.layers} layers, {total / MB:.1f} MB of tar, {args.files} files "
+            f"per layer, snapshotter {args.snapshotter}; MB/s of uncompressed tar"
         )
-        print(
-            "| compression | blobs MB | raw apply | cache, blobs local | vs raw | "
-            "cache, lazy (fetch + apply) | vs raw | provider calls |"
-        )
-        print("|---|--:|--:|--:|--:|--:|--:|--:|")
-        for c in COMPRESSIONS:
-            blobs, descs = chain_blobs(tars, c)
-            raw_t, local_t, lazy_t = [], [], []
-            calls = 0
-            for _ in range(args.repeat):
-                # Side by side, so that the ratios compare runs under the same disk load.
-                raw_t.append(raw_apply(base, args.snapshotter, blobs, descs))
-                local_t.append(cache_extract(base, args.snapshotter, blobs, descs, lazy=False)[0])
-                t, calls = cache_extract(base, args.snapshotter, blobs, descs, lazy=True)
-                lazy_t.append(t)
-
-            def rate(times: list[float]) -> str:
-                return (
-                    f"{total / MB / statistics.median(times):.1f} MB/s "
-                    f"({total / MB / max(times):.0f}-{total / MB / min(times):.0f})"
-                )
-
-            local_ratio = statistics.median(lo / r for lo, r in zip(local_t, raw_t, strict=True))
-            lazy_ratio = statistics.median(la / r for la, r in zip(lazy_t, raw_t, strict=True))
-            print(
-                f"| {c} | {sum(map(len, blobs)) / MB:.1f} | {rate(raw_t)} | {rate(local_t)} | "
-                f"{local_ratio:.2f}x | {rate(lazy_t)} | {lazy_ratio:.2f}x | {calls} |"
-            )
+        chains = {c: chain_blobs(tars, c) for c in compressions}
         rsize = int(args.remote_mb * MB)
-        print()
-        print(
-            f"get_remotes: 10-layer chain (new + {rsize / MB:.1f} MB of files + commit per "
-            f"layer), median of {args.repeat}"
+        report.note(
+            f"get_remotes: {args.remote_layers}-layer chain (new + {rsize / MB:.1f} MB of "
+            "files + commit per layer)"
         )
-        print("| compression | create blobs | cached | force the other | force again (cached) |")
-        print("|---|--:|--:|--:|--:|")
-        for c in COMPRESSIONS:
-            runs = [remotes_times(base, args.snapshotter, c, rsize) for _ in range(args.repeat)]
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            other = "zstd" if c != "zstd" else "gzip"
-            print(
-                f"| {c} | {med['create'] * 1000:.0f} ms | {med['cached'] * 1000:.1f} ms | "
-                f"{med['force_other'] * 1000:.0f} ms ({other}) | "
-                f"{med['force_other_cached'] * 1000:.1f} ms |"
-            )
-        print(f"\nwall time: {time.perf_counter() - started:.0f} s")
+        for rep in range(args.repeat):
+            for c in compressions:
+                blobs, descs = chains[c]
+                # Side by side, so that the ratios compare runs under the same disk load.
+                raw_t = raw_apply(base, args.snapshotter, blobs, descs)
+                local_t = cache_extract(base, args.snapshotter, blobs, descs, lazy=False)[0]
+                lazy_t, calls = cache_extract(base, args.snapshotter, blobs, descs, lazy=True)
+                res = {
+                    "blobs_mb": sum(map(len, blobs)) / MB,
+                    "raw_apply_mb_s": total / MB / raw_t,
+                    "local_mb_s": total / MB / local_t,
+                    "local_vs_raw": local_t / raw_t,
+                    "lazy_mb_s": total / MB / lazy_t,
+                    "lazy_vs_raw": lazy_t / raw_t,
+                    "provider_calls": calls,
+                }
+                params = {"compression": c, "snapshotter": args.snapshotter}
+                report.add("extract", None, params, res, repeat=rep)
+            for shape in shapes:
+                for c in compressions:
+                    res = remotes_times(base, args.snapshotter, c, rsize, shape, args.remote_layers)
+                    params = {"compression": c, "layers": args.remote_layers}
+                    report.add("get_remotes", shape, params, res, repeat=rep)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    report.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

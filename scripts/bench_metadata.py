@@ -1,6 +1,6 @@
-"""Benchmark of the LMDB + msgpack record metadata store.
+"""Benchmark of the LMDB + msgpack record metadata store, per record shape.
 
-Measures, for N records of about 20 BuildKit-shaped fields each:
+Measures, for N records (``--records``) of each shape (``--shapes``):
 
 * batched write rate: records/s when writes are committed in batches (one fsync per batch):
   through the bulk ``MetadataStore.write_many`` (the headline number) and through
@@ -9,6 +9,15 @@ Measures, for N records of about 20 BuildKit-shaped fields each:
 * full load: reading every record and decoding every field (what opening a cache does);
 * single-record read latency: ``store.get(id)`` + decode, p50/p99 over random ids;
 * the time CPython's cyclic garbage collector took inside the batched write and the load.
+
+Shapes: ``layer``, a BuildKit layer record of 20 fields (~1 KB of msgpack: blob, diff and
+chain ids, media type...) with two indexed fields (``chainid:``, ``blobchainid:``, random
+digests); ``pairs``, the two records a lazy-commit pair is (``new(retain=True)`` +
+``commit()`` + ``release()``: a mutable of 6 fields and its equal immutable of 8, no
+index), so N pairs are 2N records (table entries); ``finalized``, the one 7-field record the
+same step leaves after ``finalize()``. The ``pairs`` and ``finalized`` fields are the ones
+``scripts/_bench.py`` writes (the same as the API's, which its tests verify). Rates count
+records (table entries): a pair is two.
 
 Field values are generated before each clock starts: only the store is timed.
 
@@ -21,10 +30,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +61,25 @@ from refcache.storage._metadata import (
     KEY_USAGE_COUNT,
     MetadataStore,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import Report, add_common_arguments, shape_records
+
+SHAPES = ("layer", "pairs", "finalized")
+#: What the table shows (``--json`` has every field).
+COLUMNS = {
+    "metadata": [
+        "batched_write_records_per_s",
+        "batched_item_write_records_per_s",
+        "unbatched_write_records_per_s",
+        "batched_over_unbatched",
+        "full_load_s",
+        "read_p50_us",
+        "read_p99_us",
+        "gc_in_batched_write_s",
+        "gc_in_full_load_s",
+    ]
+}
 
 
 def digest(rng: random.Random) -> str:
@@ -89,9 +116,18 @@ def fields(rng: random.Random, i: int) -> list[tuple[str, object, str | None]]:
 Work = list[tuple[str, list[tuple[str, object, str | None]]]]
 
 
-def make_work(rng: random.Random, start: int, n: int) -> Work:
-    """The records ``start..start+n`` with their fields (generated outside any clock)."""
-    return [(f"rec{i:08d}", fields(rng, i)) for i in range(start, start + n)]
+def make_work(shape: str, rng: random.Random, start: int, n: int) -> Work:
+    """Records ``start..start+n`` of ``shape`` with their fields (generated outside any
+    clock); a pair gives two records."""
+    if shape == "layer":
+        return [(f"rec{i:08d}", fields(rng, i)) for i in range(start, start + n)]
+    now = time.time_ns()
+    work: Work = []
+    for i in range(start, start + n):
+        m, imm = f"rec{i:08d}m", f"rec{i:08d}i"
+        for rid, values in shape_records(shape, i, m, imm, now).items():
+            work.append((rid, [(k, v, None) for k, v in values.items()]))
+    return work
 
 
 class GcClock:
@@ -183,105 +219,93 @@ def load(store: MetadataStore) -> tuple[float, int]:
     return time.perf_counter() - t0, len(items)
 
 
-def read_latencies(store: MetadataStore, n_records: int, samples: int) -> list[float]:
+def read_latencies(store: MetadataStore, ids: list[str], samples: int) -> list[float]:
     rng = random.Random(7)
     out = []
     for _ in range(samples):
-        rid = f"rec{rng.randrange(n_records):08d}"
+        rid = ids[rng.randrange(len(ids))]
         t0 = time.perf_counter()
         store.get(rid).get_int(KEY_SIZE)
         out.append(time.perf_counter() - t0)
     return out
 
 
-def main() -> int:
+def measure(
+    tmp: Path, shape: str, args: argparse.Namespace, rep: int
+) -> tuple[int, dict[str, float]]:
+    """One repetition for one shape; returns (records written, measurements)."""
+    rng = random.Random(rep)
+    work = make_work(shape, rng, 0, args.records)
+    baseline = make_work(shape, rng, args.records, args.unbatched)
+    out: dict[str, float] = {}
+    if not args.no_items:
+        # The same records through StorageItem, into an environment of their own.
+        env = MetaEnv(tmp / "meta-items")
+        secs = write_items(MetadataStore(env), work, args.batch)
+        out["batched_item_write_records_per_s"] = len(work) / secs
+        env.close()
+        shutil.rmtree(tmp / "meta-items")
+
+    env = MetaEnv(tmp / "meta")
+    store = MetadataStore(env)
+    secs = write_bulk(store, work, args.batch)
+    out["gc_in_batched_write_s"] = GC_CLOCK.seconds
+    out["batched_write_records_per_s"] = len(work) / secs
+    secs = write_items(store, baseline, 1)
+    out["unbatched_write_records_per_s"] = len(baseline) / secs
+    env.close()
+    ids = [rid for rid, _ in work]
+    written = len(work) + len(baseline)
+    del work, baseline
+
+    env = MetaEnv(tmp / "meta")  # a cold-ish reopen, as at cache open
+    store = MetadataStore(env)
+    secs, count = load(store)
+    out["gc_in_full_load_s"] = GC_CLOCK.seconds
+    if count != written:
+        raise SystemExit(f"loaded {count} records, wrote {written}")
+    out["full_load_s"] = secs
+    lat = sorted(read_latencies(store, ids, 20_000))
+    out["read_p50_us"] = lat[len(lat) // 2] * 1e6
+    out["read_p99_us"] = lat[int(len(lat) * 0.99)] * 1e6
+    out["batched_over_unbatched"] = (
+        out["batched_write_records_per_s"] / out["unbatched_write_records_per_s"]
+    )
+    env.close()
+    return len(ids), out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument(
+        "--records", type=int, default=100_000, help="records (pairs) of each shape"
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(SHAPES), help="layer, pairs, finalized (comma-separated)"
+    )
     parser.add_argument("--batch", type=int, default=1000, help="records per commit")
     parser.add_argument("--unbatched", type=int, default=500, help="records for the baseline")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=Path.cwd())
     parser.add_argument(
         "--no-items", action="store_true", help="skip the batched StorageItem write path"
     )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+    if set(shapes) - set(SHAPES):
+        parser.error(f"unknown shapes {sorted(set(shapes) - set(SHAPES))}; shapes are {SHAPES}")
 
-    runs: dict[str, list[float]] = {
-        "batched_write_records_per_s": [],
-        "batched_item_write_records_per_s": [],
-        "unbatched_write_records_per_s": [],
-        "full_load_s": [],
-        "read_p50_us": [],
-        "read_p99_us": [],
-        "gc_in_batched_write_s": [],
-        "gc_in_full_load_s": [],
-    }
-    if args.no_items:
-        del runs["batched_item_write_records_per_s"]
+    report = Report("bench_metadata", args, args.dir, columns=COLUMNS)
+    args.dir.mkdir(parents=True, exist_ok=True)
     for rep in range(args.repeat):
-        tmp = Path(tempfile.mkdtemp(prefix="bench-meta-", dir=args.dir))
-        try:
-            rng = random.Random(rep)
-            work = make_work(rng, 0, args.records)
-            baseline = make_work(rng, args.records, args.unbatched)
-
-            if not args.no_items:
-                # The same records through StorageItem, into an environment of their own.
-                env = MetaEnv(tmp / "meta-items")
-                secs = write_items(MetadataStore(env), work, args.batch)
-                runs["batched_item_write_records_per_s"].append(args.records / secs)
-                env.close()
-                shutil.rmtree(tmp / "meta-items")
-
-            env = MetaEnv(tmp / "meta")
-            store = MetadataStore(env)
-            secs = write_bulk(store, work, args.batch)
-            runs["gc_in_batched_write_s"].append(GC_CLOCK.seconds)
-            runs["batched_write_records_per_s"].append(args.records / secs)
-            secs = write_items(store, baseline, 1)
-            runs["unbatched_write_records_per_s"].append(args.unbatched / secs)
-            env.close()
-            del work, baseline
-
-            env = MetaEnv(tmp / "meta")  # a cold-ish reopen, as at cache open
-            store = MetadataStore(env)
-            secs, count = load(store)
-            runs["gc_in_full_load_s"].append(GC_CLOCK.seconds)
-            if count != args.records + args.unbatched:
-                msg = f"loaded {count} records, wrote {args.records + args.unbatched}"
-                raise SystemExit(msg)
-            runs["full_load_s"].append(secs)
-            lat = sorted(read_latencies(store, args.records, 20_000))
-            runs["read_p50_us"].append(lat[len(lat) // 2] * 1e6)
-            runs["read_p99_us"].append(lat[int(len(lat) * 0.99)] * 1e6)
-            env.close()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    medians = {k: statistics.median(v) for k, v in runs.items()}
-    ratio = medians["batched_write_records_per_s"] / medians["unbatched_write_records_per_s"]
-    if args.json:
-        out = {
-            "records": args.records,
-            "batch": args.batch,
-            "median": medians,
-            "runs": runs,
-            "batched_over_unbatched": ratio,
-        }
-        print(json.dumps(out))
-        return 0
-    print(f"records={args.records} fields/record=20 batch={args.batch} repeat={args.repeat}")
-    print(f"{'metric':34} {'median':>12} {'min':>12} {'max':>12}")
-    for key, value in medians.items():
-        row = [value, min(runs[key]), max(runs[key])]
-        print(f"{key:34} " + " ".join(f"{v:12.1f}" if value >= 10 else f"{v:12.3f}" for v in row))
-    print(f"batched (write_many) / unbatched write rate: {ratio:.0f}x")
-    if "batched_item_write_records_per_s" in medians:
-        item_ratio = (
-            medians["batched_item_write_records_per_s"] / medians["unbatched_write_records_per_s"]
-        )
-        print(f"batched (StorageItem) / unbatched write rate: {item_ratio:.0f}x")
+        for shape in shapes:
+            tmp = Path(tempfile.mkdtemp(prefix="bench-meta-", dir=args.dir))
+            try:
+                entries, res = measure(tmp, shape, args, rep)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            params = {"records": args.records, "entries": entries, "batch": args.batch}
+            report.add("metadata", shape, params, res, repeat=rep)
+    report.finish()
     return 0
 
 

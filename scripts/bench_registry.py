@@ -17,6 +17,17 @@ filesystem storage, plain HTTP on 127.0.0.1):
   registry with the storage client (setup, not timed); then ``cache.pull`` timed in a fresh
   cache: index and manifests fetched, every record made lazy, no blob fetched (checked).
 
+Record shapes (lazy-commit pairs against finalized records, as the other scripts measure
+them) do not apply: a push needs the chain's blobs, and computing them finalizes every
+record of the chain first (``get_remotes``, as BuildKit's ``GetRemotes`` does), so whatever
+shape the chain was built in, it is pushed finalized; a pull makes lazy records of blobs
+(``get_by_blob``), never pairs. The chain here is built as a build leaves it (``new`` +
+files + ``commit``: its top is a pair until ``get_remotes``).
+
+Every measurement runs ``--repeat`` times (fresh registries and caches under a temporary
+directory in ``--dir``, the current directory by default); the table shows the medians and
+``/proc/loadavg``; ``--json`` prints JSON lines (see ``scripts/_bench.py``).
+
     python scripts/bench_registry.py [--layers 10] [--layer-mb 20] [--names 1000] [--depth 10]
 """
 
@@ -31,7 +42,6 @@ import os
 import random
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +60,26 @@ from refcache.storage._oci import (
 from refcache.storage._registry import RegistryClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import Report, add_common_arguments, remove_tree, work_dir
 from _local_registry import LocalRegistry
 
 MB = 1_000_000
 CHUNK = 1 << 20
+#: What the table shows (``--json`` has every field).
+COLUMNS = {
+    "push_pull": [
+        "mb",
+        "push_s",
+        "push_mb_s",
+        "raw_put_mb_s",
+        "push_vs_raw",
+        "pull_s",
+        "pull_mb_s",
+        "raw_get_mb_s",
+        "pull_vs_raw",
+    ],
+    "lazy_pull": ["pull_s", "manifest_gets", "blob_gets", "lazy_records", "second_pull_s"],
+}
 
 
 def _open(root: Path) -> Cache:
@@ -190,22 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-lazy", action="store_true")
+    add_common_arguments(parser, repeat=1)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-registry-", dir="."))
-    print(f"bench_registry: {os.cpu_count()} cores, work dir {work}")
+    report = Report("bench_registry", args, args.dir, columns=COLUMNS)
+    work = work_dir(args.dir, "bench-registry-")
     try:
-        if not args.skip_throughput:
-            throughput(work, args)
-        if not args.skip_lazy:
-            lazy(work, args)
+        for rep in range(args.repeat):
+            if not args.skip_throughput:
+                res = throughput(work / f"t{rep}", args)
+                params = {"layers": args.layers, "compression": args.compression}
+                report.add("push_pull", None, params, res, repeat=rep)
+            if not args.skip_lazy:
+                res = lazy(work / f"l{rep}", args)
+                report.add("lazy_pull", None, {"records": res.pop("records")}, res, repeat=rep)
     finally:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
+    report.finish()
     return 0
 
 
-def throughput(work: Path, args: argparse.Namespace) -> None:
+def throughput(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    work.mkdir(parents=True)
     with _open(work / "src") as cache:
         ref = build_image(cache, args.layers, args.layer_mb)
         remote = ref.get_remotes(args.compression)[0]  # blobs computed here, not timed
@@ -216,11 +247,9 @@ def throughput(work: Path, args: argparse.Namespace) -> None:
             target = f"registry://{reg.host}/bench/cache:v1"
             secs, result = _timed(lambda: cache.push(target, {"img": ref}, insecure=True))
             assert result.blobs_uploaded == len(descs) + 1
-            push_mbs = total / MB / secs
             with _open(work / "dst") as other:
                 pull_secs, refs = _timed(lambda: other.pull(target, insecure=True, fetch=True))
                 refs["img"].release()
-            pull_mbs = total / MB / pull_secs
             out = work / "raw-get"
             out.mkdir()
             raw_get_secs, _ = _timed(
@@ -237,24 +266,26 @@ def throughput(work: Path, args: argparse.Namespace) -> None:
                 ]
             )
         ref.release()
-    raw_put_mbs = total / MB / raw_put_secs
-    raw_get_mbs = total / MB / raw_get_secs
-    print(f"image: {len(descs)} layers, {total / MB:.0f} MB of {args.compression} blobs")
-    print(f"{'':12}{'seconds':>9}{'MB/s':>9}{'vs raw':>9}")
-    print(f"{'push':12}{secs:9.2f}{push_mbs:9.0f}{push_mbs / raw_put_mbs:9.2f}x")
-    print(f"{'raw PUT':12}{raw_put_secs:9.2f}{raw_put_mbs:9.0f}")
-    print(f"{'pull':12}{pull_secs:9.2f}{pull_mbs:9.0f}{pull_mbs / raw_get_mbs:9.2f}x")
-    print(f"{'raw GET':12}{raw_get_secs:9.2f}{raw_get_mbs:9.0f}")
+    mb = total / MB
+    return {
+        "blobs": len(descs),
+        "mb": mb,
+        "push_s": secs,
+        "push_mb_s": mb / secs,
+        "raw_put_mb_s": mb / raw_put_secs,
+        "push_vs_raw": raw_put_secs / secs,
+        "pull_s": pull_secs,
+        "pull_mb_s": mb / pull_secs,
+        "raw_get_mb_s": mb / raw_get_secs,
+        "pull_vs_raw": raw_get_secs / pull_secs,
+    }
 
 
-def lazy(work: Path, args: argparse.Namespace) -> None:
+def lazy(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    work.mkdir(parents=True)
     with LocalRegistry(work / "reg-lazy") as reg:
         setup, records = _timed(
             lambda: write_big_index(reg.host, "bench/big", "v1", args.names, args.depth)
-        )
-        print(
-            f"lazy image: {args.names} names x {args.depth} layers = {records} records "
-            f"(written in {setup:.1f} s)"
         )
         with _open(work / "lazy") as cache:
             secs, refs = _timed(
@@ -264,19 +295,26 @@ def lazy(work: Path, args: argparse.Namespace) -> None:
             fetched = stats.registry_blobs.get(("pull", "fetched"), 0)
             gets = stats.registry_requests.get(("manifest_get", "200"), 0)
             blob_gets = sum(n for (op, _), n in stats.registry_requests.items() if op == "blob_get")
-            print(
-                f"lazy pull: {secs:.2f} s for {stats.records} records "
-                f"({len(refs)} names, {gets} manifest GETs, {blob_gets} blob GETs, "
-                f"{fetched} blobs fetched); lazy records: {stats.lazy}"
-            )
+            names = len(refs)
             for r in refs.values():
                 r.release()
             again, refs = _timed(
                 lambda: cache.pull(f"registry://{reg.host}/bench/big:v1", insecure=True)
             )
-            print(f"second pull (all found by blob-chain ID): {again:.2f} s")
             for r in refs.values():
                 r.release()
+    return {
+        "records": records,
+        "setup_s": setup,
+        "pull_s": secs,
+        "cm_records": stats.records,
+        "names": names,
+        "manifest_gets": gets,
+        "blob_gets": blob_gets,
+        "blobs_fetched": fetched,
+        "lazy_records": stats.lazy,
+        "second_pull_s": again,
+    }
 
 
 if __name__ == "__main__":

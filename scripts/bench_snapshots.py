@@ -23,6 +23,17 @@ GNU ``tar -x`` of the uncompressed blob for the applies. Every timed step starts
 untimed ``sync``, so it pays only for its own writes; reads come from a warm page cache.
 Nothing is deleted between steps except by the timed ``remove`` and ``rm -rf``.
 
+Record shapes (lazy-commit pairs against finalized records, as the other scripts measure
+them) do not apply here: this script works below the records, on the snapshotters and the
+layer tools, which see an active snapshot (what a pair's mutable holds) or a committed one
+(what a finalized record holds) and nothing else; both are measured (``prepare`` and
+``commit`` above). What a pair costs through the cache is in ``bench_refs.py`` and
+``bench_prune.py``.
+
+The table shows medians over ``--repeat`` runs with min and max, and ``/proc/loadavg`` at the
+start and end; ``--json`` prints JSON lines instead (``"type": "env"``, one ``"median"`` per
+row with every sample, ``"env_end"``).
+
 Run on the disk, not tmpfs (``--dir`` defaults to a temp dir under the current directory)::
 
     python scripts/bench_snapshots.py --files 10000 --repeat 5
@@ -38,6 +49,7 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +68,9 @@ from refcache.storage._native import NativeSnapshotter
 from refcache.storage._overlay import OverlaySnapshotter
 from refcache.storage._snapshotter import BaseSnapshotter
 from refcache.storage._types import Descriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import loadavg
 
 COMPRESSIONS = ("uncompressed", "gzip", "zstd")
 #: GNU tar flags per compression of the diff baselines (zstd -3 is the tool's default and the
@@ -512,6 +527,7 @@ def main() -> int:
         parser.error(f"--files must be at least {2 * N_CHANGES} and --repeat at least 1")
 
     started = time.monotonic()
+    load_start = loadavg()
     parent = (args.dir or Path.cwd()).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-snapshots-", dir=parent))
     ctx = Ctx(work=work, pool=make_pool(args.seed))
@@ -567,8 +583,12 @@ def main() -> int:
         "step (kernel writeback threads not included)",
         overlay_line,
     ]
+    load_end = loadavg()
     if args.json:
         out: dict[str, Any] = {
+            "type": "env",
+            "script": "bench_snapshots",
+            "loadavg": load_start,
             "files": args.files,
             "repeat": args.repeat,
             "seed": args.seed,
@@ -578,26 +598,32 @@ def main() -> int:
             "tree_disk_bytes": usage.size,
             "layer_blob_bytes": ctx.layer_sizes,
             "overlay": "available" if reason is None else f"not available ({reason})",
-            "elapsed_s": elapsed,
-            "results": [
-                {
-                    "group": row.group,
-                    "operation": row.name,
-                    "unit": row.unit,
-                    "median": row.median,
-                    "min": min(row.samples),
-                    "max": max(row.samples),
-                    "samples": row.samples,
-                    "cpu_s": row.cpu,
-                    "baseline": row.baseline,
-                    "time_ratio_vs_baseline": res.ratio(row),
-                }
-                for row in res.rows.values()
-            ],
         }
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out))
+        for row in res.rows.values():
+            print(
+                json.dumps(
+                    {
+                        "type": "median",
+                        "bench": row.name,
+                        "shape": None,
+                        "group": row.group,
+                        "unit": row.unit,
+                        "median": row.median,
+                        "min": min(row.samples),
+                        "max": max(row.samples),
+                        "samples": row.samples,
+                        "cpu_s": row.cpu,
+                        "baseline": row.baseline,
+                        "time_ratio_vs_baseline": res.ratio(row),
+                        "runs": len(row.samples),
+                    }
+                )
+            )
+        print(json.dumps({"type": "env_end", "loadavg": load_end, "wall_s": elapsed}))
         return 0
     print_table(res, header)
+    print(f"\n/proc/loadavg at the start: {load_start}; at the end: {load_end}")
     return 0
 
 

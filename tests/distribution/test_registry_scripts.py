@@ -55,10 +55,20 @@ def test_bench_registry_runs(registry: Any, tmp_path: Path) -> None:
             "5",
             "--depth",
             "2",
+            "--json",
         ],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "raw PUT" in done.stdout
-    assert "0 blob GETs" in done.stdout
-    assert "10 records" in done.stdout
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [x["type"] for x in (lines[0], lines[-1])] == ["env", "env_end"]
+    med = {x["bench"]: x for x in lines if x["type"] == "median"}
+    push = med["push_pull"]
+    assert push["blobs"] == 2
+    assert push["push_mb_s"] > 0
+    assert push["raw_put_mb_s"] > 0
+    assert push["pull_vs_raw"] > 0
+    lazy = med["lazy_pull"]
+    assert (lazy["records"], lazy["cm_records"], lazy["lazy_records"]) == (10, 10, 10)
+    assert (lazy["blob_gets"], lazy["blobs_fetched"]) == (0, 0)
+    assert not list(tmp_path.glob("bench-registry-*"))  # the work directory is removed
