@@ -27,9 +27,9 @@ from ..storage import (
 )
 from ._cache import Cache, open_cache
 from ._distribution import ProgressEvent, PushResult
+from ._listeners import CacheListener
 from ._manager import CacheManager
 from ._proxy import CacheManagerProxy, ManagerFuture
-from ._prune import CacheListener
 from ._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
 from ._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
 from ._types import (

@@ -33,6 +33,7 @@ from ..storage import (
     MetaEnv,
     TarApplier,
 )
+from ._protocol import Message, ask
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
 
@@ -45,11 +46,11 @@ __all__ = [
     "CacheCore",
     "RegistryCounters",
     "SingleFlight",
-    "ask",
     "get_result",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: Upper bounds (seconds) of the operation latency histogram buckets (Prometheus style).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -99,11 +100,6 @@ def get_result(future: Any, timeout: float, what: str) -> Any:
             msg = f"{what} was cancelled: the cache is closing"
             raise ClosedError(msg) from exc
     return value
-
-
-def ask(actor: pykka.ActorRef[Any], message: tuple[Any, ...], timeout: float, what: str) -> Any:
-    """Asks ``actor`` and waits (with a timeout) for the answer, unwrapping nested futures."""
-    return get_result(actor.ask(message, block=False), timeout, what)
 
 
 #: One call for a :class:`BoundedCalls` worker: its reply, the callable, the arguments.
@@ -479,15 +475,15 @@ class CacheCore:
             raise self.closed_error()
         return ref
 
-    def ask_manager(self, message: tuple[Any, ...]) -> Any:
-        """Asks the manager actor (with this cache's timeout).
+    def ask_manager(self, message: Message[R]) -> R:
+        """Asks the manager actor (with this cache's timeout); returns the message's reply.
 
         Works while :meth:`Cache.close` drains the manager's mailbox (jobs in flight finish
         or fail cleanly); fails with :class:`ClosedError` once the manager has stopped.
         """
         ref = self.manager_ref()
         try:
-            return ask(ref, message, self.timeout, f"cache manager {message[0]!r}")
+            return ask(ref, message, self.timeout)
         except pykka.ActorDeadError as exc:
             raise self.closed_error() from exc
 

@@ -10,7 +10,7 @@ fetched), else a streamed upload. Manifests go by digest, then the index under t
 writer wins; blobs are idempotent).
 
 **Pull** reads the index and the manifests only (in parallel), then asks the manager to make
-every layer record in batches of one LMDB transaction each (``by_blobs``: ``get_by_blob``'s
+every layer record in batches of one LMDB transaction each (``ByBlobs``: ``get_by_blob``'s
 lookups and inserts, keyed by blob-chain ID, so a second pull or shared layers make no
 duplicate). The records are *lazy*: one :class:`DescHandler` per pulled source fetches a
 blob from it on first extract (single flight per digest, resumable, verified by the content
@@ -20,8 +20,8 @@ With ``fetch`` every missing blob is downloaded during the pull (held by a tempo
 until the records hold them; a failure leaves no record); with ``extract`` every record is
 also unpacked.
 
-Nothing here runs in an actor handler: the manager only answers ``layer_chain``, ``info``
-and ``by_blobs``.
+Nothing here runs in an actor handler: the manager only answers ``LayerChain``, ``InfoOf``
+and ``ByBlobs``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from ..storage import (
 )
 from ._blobs import chain_id, check_compression, diff_id_of, media_type_compression
 from ._core import CacheCore
-from ._manager import BlobRecordPlan
+from ._messages import BlobRecordPlan, ByBlobs, InfoOf, LayerChain
 from ._refs import ImmutableRef
 from ._types import DescHandler
 
@@ -386,8 +386,8 @@ def _push(
     manifests: dict[str, tuple[Descriptor, bytes]] = {}
     for name, ref in named:
         remote = ref.get_remotes(compression, force=force)[0]
-        chain: list[str] = core.ask_manager(("layer_chain", ref.id))
-        metas = [_meta(core.ask_manager(("info", rid))) for rid in chain]
+        chain = core.ask_manager(LayerChain(ref.id))
+        metas = [_meta(core.ask_manager(InfoOf(rid))) for rid in chain]
         top = _meta(ref.info())
         layers = list(remote.descriptors)
         if len(metas) != len(layers):  # pragma: no cover (the same manager walk)
@@ -724,10 +724,10 @@ def _make_records(
         for batch in batches:
             keys = {p.key for p in batch}
             want = frozenset(keys & (top_keys | crossing))
-            ids, handles = core.ask_manager(("by_blobs", tuple(batch), dict(known), handlers, want))
-            known.update(ids)
-            for key, (rid, hid, actor) in handles.items():
-                held[key] = ImmutableRef(core, rid, hid, actor, handlers)
+            reply = core.ask_manager(ByBlobs(tuple(batch), frozen_map(known), handlers, want))
+            known.update(reply.ids)
+            for key, g in reply.grants.items():
+                held[key] = ImmutableRef(core, g.record_id, g.handle_id, g.actor, handlers)
             _emit(progress, ProgressEvent("records", "", len(batch), 0))
         out: dict[str, ImmutableRef] = {}
         used: set[str] = set()

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import pykka
-from refcache.actors import ImmutableRef, PrunePolicy, UsageInfo, open_cache
+from refcache.actors import CacheListener, ImmutableRef, PrunePolicy, UsageInfo, open_cache
 from refcache.actors._entry import new_id
 from refcache.actors._offline import offline_prune_plan
-from refcache.actors._prune import CacheListener
 from refcache.storage import (
     KEY_CACHE_POLICY,
     KEY_COMMITTED,
