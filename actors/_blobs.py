@@ -2,8 +2,8 @@
 
 The blob half of BuildKit's ``cache/refs.go`` and ``cache/blobs.go``, as functions that run in
 the *calling* thread (DESIGN.md rule 3: never inside an actor handler). They talk to the
-manager only through short asks (``node``, ``extracted``, ``size_reset``, ...) and do the slow
-work here: fetching a lazy blob from its descriptor handler, applying it into a snapshot,
+manager only through short typed asks (``NodeOf``, ``Extracted``, ``ResetSize``, ...) and do
+the slow work here: fetching a lazy blob from its descriptor handler, applying it into a snapshot,
 converting between compressions, walking variant labels for sizes.
 
 Concepts (BuildKit names in parentheses):

@@ -102,6 +102,20 @@ def get_result(future: Any, timeout: float, what: str) -> Any:
     return value
 
 
+K = TypeVar("K")
+
+
+def _observe(sums: dict[K, float], buckets: dict[K, list[int]], key: K, seconds: float) -> None:
+    """Adds one latency to the histogram of ``key`` (the caller holds the counters' lock)."""
+    sums[key] = sums.get(key, 0.0) + seconds
+    counts = buckets.get(key)
+    if counts is None:
+        counts = buckets[key] = [0] * len(LATENCY_BUCKETS)
+    for i, bound in enumerate(LATENCY_BUCKETS):
+        if seconds <= bound:
+            counts[i] += 1
+
+
 #: One call for a :class:`BoundedCalls` worker: its reply, the callable, the arguments.
 _Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 
@@ -361,13 +375,7 @@ class CacheCore:
         with c.lock:
             key = (operation, result)
             c.operations[key] = c.operations.get(key, 0) + 1
-            c.latency_sum[operation] = c.latency_sum.get(operation, 0.0) + seconds
-            buckets = c.latency_buckets.get(operation)
-            if buckets is None:
-                buckets = c.latency_buckets[operation] = [0] * len(LATENCY_BUCKETS)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            _observe(c.latency_sum, c.latency_buckets, operation, seconds)
 
     @contextmanager
     def timed(self, operation: str) -> Iterator[None]:
@@ -401,13 +409,7 @@ class CacheCore:
         key = (operation, status)
         with c.lock:
             r.requests[key] = r.requests.get(key, 0) + 1
-            r.latency_sum[key] = r.latency_sum.get(key, 0.0) + seconds
-            buckets = r.latency_buckets.get(key)
-            if buckets is None:
-                buckets = r.latency_buckets[key] = [0] * len(LATENCY_BUCKETS)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            _observe(r.latency_sum, r.latency_buckets, key, seconds)
 
     def count_transfer(self, direction: str, result: str, nbytes: int = 0, blobs: int = 1) -> None:
         """Counts blobs (and bytes) moved to (``push``) or from (``pull``) a registry."""

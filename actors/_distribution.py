@@ -382,6 +382,42 @@ def _push(
     progress: Progress | None,
     started: float,
 ) -> PushResult:
+    blobs, manifests = _push_plan(core, named, compression, force)
+    counts = _PushCounts()
+    send = functools.partial(_send_blob, core, store, _host(store), counts, progress)
+    _run_parallel(send, list(blobs.values()), TRANSFER_THREADS)
+
+    def send_manifest(item: tuple[Descriptor, bytes]) -> None:
+        desc, data = item
+        if not store.has_manifest(desc.digest):
+            store.put_manifest(desc.digest, desc.media_type, data)
+        _emit(progress, ProgressEvent("manifest", desc.digest, 0, desc.size))
+
+    _run_parallel(send_manifest, list(manifests.values()), MANIFEST_THREADS)
+    index, index_bytes = build_index({name: m[0] for name, m in manifests.items()})
+    store.put_manifest(target.tag, MEDIA_TYPE_OCI_INDEX, index_bytes)
+    _emit(progress, ProgressEvent("manifest", index.digest, 0, index.size))
+    return PushResult(
+        target=str(target),
+        index_digest=index.digest,
+        manifests=frozen_map({name: m[0].digest for name, m in manifests.items()}),
+        blobs_uploaded=counts.uploaded,
+        bytes_uploaded=counts.bytes_uploaded,
+        blobs_skipped=counts.skipped,
+        bytes_skipped=counts.bytes_skipped,
+        blobs_mounted=counts.mounted,
+        bytes_mounted=counts.bytes_mounted,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _push_plan(
+    core: CacheCore,
+    named: Sequence[tuple[str, ImmutableRef]],
+    compression: str,
+    force: bool,
+) -> tuple[dict[str, _PushBlob], dict[str, tuple[Descriptor, bytes]]]:
+    """The blobs (each digest once) and the manifest of each name that a push sends."""
     blobs: dict[str, _PushBlob] = {}
     manifests: dict[str, tuple[Descriptor, bytes]] = {}
     for name, ref in named:
@@ -409,65 +445,48 @@ def _push(
             config.digest, _PushBlob(config, functools.partial(io.BytesIO, config_bytes))
         )
         manifests[name] = (manifest, manifest_bytes)
+    return blobs, manifests
 
-    counts = _PushCounts()
-    host = _host(store)
 
-    def send(blob: _PushBlob) -> None:
-        desc = blob.desc
-        if store.has_blob(desc.digest, push=True):
-            counts.add("skipped", desc.size)
-            core.count_transfer("push", "skipped")
-            _emit(progress, ProgressEvent("blob-skipped", desc.digest, 0, desc.size))
-            _remember_source(core, desc.digest, store)
-            return
-        session = None
-        if host:
-            for source in _mount_sources(core, desc, blob.handler, host, store.name):
-                session = store.mount_blob(desc.digest, source)
-                if session is None:
-                    counts.add("mounted", desc.size)
-                    core.count_transfer("push", "mounted")
-                    _emit(progress, ProgressEvent("blob-mounted", desc.digest, 0, desc.size))
-                    _remember_source(core, desc.digest, store)
-                    return
-                break  # the registry opened an upload session instead: upload into it
-        _emit(progress, ProgressEvent("blob-start", desc.digest, 0, desc.size))
-
-        def sent(n: int) -> None:
-            core.count_transfer("push", "", n, blobs=0)
-            _emit(progress, ProgressEvent("bytes", desc.digest, n, desc.size))
-
-        store.put_blob(desc, blob.opener, session=session, on_bytes=sent)
-        counts.add("uploaded", desc.size)
-        core.count_transfer("push", "uploaded")
-        _emit(progress, ProgressEvent("blob-done", desc.digest, desc.size, desc.size))
+def _send_blob(
+    core: CacheCore,
+    store: _Store,
+    host: str,
+    counts: _PushCounts,
+    progress: Progress | None,
+    blob: _PushBlob,
+) -> None:
+    """Sends one blob of a push: skipped when the registry has it, mounted from another
+    repository of the registry that has it, uploaded otherwise."""
+    desc = blob.desc
+    if store.has_blob(desc.digest, push=True):
+        counts.add("skipped", desc.size)
+        core.count_transfer("push", "skipped")
+        _emit(progress, ProgressEvent("blob-skipped", desc.digest, 0, desc.size))
         _remember_source(core, desc.digest, store)
+        return
+    session = None
+    if host:
+        for source in _mount_sources(core, desc, blob.handler, host, store.name):
+            session = store.mount_blob(desc.digest, source)
+            if session is None:
+                counts.add("mounted", desc.size)
+                core.count_transfer("push", "mounted")
+                _emit(progress, ProgressEvent("blob-mounted", desc.digest, 0, desc.size))
+                _remember_source(core, desc.digest, store)
+                return
+            break  # the registry opened an upload session instead: upload into it
+    _emit(progress, ProgressEvent("blob-start", desc.digest, 0, desc.size))
 
-    _run_parallel(send, list(blobs.values()), TRANSFER_THREADS)
+    def sent(n: int) -> None:
+        core.count_transfer("push", "", n, blobs=0)
+        _emit(progress, ProgressEvent("bytes", desc.digest, n, desc.size))
 
-    def send_manifest(item: tuple[Descriptor, bytes]) -> None:
-        desc, data = item
-        if not store.has_manifest(desc.digest):
-            store.put_manifest(desc.digest, desc.media_type, data)
-        _emit(progress, ProgressEvent("manifest", desc.digest, 0, desc.size))
-
-    _run_parallel(send_manifest, list(manifests.values()), MANIFEST_THREADS)
-    index, index_bytes = build_index({name: m[0] for name, m in manifests.items()})
-    store.put_manifest(target.tag, MEDIA_TYPE_OCI_INDEX, index_bytes)
-    _emit(progress, ProgressEvent("manifest", index.digest, 0, index.size))
-    return PushResult(
-        target=str(target),
-        index_digest=index.digest,
-        manifests=frozen_map({name: m[0].digest for name, m in manifests.items()}),
-        blobs_uploaded=counts.uploaded,
-        bytes_uploaded=counts.bytes_uploaded,
-        blobs_skipped=counts.skipped,
-        bytes_skipped=counts.bytes_skipped,
-        blobs_mounted=counts.mounted,
-        bytes_mounted=counts.bytes_mounted,
-        seconds=time.monotonic() - started,
-    )
+    store.put_blob(desc, blob.opener, session=session, on_bytes=sent)
+    counts.add("uploaded", desc.size)
+    core.count_transfer("push", "uploaded")
+    _emit(progress, ProgressEvent("blob-done", desc.digest, desc.size, desc.size))
+    _remember_source(core, desc.digest, store)
 
 
 def _emit(progress: Progress | None, event: ProgressEvent) -> None:

@@ -7,9 +7,10 @@ latter two, whoever creates the record (the manager, or a job on the I/O executo
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,9 @@ from ..storage import (
     KEY_UPPER_DIFF_PARENT,
     KEY_USAGE_COUNT,
     RESOURCE_CONTENT,
+    LmdbLeaseManager,
+    MetadataStore,
+    NotFoundError,
     Resource,
     StorageItem,
     WriteTxn,
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MIRRORED_KEYS",
     "RecordEntry",
+    "clear_record",
+    "delete_leases",
+    "lease_ids",
     "mirrored",
     "new_id",
     "parent_fields",
@@ -277,3 +284,29 @@ def write_new_record(
     item = core.store.get(record_id)
     item.queue_many({k: v for k, v in values.items() if v is not None}, indexes)
     item.commit(txn=txn)
+
+
+def lease_ids(record_id: str) -> tuple[str, str, str]:
+    """The leases a record may own: ``<id>`` (its snapshot and blob), ``<id>-variants`` (its
+    blob's compression variants) and ``<id>-view`` (the read-only view of its mounts)."""
+    return record_id, record_id + "-variants", record_id + "-view"
+
+
+def delete_leases(leases: LmdbLeaseManager, txn: WriteTxn, ids: Iterable[str]) -> None:
+    """Deletes the leases ``ids`` in ``txn`` (missing ones are fine)."""
+    for lease_id in ids:
+        with contextlib.suppress(NotFoundError):
+            leases.delete(lease_id, txn=txn)
+
+
+def clear_record(
+    store: MetadataStore,
+    leases: LmdbLeaseManager,
+    txn: WriteTxn,
+    record_id: str,
+    lease_names: Iterable[str],
+) -> None:
+    """Forgets a record at rest in ``txn``: its metadata, and the leases ``lease_names``
+    (some of :func:`lease_ids`); what they held is collected once they are gone."""
+    store.clear(record_id, txn=txn)
+    delete_leases(leases, txn, lease_names)

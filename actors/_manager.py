@@ -584,8 +584,7 @@ class CacheManager(pykka.ThreadingActor):
                 self._mutable_released(twin, used=settled.used)
             return
         if settled.had_view:
-            with self.core.env.write_txn() as txn:
-                table.delete_leases(txn, [e.id + "-view"])
+            table.drop_view_lease(e)
 
     def _mutable_released(self, m: RecordEntry, *, used: bool = False) -> None:
         table = self.table

@@ -38,7 +38,7 @@ from ..storage import (
     Snapshotter,
     open_snapshotter,
 )
-from ._entry import RecordEntry
+from ._entry import RecordEntry, lease_ids
 from ._planning import free_bytes, simulate_prune
 from ._rows import TableRow, entry_row
 from ._types import PrunePolicy, UsageInfo
@@ -247,7 +247,7 @@ def inspect_record(root: Path, record_id: str) -> RecordDetails:
         children = sorted(other.id for other in loaded.rows.values() if rid in other.parents)
         leases: dict[str, list[str]] = {}
         manager = LmdbLeaseManager(env)
-        for lease_id in (rid, rid + "-variants", rid + "-view"):
+        for lease_id in lease_ids(rid):
             with contextlib.suppress(NotFoundError):
                 leases[lease_id] = [f"{r.type}/{r.id}" for r in manager.list_resources(lease_id)]
         backends = _Backends(root, env)

@@ -21,8 +21,9 @@ from typing import Any
 
 import pykka
 
-from ..storage import KEY_DELETED, Filter, NotFoundError, RefcacheError, collect
+from ..storage import KEY_DELETED, Filter, RefcacheError, collect
 from ._core import CacheCore
+from ._entry import clear_record, lease_ids
 from ._listeners import notify
 from ._messages import (
     GcDone,
@@ -227,14 +228,10 @@ def _clear(core: CacheCore, pairs: Sequence[Pair]) -> None:
     and ``-view``)."""
     with core.env.write_txn() as txn:
         for rid, twin in pairs:
-            core.store.clear(rid, txn=txn)
-            leases = [rid, rid + "-variants", rid + "-view"]
+            clear_record(core.store, core.leases, txn, rid, lease_ids(rid))
             if twin is not None:
-                core.store.clear(twin, txn=txn)
-                leases += [twin, twin + "-view"]
-            for lease_id in leases:
-                with contextlib.suppress(NotFoundError):
-                    core.leases.delete(lease_id, txn=txn)
+                own, _, view = lease_ids(twin)
+                clear_record(core.store, core.leases, txn, twin, (own, view))
 
 
 def _forget(

@@ -277,8 +277,7 @@ class Pruner:
                 continue
             if is_after(e.last_used_at, m.cutoff):  # settling brought fresher statistics
                 refused.append(rid)
-                with self.core.env.write_txn() as txn:  # the view lease the settle dropped
-                    table.delete_leases(txn, [rid + "-view"])
+                table.drop_view_lease(e)  # the view lease the settle took back
                 continue
             for r in (e, twin) if twin is not None else (e,):
                 r.dead = True

@@ -35,7 +35,7 @@ from ..storage import (
 )
 from ._blobs import merge_handlers
 from ._core import CacheCore
-from ._entry import RecordEntry
+from ._entry import RecordEntry, clear_record, delete_leases, lease_ids
 from ._messages import Grant
 from ._protocol import Message, ask
 from ._record import CacheRecord, RecordState
@@ -298,11 +298,10 @@ class RecordTable:
             e.blob_only = False
             self._blob_only -= 1
 
-    def delete_leases(self, txn: WriteTxn, ids: Iterable[str]) -> None:
-        """Deletes the leases ``ids`` in ``txn`` (missing ones are fine)."""
-        for lease_id in ids:
-            with contextlib.suppress(NotFoundError):
-                self.core.leases.delete(lease_id, txn=txn)
+    def drop_view_lease(self, e: RecordEntry) -> None:
+        """Deletes the lease of ``e``'s read-only view (its refcount went to 0)."""
+        with self.core.env.write_txn() as txn:
+            delete_leases(self.core.leases, txn, [e.id + "-view"])
 
     def remove(self, e: RecordEntry, *, remove_snapshot: bool, txn: WriteTxn | None = None) -> None:
         """Forgets a record: metadata, leases, actor; releases its holds on its parents.
@@ -322,20 +321,20 @@ class RecordTable:
             e.actor.stop(block=False)
             e.actor = None
         self.core.writer.discard(e.id)
-        leases = [e.id + "-view"]
+        own, variants, view = lease_ids(e.id)
+        leases = [view]
         if remove_snapshot:
-            leases += [e.id, e.id + "-variants"]
+            leases += [own, variants]
         elif e.equal_mutable is not None:
             # An unfinalized twin has no snapshot of its own: a '<id>' lease can only be
             # left by a finalize that crashed before its commit, and would leak.
-            leases.append(e.id)
+            leases.append(own)
+        core = self.core
         if txn is not None:
-            self.core.store.clear(e.id, txn=txn)
-            self.delete_leases(txn, leases)
+            clear_record(core.store, core.leases, txn, e.id, leases)
         else:
-            with self.core.env.write_txn() as own:
-                self.core.store.clear(e.id, txn=own)
-                self.delete_leases(own, leases)
+            with core.env.write_txn() as new_txn:
+                clear_record(core.store, core.leases, new_txn, e.id, leases)
         for parent_id in e.parents:
             parent = self.entries.get(parent_id) if parent_id else None
             if parent is not None:
