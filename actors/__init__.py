@@ -29,9 +29,9 @@ from ._cache import Cache, open_cache
 from ._cliutil import cli_main
 from ._core import LATENCY_BUCKETS
 from ._distribution import ProgressEvent, PushResult
+from ._listeners import CacheListener
 from ._manager import CacheManager
 from ._proxy import CacheManagerProxy, ManagerFuture
-from ._prune import CacheListener
 from ._refs import ImmutableRef, Mountable, MutableRef, RefList, RefMetadata
 from ._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
 from ._types import (

@@ -2,8 +2,8 @@
 
 The blob half of BuildKit's ``cache/refs.go`` and ``cache/blobs.go``, as functions that run in
 the *calling* thread (DESIGN.md rule 3: never inside an actor handler). They talk to the
-manager only through short asks (``node``, ``extracted``, ``size_reset``, ...) and do the slow
-work here: fetching a lazy blob from its descriptor handler, applying it into a snapshot,
+manager only through short typed asks (``NodeOf``, ``Extracted``, ``ResetSize``, ...) and do
+the slow work here: fetching a lazy blob from its descriptor handler, applying it into a snapshot,
 converting between compressions, walking variant labels for sizes.
 
 Concepts (BuildKit names in parentheses):
@@ -84,7 +84,8 @@ from ..storage import (
     write_diff,
 )
 from ._core import CacheCore, get_result
-from ._types import DescHandler, RecordKind
+from ._messages import BlobNode, Extracted, ExtractPlanOf, NodeOf, Poisoned, ResetSize
+from ._types import DescHandler
 
 __all__ = [
     "ANNOTATION_CREATED_AT",
@@ -326,29 +327,9 @@ def merge_handlers(*maps: Mapping[str, DescHandler]) -> Mapping[str, DescHandler
 # -- records as the blob code sees them -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BlobNode:
-    """One record's blob-related state, as the manager's table holds it now (``node`` op)."""
-
-    id: str
-    kind: RecordKind
-    parents: tuple[str, ...]
-    snapshot_id: str
-    blob: str
-    blob_only: bool
-    diff_id: str
-    chain_id: str
-    blob_chain_id: str
-    media_type: str
-    mutable: bool
-    finalized: bool  #: no equal mutable (BuildKit: ``equalMutable == nil``)
-    poisoned: bool = False  #: its blob lied about its diffID (see :func:`quarantine`)
-
-
 def node_of(core: CacheCore, record_id: str) -> BlobNode:
     """Asks the manager for ``record_id``'s current :class:`BlobNode`."""
-    node: BlobNode = core.ask_manager(("node", record_id))
-    return node
+    return core.ask_manager(NodeOf(record_id))
 
 
 def is_lazy(core: CacheCore, node: BlobNode) -> bool:
@@ -538,7 +519,7 @@ def link_blob(core: CacheCore, record_id: str, blob: str, desc: Descriptor) -> N
         if desc.digest != blob:
             key = GC_VARIANT_LABEL + desc.digest
             content.update(ContentInfo(blob, 0, {key: desc.digest}), f"labels.{key}", txn=txn)
-    core.ask_manager(("size_reset", record_id))
+    core.ask_manager(ResetSize(record_id))
 
 
 # -- writing blobs --------------------------------------------------------------------------
@@ -917,20 +898,19 @@ def _unlazy_diff_merge(
     core: CacheCore, node: BlobNode, handlers: Mapping[str, DescHandler], ensure_content: bool
 ) -> None:
     # BuildKit unlazyDiffMerge: every layer input in parallel, then one Snapshotter.Merge.
-    plan = core.ask_manager(("extract_plan", node.id))
+    plan = core.ask_manager(ExtractPlanOf(node.id))
     if plan is None:
         return
-    snapshot_id, deps, diffs = plan
     _run_all(
         core,
         [
             functools.partial(unlazy, core, dep, handlers, ensure_content=ensure_content)
-            for dep in deps
+            for dep in plan.deps
         ],
     )
-    if snapshot_exists(core, snapshot_id):
+    if snapshot_exists(core, plan.snapshot_id):
         return
-    core.snapshotter.merge(snapshot_id, diffs)
+    core.snapshotter.merge(plan.snapshot_id, plan.diffs)
 
 
 def _unlazy_layer(
@@ -972,10 +952,10 @@ def _unlazy_layer(
         # Another record with the same chain extracted the shared snapshot meanwhile, or
         # only the blob was missing: no second apply.
         if ensure_content and node.blob_only:
-            core.ask_manager(("extracted", node.id))
+            core.ask_manager(Extracted(node.id))
         return
     apply_layer(core, node, desc, parent_sid)
-    core.ask_manager(("extracted", node.id))
+    core.ask_manager(Extracted(node.id))
 
 
 def apply_layer(core: CacheCore, node: BlobNode, desc: Descriptor, parent_sid: str) -> None:
@@ -1051,7 +1031,7 @@ def quarantine(core: CacheCore, node: BlobNode, exc: DiffIDMismatchError) -> Non
         exc.expected,
         exc.actual,
     )
-    delete = core.ask_manager(("poisoned", node.id, exc.actual))
+    delete = core.ask_manager(Poisoned(node.id, exc.actual))
     if delete:
         with contextlib.suppress(NotFoundError):
             core.content.delete(exc.blob)

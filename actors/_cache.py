@@ -46,10 +46,12 @@ from ..storage import (
     secure_root,
 )
 from . import _distribution as distribution
-from ._core import CacheCore, get_result
+from ._core import CacheCore
 from ._distribution import ProgressEvent, PushResult
 from ._load import LoadReport, load_records
 from ._manager import CacheManager
+from ._messages import Ping
+from ._protocol import ask
 from ._proxy import CacheManagerProxy
 from ._refs import ImmutableRef
 from ._runtime import ActorPool
@@ -392,7 +394,7 @@ def open_cache(
         stack.callback(core.executor.shutdown)
         manager_ref = CacheManager.start(core, entries)
         core.manager = manager_ref
-        get_result(manager_ref.ask(("ping",), block=False), timeout, "cache manager start")
+        ask(manager_ref, Ping(), timeout, "cache manager start")
         cache = Cache(root_path, core, manager_ref, lock_fd, report, own_pool)
     except BaseException:
         stack.close()

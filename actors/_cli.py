@@ -75,6 +75,7 @@ from ._cliutil import (
     usage_totals,
     when,
 )
+from ._listeners import CacheListener
 from ._load import logger as _load_logger
 from ._offline import (
     RecordDetails,
@@ -84,8 +85,9 @@ from ._offline import (
     pending_removals,
     stored_ids,
 )
-from ._prune import CacheListener, TableRow, parse_usage_filters
+from ._rows import TableRow
 from ._types import PrunePolicy, UsageInfo
+from ._usage import parse_usage_filters
 
 __all__ = [
     "EXIT_BROKEN_PIPE",

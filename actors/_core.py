@@ -33,6 +33,7 @@ from ..storage import (
     MetaEnv,
     TarApplier,
 )
+from ._protocol import Message, ask
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
 
@@ -45,11 +46,11 @@ __all__ = [
     "CacheCore",
     "RegistryCounters",
     "SingleFlight",
-    "ask",
     "get_result",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: Upper bounds (seconds) of the operation latency histogram buckets (Prometheus style).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -101,9 +102,18 @@ def get_result(future: Any, timeout: float, what: str) -> Any:
     return value
 
 
-def ask(actor: pykka.ActorRef[Any], message: tuple[Any, ...], timeout: float, what: str) -> Any:
-    """Asks ``actor`` and waits (with a timeout) for the answer, unwrapping nested futures."""
-    return get_result(actor.ask(message, block=False), timeout, what)
+K = TypeVar("K")
+
+
+def _observe(sums: dict[K, float], buckets: dict[K, list[int]], key: K, seconds: float) -> None:
+    """Adds one latency to the histogram of ``key`` (the caller holds the counters' lock)."""
+    sums[key] = sums.get(key, 0.0) + seconds
+    counts = buckets.get(key)
+    if counts is None:
+        counts = buckets[key] = [0] * len(LATENCY_BUCKETS)
+    for i, bound in enumerate(LATENCY_BUCKETS):
+        if seconds <= bound:
+            counts[i] += 1
 
 
 #: One call for a :class:`BoundedCalls` worker: its reply, the callable, the arguments.
@@ -365,13 +375,7 @@ class CacheCore:
         with c.lock:
             key = (operation, result)
             c.operations[key] = c.operations.get(key, 0) + 1
-            c.latency_sum[operation] = c.latency_sum.get(operation, 0.0) + seconds
-            buckets = c.latency_buckets.get(operation)
-            if buckets is None:
-                buckets = c.latency_buckets[operation] = [0] * len(LATENCY_BUCKETS)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            _observe(c.latency_sum, c.latency_buckets, operation, seconds)
 
     @contextmanager
     def timed(self, operation: str) -> Iterator[None]:
@@ -405,13 +409,7 @@ class CacheCore:
         key = (operation, status)
         with c.lock:
             r.requests[key] = r.requests.get(key, 0) + 1
-            r.latency_sum[key] = r.latency_sum.get(key, 0.0) + seconds
-            buckets = r.latency_buckets.get(key)
-            if buckets is None:
-                buckets = r.latency_buckets[key] = [0] * len(LATENCY_BUCKETS)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            _observe(r.latency_sum, r.latency_buckets, key, seconds)
 
     def count_transfer(self, direction: str, result: str, nbytes: int = 0, blobs: int = 1) -> None:
         """Counts blobs (and bytes) moved to (``push``) or from (``pull``) a registry."""
@@ -479,15 +477,15 @@ class CacheCore:
             raise self.closed_error()
         return ref
 
-    def ask_manager(self, message: tuple[Any, ...]) -> Any:
-        """Asks the manager actor (with this cache's timeout).
+    def ask_manager(self, message: Message[R]) -> R:
+        """Asks the manager actor (with this cache's timeout); returns the message's reply.
 
         Works while :meth:`Cache.close` drains the manager's mailbox (jobs in flight finish
         or fail cleanly); fails with :class:`ClosedError` once the manager has stopped.
         """
         ref = self.manager_ref()
         try:
-            return ask(ref, message, self.timeout, f"cache manager {message[0]!r}")
+            return ask(ref, message, self.timeout)
         except pykka.ActorDeadError as exc:
             raise self.closed_error() from exc
 

@@ -10,7 +10,7 @@ fetched), else a streamed upload. Manifests go by digest, then the index under t
 writer wins; blobs are idempotent).
 
 **Pull** reads the index and the manifests only (in parallel), then asks the manager to make
-every layer record in batches of one LMDB transaction each (``by_blobs``: ``get_by_blob``'s
+every layer record in batches of one LMDB transaction each (``ByBlobs``: ``get_by_blob``'s
 lookups and inserts, keyed by blob-chain ID, so a second pull or shared layers make no
 duplicate). The records are *lazy*: one :class:`DescHandler` per pulled source fetches a
 blob from it on first extract (single flight per digest, resumable, verified by the content
@@ -20,8 +20,8 @@ With ``fetch`` every missing blob is downloaded during the pull (held by a tempo
 until the records hold them; a failure leaves no record); with ``extract`` every record is
 also unpacked.
 
-Nothing here runs in an actor handler: the manager only answers ``layer_chain``, ``info``
-and ``by_blobs``.
+Nothing here runs in an actor handler: the manager only answers ``LayerChain``, ``InfoOf``
+and ``ByBlobs``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from ..storage import (
 )
 from ._blobs import chain_id, check_compression, diff_id_of, media_type_compression
 from ._core import CacheCore
-from ._manager import BlobRecordPlan
+from ._messages import BlobRecordPlan, ByBlobs, InfoOf, LayerChain
 from ._refs import ImmutableRef
 from ._types import DescHandler
 
@@ -382,68 +382,9 @@ def _push(
     progress: Progress | None,
     started: float,
 ) -> PushResult:
-    blobs: dict[str, _PushBlob] = {}
-    manifests: dict[str, tuple[Descriptor, bytes]] = {}
-    for name, ref in named:
-        remote = ref.get_remotes(compression, force=force)[0]
-        chain: list[str] = core.ask_manager(("layer_chain", ref.id))
-        metas = [_meta(core.ask_manager(("info", rid))) for rid in chain]
-        top = _meta(ref.info())
-        layers = list(remote.descriptors)
-        if len(metas) != len(layers):  # pragma: no cover (the same manager walk)
-            msg = f"push {name!r}: {len(layers)} layers but {len(metas)} records in the chain"
-            raise RefcacheError(msg)
-        if not layers:
-            msg = f"push {name!r}: record {ref.id} has no layers to export"
-            raise InvalidError(msg)
-        config, config_bytes = build_config(layers, metas, top)
-        manifest, manifest_bytes = build_manifest(name, config, layers, metas, top)
-        for d in layers:
-            blobs.setdefault(
-                d.digest,
-                _PushBlob(
-                    d, functools.partial(remote.provider, d), ref.desc_handlers.get(d.digest)
-                ),
-            )
-        blobs.setdefault(
-            config.digest, _PushBlob(config, functools.partial(io.BytesIO, config_bytes))
-        )
-        manifests[name] = (manifest, manifest_bytes)
-
+    blobs, manifests = _push_plan(core, named, compression, force)
     counts = _PushCounts()
-    host = _host(store)
-
-    def send(blob: _PushBlob) -> None:
-        desc = blob.desc
-        if store.has_blob(desc.digest, push=True):
-            counts.add("skipped", desc.size)
-            core.count_transfer("push", "skipped")
-            _emit(progress, ProgressEvent("blob-skipped", desc.digest, 0, desc.size))
-            _remember_source(core, desc.digest, store)
-            return
-        session = None
-        if host:
-            for source in _mount_sources(core, desc, blob.handler, host, store.name):
-                session = store.mount_blob(desc.digest, source)
-                if session is None:
-                    counts.add("mounted", desc.size)
-                    core.count_transfer("push", "mounted")
-                    _emit(progress, ProgressEvent("blob-mounted", desc.digest, 0, desc.size))
-                    _remember_source(core, desc.digest, store)
-                    return
-                break  # the registry opened an upload session instead: upload into it
-        _emit(progress, ProgressEvent("blob-start", desc.digest, 0, desc.size))
-
-        def sent(n: int) -> None:
-            core.count_transfer("push", "", n, blobs=0)
-            _emit(progress, ProgressEvent("bytes", desc.digest, n, desc.size))
-
-        store.put_blob(desc, blob.opener, session=session, on_bytes=sent)
-        counts.add("uploaded", desc.size)
-        core.count_transfer("push", "uploaded")
-        _emit(progress, ProgressEvent("blob-done", desc.digest, desc.size, desc.size))
-        _remember_source(core, desc.digest, store)
-
+    send = functools.partial(_send_blob, core, store, _host(store), counts, progress)
     _run_parallel(send, list(blobs.values()), TRANSFER_THREADS)
 
     def send_manifest(item: tuple[Descriptor, bytes]) -> None:
@@ -468,6 +409,84 @@ def _push(
         bytes_mounted=counts.bytes_mounted,
         seconds=time.monotonic() - started,
     )
+
+
+def _push_plan(
+    core: CacheCore,
+    named: Sequence[tuple[str, ImmutableRef]],
+    compression: str,
+    force: bool,
+) -> tuple[dict[str, _PushBlob], dict[str, tuple[Descriptor, bytes]]]:
+    """The blobs (each digest once) and the manifest of each name that a push sends."""
+    blobs: dict[str, _PushBlob] = {}
+    manifests: dict[str, tuple[Descriptor, bytes]] = {}
+    for name, ref in named:
+        remote = ref.get_remotes(compression, force=force)[0]
+        chain = core.ask_manager(LayerChain(ref.id))
+        metas = [_meta(core.ask_manager(InfoOf(rid))) for rid in chain]
+        top = _meta(ref.info())
+        layers = list(remote.descriptors)
+        if len(metas) != len(layers):  # pragma: no cover (the same manager walk)
+            msg = f"push {name!r}: {len(layers)} layers but {len(metas)} records in the chain"
+            raise RefcacheError(msg)
+        if not layers:
+            msg = f"push {name!r}: record {ref.id} has no layers to export"
+            raise InvalidError(msg)
+        config, config_bytes = build_config(layers, metas, top)
+        manifest, manifest_bytes = build_manifest(name, config, layers, metas, top)
+        for d in layers:
+            blobs.setdefault(
+                d.digest,
+                _PushBlob(
+                    d, functools.partial(remote.provider, d), ref.desc_handlers.get(d.digest)
+                ),
+            )
+        blobs.setdefault(
+            config.digest, _PushBlob(config, functools.partial(io.BytesIO, config_bytes))
+        )
+        manifests[name] = (manifest, manifest_bytes)
+    return blobs, manifests
+
+
+def _send_blob(
+    core: CacheCore,
+    store: _Store,
+    host: str,
+    counts: _PushCounts,
+    progress: Progress | None,
+    blob: _PushBlob,
+) -> None:
+    """Sends one blob of a push: skipped when the registry has it, mounted from another
+    repository of the registry that has it, uploaded otherwise."""
+    desc = blob.desc
+    if store.has_blob(desc.digest, push=True):
+        counts.add("skipped", desc.size)
+        core.count_transfer("push", "skipped")
+        _emit(progress, ProgressEvent("blob-skipped", desc.digest, 0, desc.size))
+        _remember_source(core, desc.digest, store)
+        return
+    session = None
+    if host:
+        for source in _mount_sources(core, desc, blob.handler, host, store.name):
+            session = store.mount_blob(desc.digest, source)
+            if session is None:
+                counts.add("mounted", desc.size)
+                core.count_transfer("push", "mounted")
+                _emit(progress, ProgressEvent("blob-mounted", desc.digest, 0, desc.size))
+                _remember_source(core, desc.digest, store)
+                return
+            break  # the registry opened an upload session instead: upload into it
+    _emit(progress, ProgressEvent("blob-start", desc.digest, 0, desc.size))
+
+    def sent(n: int) -> None:
+        core.count_transfer("push", "", n, blobs=0)
+        _emit(progress, ProgressEvent("bytes", desc.digest, n, desc.size))
+
+    store.put_blob(desc, blob.opener, session=session, on_bytes=sent)
+    counts.add("uploaded", desc.size)
+    core.count_transfer("push", "uploaded")
+    _emit(progress, ProgressEvent("blob-done", desc.digest, desc.size, desc.size))
+    _remember_source(core, desc.digest, store)
 
 
 def _emit(progress: Progress | None, event: ProgressEvent) -> None:
@@ -724,10 +743,10 @@ def _make_records(
         for batch in batches:
             keys = {p.key for p in batch}
             want = frozenset(keys & (top_keys | crossing))
-            ids, handles = core.ask_manager(("by_blobs", tuple(batch), dict(known), handlers, want))
-            known.update(ids)
-            for key, (rid, hid, actor) in handles.items():
-                held[key] = ImmutableRef(core, rid, hid, actor, handlers)
+            reply = core.ask_manager(ByBlobs(tuple(batch), frozen_map(known), handlers, want))
+            known.update(reply.ids)
+            for key, g in reply.grants.items():
+                held[key] = ImmutableRef(core, g.record_id, g.handle_id, g.actor, handlers)
             _emit(progress, ProgressEvent("records", "", len(batch), 0))
         out: dict[str, ImmutableRef] = {}
         used: set[str] = set()

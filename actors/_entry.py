@@ -1,14 +1,20 @@
-"""The manager's record table entry (records at rest are only this and their LMDB metadata)."""
+"""Records at rest: the manager's table entry, and the metadata and lease a new record gets.
+
+A record at rest is only a :class:`RecordEntry` in the manager's table plus its LMDB metadata
+and its flat lease; :func:`write_new_record` is the one transaction step that creates the
+latter two, whoever creates the record (the manager, or a job on the I/O executor).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import string
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import pykka
-from pykka import ThreadingFuture
 
 from ..storage import (
     KEY_BLOB,
@@ -31,12 +37,49 @@ from ..storage import (
     KEY_SNAPSHOT,
     KEY_UPPER_DIFF_PARENT,
     KEY_USAGE_COUNT,
+    RESOURCE_CONTENT,
+    LmdbLeaseManager,
+    MetadataStore,
+    NotFoundError,
+    Resource,
     StorageItem,
+    WriteTxn,
+    frozen_map,
 )
-from ._record import SIZE_UNKNOWN
-from ._types import RecordKind
+from ._types import SIZE_UNKNOWN, RecordKind
 
-__all__ = ["RecordEntry", "new_id", "parent_fields"]
+if TYPE_CHECKING:
+    from ._core import CacheCore
+
+__all__ = [
+    "MIRRORED_KEYS",
+    "RecordEntry",
+    "clear_record",
+    "delete_leases",
+    "lease_ids",
+    "mirrored",
+    "new_id",
+    "parent_fields",
+    "write_new_record",
+]
+
+#: The metadata keys the table mirrors in :class:`RecordEntry` fields (all scalars).
+MIRRORED_KEYS = (
+    KEY_COMMITTED,
+    KEY_EQUAL_MUTABLE,
+    KEY_CACHE_POLICY,
+    KEY_SNAPSHOT,
+    KEY_DESCRIPTION,
+    KEY_CREATED_AT,
+    KEY_RECORD_TYPE,
+    KEY_SIZE,
+    KEY_BLOB,
+    KEY_BLOB_ONLY,
+    KEY_DIFF_ID,
+    KEY_CHAIN_ID,
+    KEY_BLOB_CHAIN_ID,
+    KEY_MEDIA_TYPE,
+)
 
 _ID_ALPHABET = string.digits + string.ascii_lowercase
 
@@ -125,11 +168,34 @@ class RecordEntry:
         self.poisoned = False
         self.actor: pykka.ActorRef[Any] | None = None
         self.acquires = 0  # manager acquires sent to the current actor (stale idle tells)
-        self.finalizing: ThreadingFuture[Any] | None = None
+        #: The finalize in flight (its waiters share it; a concurrent future wakes them all).
+        self.finalizing: Future[None] | None = None
 
     def parent_ids(self) -> tuple[str, ...]:
         """Parent ids without empty diff slots (for display and walks)."""
         return tuple(p for p in self.parents if p)
+
+    @classmethod
+    def from_values(
+        cls, record_id: str, kind: RecordKind, parents: tuple[str, ...], values: Mapping[str, Any]
+    ) -> RecordEntry:
+        """Builds the entry of a record just written with metadata ``values``."""
+        e = cls(record_id, kind, parents)
+        e.mutable = not values.get(KEY_COMMITTED, False)
+        e.equal_mutable = values.get(KEY_EQUAL_MUTABLE)
+        e.retain = values.get(KEY_CACHE_POLICY) == 1
+        e.snapshot_id = values.get(KEY_SNAPSHOT) or record_id
+        e.description = values.get(KEY_DESCRIPTION) or ""
+        e.created_at = values.get(KEY_CREATED_AT, 0)
+        e.record_type = values.get(KEY_RECORD_TYPE) or ""
+        e.size = values.get(KEY_SIZE, SIZE_UNKNOWN)
+        e.blob = values.get(KEY_BLOB) or ""
+        e.blob_only = bool(values.get(KEY_BLOB_ONLY, False))
+        e.diff_id = values.get(KEY_DIFF_ID) or ""
+        e.chain_id = values.get(KEY_CHAIN_ID) or ""
+        e.blob_chain_id = values.get(KEY_BLOB_CHAIN_ID) or ""
+        e.media_type = values.get(KEY_MEDIA_TYPE) or ""
+        return e
 
     @classmethod
     def from_item(cls, item: StorageItem) -> RecordEntry:
@@ -180,3 +246,67 @@ def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:
     if kind == "layer":
         return {KEY_PARENT: parents[0]}
     return {}
+
+
+def mirrored(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The :data:`MIRRORED_KEYS` of ``values``, read-only: what crosses to the manager when a
+    record is written outside its thread."""
+    return frozen_map({k: values[k] for k in MIRRORED_KEYS if k in values})
+
+
+def write_new_record(
+    core: CacheCore,
+    txn: WriteTxn,
+    record_id: str,
+    values: Mapping[str, Any],
+    *,
+    snapshot_id: str,
+    blob: str = "",
+    indexes: Mapping[str, str] | None = None,
+) -> None:
+    """Creates a record's flat lease and its metadata in ``txn`` (one step, one commit).
+
+    The lease holds the record's snapshot (and its blob) before either exists, as BuildKit's
+    does, so the collector never sees them unheld. ``None`` values are left out.
+
+    Raises:
+        AlreadyExistsError: the lease exists already.
+        InvalidError: a bad metadata value (nothing is written: the caller's transaction
+            rolls back).
+    """
+    leases = core.leases
+    leases.create(record_id, flat=True, txn=txn)
+    leases.add_resource(
+        record_id, Resource(snapshot_id, f"snapshots/{core.snapshotter.name}"), txn=txn
+    )
+    if blob:
+        leases.add_resource(record_id, Resource(blob, RESOURCE_CONTENT), txn=txn)
+    item = core.store.get(record_id)
+    item.queue_many({k: v for k, v in values.items() if v is not None}, indexes)
+    item.commit(txn=txn)
+
+
+def lease_ids(record_id: str) -> tuple[str, str, str]:
+    """The leases a record may own: ``<id>`` (its snapshot and blob), ``<id>-variants`` (its
+    blob's compression variants) and ``<id>-view`` (the read-only view of its mounts)."""
+    return record_id, record_id + "-variants", record_id + "-view"
+
+
+def delete_leases(leases: LmdbLeaseManager, txn: WriteTxn, ids: Iterable[str]) -> None:
+    """Deletes the leases ``ids`` in ``txn`` (missing ones are fine)."""
+    for lease_id in ids:
+        with contextlib.suppress(NotFoundError):
+            leases.delete(lease_id, txn=txn)
+
+
+def clear_record(
+    store: MetadataStore,
+    leases: LmdbLeaseManager,
+    txn: WriteTxn,
+    record_id: str,
+    lease_names: Iterable[str],
+) -> None:
+    """Forgets a record at rest in ``txn``: its metadata, and the leases ``lease_names``
+    (some of :func:`lease_ids`); what they held is collected once they are gone."""
+    store.clear(record_id, txn=txn)
+    delete_leases(leases, txn, lease_names)

@@ -42,7 +42,7 @@ from ..storage import (
     Snapshotter,
     StorageItem,
 )
-from ._entry import RecordEntry
+from ._entry import RecordEntry, clear_record, lease_ids
 
 __all__ = ["LoadReport", "load_records"]
 
@@ -132,10 +132,7 @@ def load_records(
     if doomed:
         with env.write_txn() as txn:
             for rid in doomed:
-                store.clear(rid, txn=txn)
-                for lease in (rid, rid + "-variants", rid + "-view"):
-                    with contextlib.suppress(NotFoundError):
-                        leases.delete(lease, txn=txn)
+                clear_record(store, leases, txn, rid, lease_ids(rid))
         for rid, reason in doomed.items():
             if rid not in report.finished_deletes:
                 report.cleared.append((rid, reason))

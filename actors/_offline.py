@@ -2,7 +2,8 @@
 
 LMDB lets a second process read while the owner writes, so these functions open the metadata
 read-only (or use this process's own environment when it has the cache open) and compute
-what the live manager would, with the same pure functions (:mod:`actors._prune`):
+what the live manager would, with the same pure functions (:mod:`actors._usage`,
+:mod:`actors._planning`):
 
 * open handles live in the process that has the cache open and cannot be seen from here, so
   the rows are what ``disk_usage`` would report with no handle open: only holds of child
@@ -37,20 +38,12 @@ from ..storage import (
     Snapshotter,
     open_snapshotter,
 )
-from ._entry import RecordEntry
-from ._prune import (
-    RefChecker,
-    TableRow,
-    compute_usage,
-    entry_row,
-    fill_sizes,
-    free_bytes,
-    layer_walk,
-    measure_row,
-    parse_usage_filters,
-    simulate_prune,
-)
+from ._entry import RecordEntry, lease_ids
+from ._planning import free_bytes, simulate_prune
+from ._rows import TableRow, entry_row
 from ._types import PrunePolicy, UsageInfo
+from ._usage import compute_usage, fill_sizes, measure_row, parse_usage_filters
+from ._walk import RefChecker, layer_walk
 
 __all__ = [
     "OfflineTable",
@@ -254,7 +247,7 @@ def inspect_record(root: Path, record_id: str) -> RecordDetails:
         children = sorted(other.id for other in loaded.rows.values() if rid in other.parents)
         leases: dict[str, list[str]] = {}
         manager = LmdbLeaseManager(env)
-        for lease_id in (rid, rid + "-variants", rid + "-view"):
+        for lease_id in lease_ids(rid):
             with contextlib.suppress(NotFoundError):
                 leases[lease_id] = [f"{r.type}/{r.id}" for r in manager.list_resources(lease_id)]
         backends = _Backends(root, env)

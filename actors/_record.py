@@ -20,8 +20,8 @@ the manager sees it; the manager tells it back what it learns elsewhere.
 
 Rules (DESIGN.md): every handler is short and never blocks — slow work is done by the caller
 that received a plan, or by the I/O executor; a record never asks the manager or another
-record (it has no reference to them; it only tells the manager). Messages are plain tuples,
-answered through Pykka asks. Runs on a pool worker thread.
+record (it has no reference to them; it only tells the manager). Messages are the typed
+classes of :mod:`actors._record_messages`, dispatched by class. Runs on a pool worker thread.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from pykka import ActorDeadError, ThreadingFuture
+from pykka import ActorDeadError
 
 from ..storage import (
     KEY_LAST_USED_AT,
@@ -44,13 +45,40 @@ from ..storage import (
     StorageItem,
 )
 from ._core import CacheCore
+from ._messages import RecordIdle, RecordSized, RecordUsed
+from ._protocol import Await, Message, handler_table, handles
+from ._record_messages import (
+    Acquire,
+    CachedMounts,
+    CloneHandle,
+    Consume,
+    CountHandles,
+    ForgetSize,
+    HasTriggerHandles,
+    Kill,
+    KnownSize,
+    LearnSize,
+    MountBegin,
+    MountEnd,
+    MountPlan,
+    ReadMetadata,
+    Release,
+    SetMountSnapshot,
+    Settle,
+    Settled,
+    SetTriggerHolds,
+    SizeBegin,
+    SizeEnd,
+    SizePlan,
+    UseCounted,
+    WriteMetadata,
+)
 from ._runtime import PooledActor
+from ._types import SIZE_UNKNOWN
 
-__all__ = ["CacheRecord", "RecordState", "Settled"]
+__all__ = ["SIZE_UNKNOWN", "CacheRecord", "RecordState", "Settled"]
 
 logger = logging.getLogger(__name__)
-
-SIZE_UNKNOWN = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +96,11 @@ class RecordState:
     trigger_holds: int = 0  #: holds of child records that count a use when released
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """What the manager learns when it takes an idle record back from its actor."""
-
-    had_view: bool
-    used: bool = False  #: a use was counted since the record was last settled
-
-
 class CacheRecord(PooledActor):
     """One record's actor (see the module docstring). Runs on the record actor pool."""
+
+    #: ``message class -> handler``, built once for the class (below it).
+    _handlers: ClassVar[dict[type[Message[Any]], Callable[[Any, Any], Any]]] = {}
 
     def __init__(self, core: CacheCore, state: RecordState) -> None:
         super().__init__()
@@ -97,8 +120,10 @@ class CacheRecord(PooledActor):
         self.mounts: tuple[Mount, ...] | None = None
         self.had_view = False
         self.used = False
-        self.mount_flight: ThreadingFuture[Any] | None = None
-        self.size_flight: ThreadingFuture[Any] | None = None
+        # Single flights shared by every caller that comes while one runs: plain
+        # concurrent.futures futures, which wake every waiter.
+        self.mount_flight: Future[tuple[Mount, ...]] | None = None
+        self.size_flight: Future[int] | None = None
         # The manager's generation of the size, set by every reset (extraction, a new blob
         # variant): a size measured before the reset is handed to its waiters, not cached.
         self.size_generation = state.size_gen
@@ -106,27 +131,35 @@ class CacheRecord(PooledActor):
     # -- dispatch ---------------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        """Dispatches ``(operation, *args)`` tuples to ``_on_<operation>``."""
-        handler = getattr(self, "_on_" + message[0], None)
+        """Dispatches a message of :mod:`actors._record_messages` to its handler."""
+        handler = self._handlers.get(type(message))
         if handler is None:
-            msg = f"record {self.id!r} does not understand {message[0]!r}"
+            msg = f"record {self.id!r} does not understand {message!r}"
             raise InvalidError(msg)
-        return handler(*message[1:])
+        return handler(self, message)
 
     def _check_alive(self) -> None:
         if self.dead:
             msg = f"record {self.id!r} not found (it is being removed)"
             raise NotFoundError(msg)
 
+    def _tell_manager(self, message: Message[None]) -> None:
+        manager = self.core.manager
+        if manager is not None:
+            with contextlib.suppress(ActorDeadError):
+                manager.tell(message)
+
     # -- handles ----------------------------------------------------------------------------
 
-    def _on_acquire_as(self, hid: int, trigger: bool) -> None:
-        """A handle the manager created (its id chosen there); see ``CacheManager._acquire``."""
+    @handles(Acquire)
+    def _acquire(self, m: Acquire) -> None:
+        """A handle the manager created (its id chosen there); see ``RecordTable.acquire``."""
         self.acquires += 1
-        self.handles[hid] = trigger
+        self.handles[m.handle_id] = m.trigger
         self.settled = False
 
-    def _on_clone(self, hid: int) -> int | None:
+    @handles(CloneHandle)
+    def _clone(self, m: CloneHandle) -> int | None:
         # BuildKit's Clone does not check that the source handle is live: a released handle
         # can be cloned while its record is alive. Once settled, the manager decides whether
         # the record still exists, so the caller goes through it (None).
@@ -136,15 +169,16 @@ class CacheRecord(PooledActor):
         self.handles[new] = False
         return new
 
-    def _on_release(self, hid: int) -> tuple[bool, bool]:
-        """Returns ``(found, manager_needed)`` for the release of ``hid``.
+    @handles(Release)
+    def _release(self, m: Release) -> tuple[bool, bool]:
+        """Returns ``(found, manager_needed)`` for the release of the handle.
 
         ``manager_needed`` is True when this was the last handle and the manager has to decide
         what happens (a mutable, an equal pair, a view lease to drop). The last release of a
         plain immutable needs no decision (BuildKit only drops its mount cache): the record
         settles itself and tells the manager it is idle, saving the caller two asks.
         """
-        trigger = self.handles.pop(hid, None)
+        trigger = self.handles.pop(m.handle_id, None)
         if trigger is None:
             return False, False
         if trigger and not self._trigger_left():
@@ -166,27 +200,24 @@ class CacheRecord(PooledActor):
         self.settled = True
         self.used = False
         self.mounts = None
-        self._tell_manager(("idle", self.id, self.acquires))
+        self._tell_manager(RecordIdle(self.id, self.acquires))
         return True, False
 
     def _trigger_left(self) -> bool:
         """Whether a reference that counts uses remains (a user handle or a child's hold)."""
         return self.trigger_holds > 0 or any(self.handles.values())
 
-    def _tell_manager(self, message: tuple[Any, ...]) -> None:
-        manager = self.core.manager
-        if manager is not None:
-            with contextlib.suppress(ActorDeadError):
-                manager.tell(message)
+    @handles(Consume)
+    def _consume(self, m: Consume) -> bool:
+        """Removes the handle without counting a use (a mutable handle given to its commit)."""
+        return self.handles.pop(m.handle_id, None) is not None
 
-    def _on_consume(self, hid: int) -> bool:
-        """Removes ``hid`` without counting a use (a mutable handle given to its commit)."""
-        return self.handles.pop(hid, None) is not None
-
-    def _on_count(self) -> int:
+    @handles(CountHandles)
+    def _count(self, m: CountHandles) -> int:
         return len(self.handles)
 
-    def _on_settle(self) -> Settled | None:
+    @handles(Settle)
+    def _settle(self, m: Settle) -> Settled | None:
         """Called by the manager after a last release: hands the record back if still idle."""
         if self.handles:
             return None
@@ -196,21 +227,24 @@ class CacheRecord(PooledActor):
         self.mounts = None
         return Settled(had_view, used)
 
-    def _on_kill(self) -> int:
-        """Marks the record dead (removal or finalized mutable); returns open handles."""
+    @handles(Kill)
+    def _kill(self, m: Kill) -> None:
+        """Marks the record dead (removal or finalized mutable)."""
         self.dead = True
         self.settled = True
-        return len(self.handles)
 
-    def _on_usage(self, usage_count: int, last_used_at: int | None) -> None:
+    @handles(UseCounted)
+    def _use_counted(self, m: UseCounted) -> None:
         """The manager counted a use itself (an equal mutable, a child's counting hold)."""
-        if usage_count > self.usage_count:
-            self.usage_count, self.last_used_at = usage_count, last_used_at
+        if m.usage_count > self.usage_count:
+            self.usage_count, self.last_used_at = m.usage_count, m.last_used_at
 
-    def _on_trigger_holds(self, count: int) -> None:
-        self.trigger_holds = count
+    @handles(SetTriggerHolds)
+    def _set_trigger_holds(self, m: SetTriggerHolds) -> None:
+        self.trigger_holds = m.count
 
-    def _on_trigger_handles(self) -> bool:
+    @handles(HasTriggerHandles)
+    def _has_trigger_handles(self, m: HasTriggerHandles) -> bool:
         """Whether an open handle counts uses (BuildKit ``shouldUpdateLastUsed``)."""
         return any(self.handles.values())
 
@@ -223,60 +257,58 @@ class CacheRecord(PooledActor):
         self.core.writer.submit(
             self.id, {KEY_USAGE_COUNT: self.usage_count, KEY_LAST_USED_AT: self.last_used_at}
         )
-        self._tell_manager(("used", self.id, self.usage_count, self.last_used_at))
+        self._tell_manager(RecordUsed(self.id, self.usage_count, self.last_used_at))
 
     # -- mounts -----------------------------------------------------------------------------
 
-    def _on_set_mount_snapshot(self, snapshot_id: str) -> None:
+    @handles(SetMountSnapshot)
+    def _set_mount_snapshot(self, m: SetMountSnapshot) -> None:
         """After finalize: mount the record's own snapshot from now on."""
-        self.mount_snapshot_id = snapshot_id
+        self.mount_snapshot_id = m.snapshot_id
         self.mounts = None
 
-    def _on_mount_begin(self) -> tuple[Any, ...]:
-        """Returns ``("cached", mounts)``, ``("wait", future)`` or
-        ``("do", snapshot, view, own snapshot)``."""
+    @handles(MountBegin)
+    def _mount_begin(self, m: MountBegin) -> CachedMounts | Await[tuple[Mount, ...]] | MountPlan:
+        """The mounts if cached, the flight making them, or a plan to make them."""
         self._check_alive()
         if self.mounts is not None:
-            return ("cached", self.mounts)
+            return CachedMounts(self.mounts)
         if self.mount_flight is not None:
-            return ("wait", self.mount_flight)
-        self.mount_flight = ThreadingFuture()
+            return Await(self.mount_flight)
+        self.mount_flight = Future()
         own = self.mount_snapshot_id == self.snapshot_id
         view = not self.mutable and own
-        return ("do", self.mount_snapshot_id, view, self.snapshot_id)
+        return MountPlan(self.mount_snapshot_id, view, self.snapshot_id)
 
-    def _on_mount_end(self, mounts: tuple[Mount, ...] | None, error: BaseException | None) -> None:
+    @handles(MountEnd)
+    def _mount_end(self, m: MountEnd) -> None:
         flight, self.mount_flight = self.mount_flight, None
-        if error is None and mounts is not None:
+        mounts = m.mounts
+        if m.error is None and mounts is not None:
             if not self.mutable and self.mount_snapshot_id == self.snapshot_id:
                 self.had_view = True
             if not self.settled or self.mutable:
                 self.mounts = mounts
         if flight is not None:
-            if error is not None:
-                flight.set_exception(exc_info=(type(error), error, error.__traceback__))
+            if m.error is not None:
+                flight.set_exception(m.error)
             else:
-                flight.set(mounts)
+                flight.set_result(mounts or ())
 
     # -- size -------------------------------------------------------------------------------
 
-    def _on_size_begin(self) -> tuple[Any, ...]:
-        """Returns ``("known", size)``, ``("wait", future)`` or
-        ``("do", snapshot, own snapshot, generation)``."""
+    @handles(SizeBegin)
+    def _size_begin(self, m: SizeBegin) -> KnownSize | Await[int] | SizePlan:
+        """The size if known, the flight measuring it, or a plan to measure it."""
         if self.size != SIZE_UNKNOWN and not self.mutable:
-            return ("known", self.size)
+            return KnownSize(self.size)
         if self.size_flight is not None:
-            return ("wait", self.size_flight)
-        self.size_flight = ThreadingFuture()
-        return ("do", self.mount_snapshot_id, self.snapshot_id, self.size_generation)
+            return Await(self.size_flight)
+        self.size_flight = Future()
+        return SizePlan(self.mount_snapshot_id, self.snapshot_id, self.size_generation)
 
-    def _on_size_end(
-        self,
-        size: int | None,
-        error: BaseException | None,
-        generation: int = -1,
-        cacheable: bool = True,
-    ) -> None:
+    @handles(SizeEnd)
+    def _size_end(self, m: SizeEnd) -> None:
         """Ends a size flight.
 
         ``size`` is ``None`` when the snapshot does not exist (counted 0). A size is cached
@@ -285,40 +317,45 @@ class CacheRecord(PooledActor):
         owns the size (table and metadata), hears of it before the waiters get it.
         """
         flight, self.size_flight = self.size_flight, None
-        cache = cacheable and generation in (-1, self.size_generation)
-        if error is None and size is not None and cache and not self.mutable:
+        size = m.size
+        cache = m.cacheable and m.generation in (-1, self.size_generation)
+        if m.error is None and size is not None and cache and not self.mutable:
             self.size = size
-            self._tell_manager(("sized", self.id, size, self.size_generation))
+            self._tell_manager(RecordSized(self.id, size, self.size_generation))
         if flight is not None:
-            if error is not None:
-                flight.set_exception(exc_info=(type(error), error, error.__traceback__))
+            if m.error is not None:
+                flight.set_exception(m.error)
             else:
-                flight.set(0 if size is None else size)
+                flight.set_result(0 if size is None else size)
 
-    def _on_size_reset(self, generation: int) -> None:
+    @handles(ForgetSize)
+    def _forget_size(self, m: ForgetSize) -> None:
         """The size is unknown again (BuildKit ``queueSize(sizeUnknown)``)."""
         self.size = SIZE_UNKNOWN
-        self.size_generation = generation
+        self.size_generation = m.generation
 
-    def _on_size_known(self, size: int, generation: int) -> None:
+    @handles(LearnSize)
+    def _learn_size(self, m: LearnSize) -> None:
         """The manager learned the size elsewhere (a disk usage measurement, the twin)."""
-        if generation == self.size_generation:
-            self.size = size
+        if m.generation == self.size_generation:
+            self.size = m.size
 
     # -- metadata ---------------------------------------------------------------------------
 
-    def _on_md_get(self, key: str) -> Any:
+    @handles(ReadMetadata)
+    def _read_metadata(self, m: ReadMetadata) -> Any:
         # Read the stored value now: other writers (the manager's policy and finalize
         # updates, the statistics writer, _persist) write through their own items, so a
         # cached item would go stale (a setter followed by a getter read the old value).
-        return self.core.store.get(self.id).get(key)
+        return self.core.store.get(self.id).get(m.key)
 
-    def _on_md_set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None) -> Any:
-        """Validates ``values`` and returns a future that completes once they are durable."""
+    @handles(WriteMetadata)
+    def _write_metadata(self, m: WriteMetadata) -> Future[None]:
+        """Validates the values and returns a future that completes once they are durable."""
         self._check_alive()
         # Validates first, without I/O: bad input changes nothing.
-        StorageItem(self.core.store, self.id, None).queue_many(values, indexes)
-        return self.core.submit(self._persist, dict(values), dict(indexes or {}))
+        StorageItem(self.core.store, self.id, None).queue_many(m.values, m.indexes)
+        return self.core.submit(self._persist, dict(m.values), dict(m.indexes or {}))
 
     def _persist(self, values: dict[str, Any], indexes: dict[str, str]) -> None:
         # Runs on the I/O executor, not on the record actor: only the store is touched.
@@ -328,3 +365,6 @@ class CacheRecord(PooledActor):
             raise NotFoundError(msg)
         item.queue_many(values, indexes)
         item.commit()
+
+
+CacheRecord._handlers = handler_table(CacheRecord)

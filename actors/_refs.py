@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pykka
 
@@ -52,7 +52,33 @@ from ._blobs import (
     merge_handlers,
     snapshot_usage,
 )
-from ._core import CacheCore, ask, get_result
+from ._core import CacheCore, get_result
+from ._entry import mirrored
+from ._messages import (
+    ActorOf,
+    AncestorsOf,
+    CloneRecord,
+    Commit,
+    InfoOf,
+    LayerChain,
+    MetadataChanged,
+    SetPolicy,
+    SizeInputs,
+    Unreferenced,
+)
+from ._protocol import Await, Message, ask
+from ._record_messages import (
+    CachedMounts,
+    CloneHandle,
+    KnownSize,
+    MountBegin,
+    MountEnd,
+    ReadMetadata,
+    Release,
+    SizeBegin,
+    SizeEnd,
+    WriteMetadata,
+)
 from ._remote import file_list, finalize_record, get_remotes
 from ._types import DescHandler
 
@@ -74,6 +100,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 #: Times a handle re-asks the manager for its record's actor when it finds it passivated.
 _REACTIVATIONS = 3
@@ -141,15 +169,16 @@ class RefMetadata:
         return key
 
     def _get(self, key: str) -> Any:
-        return self._ref._ask_record(("md_get", key), "read metadata")
+        return self._ref._ask_record(ReadMetadata(key), "read metadata")
 
     def _set(self, values: Mapping[str, Any], indexes: Mapping[str, str] | None = None) -> None:
-        result = self._ref._ask_record(("md_set", dict(values), indexes), "write metadata")
+        message = WriteMetadata(frozen_map(values), frozen_map(indexes) if indexes else None)
+        result = self._ref._ask_record(message, "write metadata")
         get_result(result, self._ref._core.timeout, f"metadata write of {self._ref.id!r}")
         # The manager's table mirrors a few keys (description, record type, creation time)
         # for disk usage, prune filters and info(): BuildKit's in-memory metadata sees a
         # setter at once, so the table must too.
-        self._ref._core.ask_manager(("md_changed", self._ref.id, dict(values)))
+        self._ref._core.ask_manager(MetadataChanged(self._ref.id, mirrored(values)))
 
     def get_string(self, key: str) -> str:
         """Returns the string stored under ``key`` (``""`` when unset).
@@ -291,7 +320,7 @@ class RefMetadata:
             msg = f"cache policy of record {self._ref.id!r} must be 'default' or 'retain'"
             raise InvalidError(msg)
         self._ref._check_usable("set the cache policy")
-        self._ref._core.ask_manager(("set_policy", self._ref.id, value == "retain"))
+        self._ref._core.ask_manager(SetPolicy(self._ref.id, value == "retain"))
 
 
 class _Ref:
@@ -364,18 +393,18 @@ class _Ref:
             msg = f"cannot {what}: ref {self._id!r} was released"
             raise InvalidError(msg)
 
-    def _ask_record(self, message: tuple[Any, ...], what: str) -> Any:
+    def _ask_record(self, message: Message[R], what: str) -> R:
         self._check_usable(what)
         return self._ask_actor(message, what)
 
-    def _ask_actor(self, message: tuple[Any, ...], what: str) -> Any:
+    def _ask_actor(self, message: Message[R], what: str) -> R:
         for _ in range(_REACTIVATIONS):
             try:
                 return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
             except pykka.ActorDeadError:
                 # Passivated: the manager reactivates the record and tells us its new actor
                 # (ClosedError once the manager has stopped: the cache is closing).
-                self._actor = self._core.ask_manager(("actor_of", self._id))
+                self._actor = self._core.ask_manager(ActorOf(self._id))
         try:
             return ask(self._actor, message, self._core.timeout, f"{what} on {self._id!r}")
         except pykka.ActorDeadError as exc:
@@ -400,17 +429,17 @@ class _Ref:
             self._core.check_open(f"release ref {self._id!r}")
             self._released = True
         with self._core.timed("release"):
-            found, manager_needed = self._ask_actor(("release", self._hid), "release")
+            found, manager_needed = self._ask_actor(Release(self._hid), "release")
             if not found:
                 self._core.count_double_release()
                 return
             if manager_needed:
-                self._core.ask_manager(("unreferenced", self._id))
+                self._core.ask_manager(Unreferenced(self._id))
 
     def info(self) -> RecordInfo:
         """Everything known about the record."""
         self._check_usable("read info")
-        return self._core.ask_manager(("info", self._id))
+        return self._core.ask_manager(InfoOf(self._id))
 
     def mount(self, readonly: bool = True) -> Mountable:
         """The record's mounts (see :class:`Mountable`)."""
@@ -418,12 +447,15 @@ class _Ref:
 
     def _mounts(self, what: str) -> tuple[Mount, ...]:
         """Mount cache with single flight: the first caller does the work in its thread."""
-        plan = self._ask_record(("mount_begin",), what)
-        if plan[0] == "cached":
-            return plan[1]
-        if plan[0] == "wait":
-            return get_result(plan[1], self._core.timeout, f"mount of {self._id!r}")
-        _, snapshot_id, view, own = plan
+        plan = self._ask_record(MountBegin(), what)
+        if isinstance(plan, CachedMounts):
+            return plan.mounts
+        if isinstance(plan, Await):
+            mounted: tuple[Mount, ...] = get_result(
+                plan.future, self._core.timeout, f"mount of {self._id!r}"
+            )
+            return mounted
+        snapshot_id, view, own = plan.snapshot_id, plan.view, plan.own
         try:
             try:
                 mounts = tuple(self._make_mounts(snapshot_id, view))
@@ -436,9 +468,9 @@ class _Ref:
                 finalize_record(self._core, self._id)
                 mounts = tuple(self._make_mounts(own, True))
         except BaseException as exc:
-            self._ask_actor(("mount_end", None, exc), what)
+            self._ask_actor(MountEnd(None, exc), what)
             raise
-        self._ask_actor(("mount_end", mounts, None), what)
+        self._ask_actor(MountEnd(mounts, None), what)
         return mounts
 
     def _make_mounts(self, snapshot_id: str, view: bool) -> list[Mount]:
@@ -478,13 +510,15 @@ class ImmutableRef(_Ref):
             self._check_usable("clone")
         with self._core.timed("clone"):
             try:
-                hid = ask(self._actor, ("clone", self._hid), self._core.timeout, "clone")
+                hid = ask(self._actor, CloneHandle(self._hid), self._core.timeout, "clone")
             except pykka.ActorDeadError:
                 hid = None
             if hid is not None:
                 return ImmutableRef(self._core, self._id, hid, self._actor, self._desc_handlers)
-            record_id, hid, actor = self._core.ask_manager(("clone", self._id))
-            return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
+            grant = self._core.ask_manager(CloneRecord(self._id))
+            return ImmutableRef(
+                self._core, grant.record_id, grant.handle_id, grant.actor, self._desc_handlers
+            )
 
     def finalize(self) -> None:
         """Commits the snapshot of an equal pair (lazy commit); a no-op otherwise."""
@@ -538,15 +572,19 @@ class ImmutableRef(_Ref):
     def layer_chain(self) -> RefList:
         """Clones of the refs forming the layer chain, root first; release the list."""
         self._check_usable("layer_chain")
-        ids: list[str] = self._core.ask_manager(("layer_chain", self._id))
+        ids = self._core.ask_manager(LayerChain(self._id))
         refs = RefList()
         try:
             for record_id in ids:
                 if record_id == self._id:
                     refs.append(self.clone())
                 else:
-                    rid, hid, actor = self._core.ask_manager(("clone", record_id))
-                    refs.append(ImmutableRef(self._core, rid, hid, actor, self._desc_handlers))
+                    g = self._core.ask_manager(CloneRecord(record_id))
+                    refs.append(
+                        ImmutableRef(
+                            self._core, g.record_id, g.handle_id, g.actor, self._desc_handlers
+                        )
+                    )
         except BaseException:
             refs.release()
             raise
@@ -555,7 +593,8 @@ class ImmutableRef(_Ref):
     def walk_ancestors(self) -> list[str]:
         """Ids of the record and every ancestor, depth first (BuildKit ``walkAncestors``)."""
         self._check_usable("walk ancestors")
-        return self._core.ask_manager(("ancestors", self._id))
+        ids = self._core.ask_manager(AncestorsOf(self._id))
+        return list(ids)
 
     def get_remotes(
         self,
@@ -624,12 +663,14 @@ class MutableRef(_Ref):
             self._consumed = True
         try:
             with self._core.timed("commit"):
-                record_id, hid, actor = self._core.ask_manager(("commit", self._id, self._hid))
+                grant = self._core.ask_manager(Commit(self._id, self._hid))
         except BaseException:
             with self._lock:
                 self._consumed = False
             raise
-        return ImmutableRef(self._core, record_id, hid, actor, self._desc_handlers)
+        return ImmutableRef(
+            self._core, grant.record_id, grant.handle_id, grant.actor, self._desc_handlers
+        )
 
     def mount(self, readonly: bool = False) -> Mountable:
         """Mounts the active snapshot (read-only when asked).
@@ -720,14 +761,14 @@ def _check_mount_paths(record_id: str, mounts: Iterable[Mount]) -> None:
 def compute_size(ref: _Ref, core: CacheCore) -> int:
     """The record's size (BuildKit ``size()``): snapshot usage unless blob-only, plus its
     blob and every compression variant; computed here, cached by the record actor."""
-    plan = ref._ask_record(("size_begin",), "size")
-    if plan[0] == "known":
-        return int(plan[1])
-    if plan[0] == "wait":
-        return int(get_result(plan[1], core.timeout, f"size of {ref.id!r}"))
-    _, snapshot_id, own, generation = plan
+    plan = ref._ask_record(SizeBegin(), "size")
+    if isinstance(plan, KnownSize):
+        return plan.size
+    if isinstance(plan, Await):
+        return int(get_result(plan.future, core.timeout, f"size of {ref.id!r}"))
+    snapshot_id, own, generation = plan.snapshot_id, plan.own, plan.generation
     try:
-        blob, blob_only = core.ask_manager(("size_inputs", ref.id))
+        blob, blob_only = core.ask_manager(SizeInputs(ref.id))
         size, cacheable = measure_record(core, snapshot_id, blob, blob_only)
         if not cacheable and snapshot_id != own:
             # The equal mutable's snapshot was committed by a concurrent finalize: measure
@@ -735,9 +776,9 @@ def compute_size(ref: _Ref, core: CacheCore) -> int:
             finalize_record(core, ref.id)
             size, cacheable = measure_record(core, own, blob, blob_only)
     except BaseException as exc:
-        ref._ask_actor(("size_end", None, exc, generation), "size")
+        ref._ask_actor(SizeEnd(None, exc, generation), "size")
         raise
     # A missing snapshot (a merge or diff not extracted yet) counts 0 but is not cached:
     # extraction would otherwise leave the record at size 0 for ever.
-    ref._ask_actor(("size_end", size, None, generation, cacheable), "size")
+    ref._ask_actor(SizeEnd(size, None, generation, cacheable), "size")
     return size

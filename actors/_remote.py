@@ -60,6 +60,8 @@ from ._blobs import (
     write_layer,
 )
 from ._core import CacheCore, get_result
+from ._messages import ChainMetadata, FinalizeBegin, FinalizeEnd, LayerChain, SetBlob
+from ._protocol import Await
 from ._types import DescHandler, Remote
 
 __all__ = [
@@ -85,13 +87,13 @@ def finalize_record(core: CacheCore, record_id: str) -> None:
     a plan; the snapshot commit and the lease run here; the manager then removes the mutable.
     Concurrent callers share one finalize (the manager returns the same future).
     """
-    plan = core.ask_manager(("finalize_begin", record_id))
+    plan = core.ask_manager(FinalizeBegin(record_id))
     if plan is None:
         return
-    if plan[0] == "wait":
-        get_result(plan[1], core.timeout, f"finalize of {record_id!r}")
+    if isinstance(plan, Await):
+        get_result(plan.future, core.timeout, f"finalize of {record_id!r}")
         return
-    _, snapshot_id, mutable_snapshot_id = plan
+    snapshot_id, mutable_snapshot_id = plan.snapshot_id, plan.mutable_snapshot_id
     error: BaseException | None = None
     created = False
     try:
@@ -119,7 +121,7 @@ def finalize_record(core: CacheCore, record_id: str) -> None:
         core.store.get(record_id).set(KEY_EQUAL_MUTABLE, None)
     except BaseException as exc:
         error = exc
-    core.ask_manager(("finalize_end", record_id, error))
+    core.ask_manager(FinalizeEnd(record_id, error))
     if error is not None:
         raise error
 
@@ -161,7 +163,7 @@ def set_blob(core: CacheCore, record_id: str, desc: Descriptor) -> None:
     diff_id_of(desc)
     core.content.info(desc.digest)
     finalize_record(core, record_id)
-    core.ask_manager(("set_blob", record_id, desc))
+    core.ask_manager(SetBlob(record_id, desc))
     node = node_of(core, record_id)
     link_blob(core, record_id, node.blob, desc)
 
@@ -173,7 +175,7 @@ def compute_chain_metadata(core: CacheCore, record_id: str, layers: Iterable[str
     do not contribute. Writes ``cache.chainID`` and ``cache.blobChainID`` with their
     ``chainid:``/``blobchainid:`` index entries; a record that has them keeps them.
     """
-    core.ask_manager(("chain_metadata", record_id, frozenset(layers)))
+    core.ask_manager(ChainMetadata(record_id, frozenset(layers)))
 
 
 # -- blob chains ----------------------------------------------------------------------------
@@ -233,8 +235,10 @@ def compute_blob_chain(
     if not create_if_needed and not node_of(core, record_id).finalized:
         return
     finalize_record(core, record_id)
-    layers = frozenset(core.ask_manager(("layer_chain", record_id)))
-    _compute_blob_chain(core, record_id, create_if_needed, compression, force, handlers, layers)
+    chain = core.ask_manager(LayerChain(record_id))
+    _compute_blob_chain(
+        core, record_id, create_if_needed, compression, force, handlers, frozenset(chain)
+    )
 
 
 def _compute_blob_chain(
@@ -426,7 +430,7 @@ def _main_remote(
         force=force,
         handlers=handlers,
     )
-    chain: list[str] = core.ask_manager(("layer_chain", record_id))
+    chain = core.ask_manager(LayerChain(record_id))
     descs: list[Descriptor] = []
     lazy: dict[str, _LazyBlob] = {}
     for rid in chain:

@@ -20,10 +20,14 @@ __all__ = [
     "RecordInfo",
     "RecordKind",
     "Remote",
+    "SIZE_UNKNOWN",
     "UsageInfo",
 ]
 
 RecordKind = Literal["base", "layer", "merge", "diff"]
+
+#: The size of a record while it is not measured (``RecordInfo.size``, ``UsageInfo.size``).
+SIZE_UNKNOWN = -1
 
 
 @dataclass(frozen=True, slots=True)

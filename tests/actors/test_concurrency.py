@@ -28,6 +28,8 @@ from refcache.actors import (
     NotFoundError,
     open_cache,
 )
+from refcache.actors._messages import Unreferenced
+from refcache.actors._record_messages import Release
 
 from refcache import storage
 
@@ -419,12 +421,12 @@ class TestInterleavings:
         self, cache: Cache
     ) -> None:
         m = cache.manager.new().get(timeout=WAIT)  # default policy: removed on release
-        found, last = m._ask_actor(("release", m._hid), "release")  # step 1
+        found, last = m._ask_actor(Release(m._hid), "release")  # step 1
         assert (found, last) == (True, True)
         m._released = True
         twin = cache.manager.get(m.id).get(timeout=WAIT)  # implicit commit of the idle mutable
         assert twin.info().equal_mutable == m.id
-        cache._core.ask_manager(("unreferenced", m.id))  # step 2, late
+        cache._core.ask_manager(Unreferenced(m.id))  # step 2, late
         assert twin.info().equal_mutable == m.id  # still there: it is held
         with twin.mount().local() as path:
             assert path.is_dir()

@@ -20,15 +20,9 @@ from typing import Any
 import pytest
 from refcache.actors import Cache, ImmutableRef, MutableRef, PrunePolicy, open_cache
 from refcache.actors._offline import offline_usage
-from refcache.actors._prune import (
-    TableRow,
-    compute_usage,
-    in_use_ids,
-    layer_digest_chain,
-    layer_walk,
-    measure_row,
-    visible_ids,
-)
+from refcache.actors._rows import TableRow
+from refcache.actors._usage import compute_usage, in_use_ids, measure_row, visible_ids
+from refcache.actors._walk import layer_digest_chain, layer_walk
 from refcache.storage import (
     KEY_BLOB,
     KEY_COMMITTED,

@@ -25,14 +25,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from refcache.actors import Cache, ImmutableRef, PrunePolicy
-from refcache.actors._prune import (
-    GcRanking,
-    PrunePlanner,
-    TableRow,
-    simulate_prune,
-    simulate_removal,
-    size_limit,
-)
+from refcache.actors._gcorder import GcRanking
+from refcache.actors._planning import PrunePlanner, simulate_prune, simulate_removal, size_limit
+from refcache.actors._rows import TableRow
 from refcache.storage import KEY_LAST_USED_AT, KEY_USAGE_COUNT, MetadataStore, MetaEnv
 
 WAIT = 30.0

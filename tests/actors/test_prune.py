@@ -26,6 +26,7 @@ import pykka
 import pytest
 from refcache.actors import (
     Cache,
+    CacheListener,
     ImmutableRef,
     InvalidError,
     MutableRef,
@@ -35,8 +36,9 @@ from refcache.actors import (
     open_cache,
 )
 from refcache.actors._entry import new_id
+from refcache.actors._gcorder import delete_order
 from refcache.actors._offline import offline_prune_plan
-from refcache.actors._prune import CacheListener, calculate_keep_bytes, delete_order
+from refcache.actors._planning import calculate_keep_bytes
 from refcache.storage import (
     KEY_BLOB,
     KEY_COMMITTED,
@@ -598,7 +600,7 @@ class TestInterruptedPrune:
         doomed_parent = layer(cache, data="p")
         doomed_child = layer(cache, doomed_parent, data="c")
         released(kept, doomed_parent, doomed_child)
-        # What prune_mark + the first transaction leave behind when the process dies.
+        # What PruneMark + the first transaction leave behind when the process dies.
         for rid in (doomed_child.id, doomed_parent.id):
             cache.metadata.get(rid).set(KEY_DELETED, True)
         cache.close()

@@ -38,6 +38,7 @@ from refcache.actors._blobs import (
     link_blob,
     needs_conversion,
 )
+from refcache.actors._messages import NodeOf
 from refcache.actors._remote import blob_with_compression_of
 from refcache.storage import Descriptor, digest_of
 from refcache.storage._archive import compressed_writer, decompressed_stream
@@ -263,16 +264,16 @@ def sharing_case(
     core = cache._core
     for c in every:
         for ref in (a_ref, b_ref):
-            desc = blob_with_compression_of(core, core.ask_manager(("node", ref.id)), c)
+            desc = blob_with_compression_of(core, core.ask_manager(NodeOf(ref.id)), c)
             assert desc.media_type == MEDIA[c], (c, desc)
     if check_prune and a_ref.id != b_ref.id:
         a_ref.release()
         assert prune(cache, PrunePolicy(all=True)) == [a_ref.id]
         check_disk_usage(cache, 1, 0)
         for c in every:
-            blob_with_compression_of(core, core.ask_manager(("node", b_ref.id)), c)
+            blob_with_compression_of(core, core.ask_manager(NodeOf(b_ref.id)), c)
     for c in every:
-        desc = blob_with_compression_of(core, core.ask_manager(("node", b_ref.id)), c)
+        desc = blob_with_compression_of(core, core.ask_manager(NodeOf(b_ref.id)), c)
         assert uncompressed_of(cache, desc.digest) == raw
     if not a_ref.released:
         a_ref.release()
@@ -442,7 +443,7 @@ class TestGetRemotes:
                             while len(per) <= i:
                                 per.append({})
                             per[i][compression] = desc
-                        node = cache._core.ask_manager(("node", chain[i].id))
+                        node = cache._core.ask_manager(NodeOf(chain[i].id))
                         lazy_now = node.blob_only and not cache.content.exists(node.blob)
                         if needs_conversion(desc, compression):
                             assert not lazy_now

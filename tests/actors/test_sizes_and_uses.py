@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from refcache.actors import Cache, ImmutableRef, MutableRef, PrunePolicy, UsageInfo, open_cache
+from refcache.actors._messages import KnownSizes
 from refcache.actors._offline import inspect_record, offline_usage
 from refcache.metrics import CacheCollector
 from refcache.storage import KEY_SIZE, MetadataStore
@@ -225,8 +226,8 @@ class TestSizes:
         # A measurement that began before the mutable was taken again arrives late.
         again = cache.manager.get_mutable(scratch.id).get(timeout=WAIT)
         generation = 0  # the generation the first disk usage read
-        taken = cache._core.ask_manager(("known_sizes", {scratch.id: (old.size, generation)}))
-        assert taken == []
+        taken = cache._core.ask_manager(KnownSizes({scratch.id: (old.size, generation)}))
+        assert taken == ()
         again.release()
         assert cache.manager.statistics().get(timeout=WAIT).records_detail[0][2] == -1
 
