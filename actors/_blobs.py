@@ -45,9 +45,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final, cast
+from typing import BinaryIO, Final
 
 from ..storage import (
     ANNOTATION_UNCOMPRESSED,
@@ -67,6 +66,7 @@ from ..storage import (
     DiffIDMismatchError,
     FailedPreconditionError,
     InvalidError,
+    LayerBlobWriter,
     LmdbLeaseManager,
     LocalContentStore,
     MetaEnv,
@@ -76,8 +76,9 @@ from ..storage import (
     RefcacheError,
     Resource,
     WriteTxn,
-    compressed_writer,
+    check_compression,
     decompressed_stream,
+    format_rfc3339_ns,
     frozen_map,
     local_mount,
     validate_digest,
@@ -213,20 +214,6 @@ def diff_id_of(desc: Descriptor) -> str:
     return validate_digest(value, what=f"diffID of blob {desc.digest}")
 
 
-def check_compression(value: object) -> str:
-    """Returns ``value`` if it names a supported compression.
-
-    Raises:
-        InvalidError: anything else (``"estargz"`` is out of scope here).
-    """
-    if not isinstance(value, str) or value not in COMPRESSIONS:
-        msg = f"unknown compression {value!r}: expected one of {', '.join(COMPRESSIONS)}"
-        if value == "estargz":
-            msg += " (estargz needs a stargz snapshotter, which refcache does not have)"
-        raise InvalidError(msg)
-    return value
-
-
 def media_type_compression(media_type: str) -> str | None:
     """The compression of a layer media type, or ``None`` for anything but a known layer."""
     return _LAYER_COMPRESSION.get(media_type)
@@ -278,15 +265,6 @@ def filter_annotations_for_save(annotations: Mapping[str, str] | None) -> dict[s
     if not annotations:
         return {}
     return {k: annotations[k] for k in _SAVED_ANNOTATIONS if k in annotations}
-
-
-def format_created_at(ns: int) -> str:
-    """Go's ``time.MarshalText`` (RFC 3339 with trimmed nanoseconds) of a UTC timestamp."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    if nanos:
-        text += "." + f"{nanos:09d}".rstrip("0")
-    return text + "Z"
 
 
 def check_handlers(value: object, *, what: str = "desc_handlers") -> Mapping[str, DescHandler]:
@@ -387,7 +365,7 @@ def oci_desc(
     if node.diff_id:
         annotations[ANNOTATION_UNCOMPRESSED] = node.diff_id
     if created_at:
-        annotations[ANNOTATION_CREATED_AT] = format_created_at(created_at)
+        annotations[ANNOTATION_CREATED_AT] = format_rfc3339_ns(created_at)
     return Descriptor(media_type, node.blob, max(size, -1), annotations, desc_urls)
 
 
@@ -550,31 +528,6 @@ class BlobLease:
         self.leases.add_resource(self.lease_id, Resource(digest, RESOURCE_CONTENT), txn=txn)
 
 
-class _HashingWriter:
-    """Hashes (sha256) and counts what passes through to ``sink``."""
-
-    def __init__(self, sink: Any) -> None:
-        self._sink = sink
-        self._hash = hashlib.sha256()
-        self.count = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._hash.update(data)
-        self.count += len(data)
-        self._sink.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        """Nothing is buffered here (compressors and tarfile call this)."""
-
-    def tell(self) -> int:
-        return self.count
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
-
-
 def _write_blob_stream(
     content: LocalContentStore,
     produce: Callable[[BinaryIO], None],
@@ -590,46 +543,17 @@ def _write_blob_stream(
     ingest is removed. With ``source`` (a conversion), the diffID must be the one ``source``
     claims, or nothing is committed (:class:`DiffIDMismatchError`).
     """
-    ref = f"refcache-{what}-{uuid.uuid4().hex}"
-    writer = content.writer(ref)
-    committed = False
-    try:
-        compressed = _HashingWriter(writer)
-        sink = compressed_writer(cast(BinaryIO, compressed), compression)
-        uncompressed = _HashingWriter(sink)
-        produce(cast(BinaryIO, uncompressed))
-        sink.close()
-        digest, size, diff_id = compressed.digest, compressed.count, uncompressed.digest
+    with LayerBlobWriter(content, compression, what=what) as blob:
+        produce(blob.stream)
+        digest, _size, diff_id = blob.finish()
         claimed = source.annotations.get(ANNOTATION_UNCOMPRESSED) if source else None
         if source is not None and claimed is not None and claimed != diff_id:
             raise DiffIDMismatchError(source.digest, claimed, diff_id)
-        labels = {ANNOTATION_UNCOMPRESSED: diff_id}
         if lease is None:
-            try:
-                writer.commit(size, digest, labels=labels)
-            except AlreadyExistsError:
-                _merge_labels(content, digest, labels, None)
-        else:
-            with lease.env.write_txn() as txn:
-                lease.hold(txn, digest)
-                try:
-                    writer.commit(size, digest, labels=labels, txn=txn)
-                except AlreadyExistsError:
-                    # containerd: AlreadyExists is success; the labels join the old blob.
-                    _merge_labels(content, digest, labels, txn)
-        committed = True
-    finally:
-        if not committed:
-            writer.close()
-            with contextlib.suppress(NotFoundError):
-                content.abort(ref)
-    return digest, size, diff_id
-
-
-def _merge_labels(
-    content: LocalContentStore, digest: str, labels: Mapping[str, str], txn: WriteTxn | None
-) -> None:
-    content.update(ContentInfo(digest, 0, labels), *(f"labels.{k}" for k in labels), txn=txn)
+            return blob.commit()
+        with lease.env.write_txn() as txn:
+            lease.hold(txn, digest)
+            return blob.commit(txn=txn)
 
 
 def convert_blob(

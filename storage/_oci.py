@@ -55,6 +55,7 @@ __all__ = [
     "build_index",
     "build_manifest",
     "canonical_json",
+    "format_rfc3339_ns",
     "parse_image",
     "parse_manifest",
     "parse_target",
@@ -278,7 +279,9 @@ class LayerMeta:
     created_at: int = 0
 
 
-def _rfc3339(ns: int) -> str:
+def format_rfc3339_ns(ns: int) -> str:
+    """Go's ``time.MarshalText`` of a UTC time in nanoseconds since the epoch (RFC 3339,
+    fraction with trailing zeros trimmed), as images record creation times."""
     from datetime import UTC, datetime  # noqa: PLC0415 (only when a document is built)
 
     seconds, nanos = divmod(ns, 1_000_000_000)
@@ -333,7 +336,7 @@ def build_config(
     for meta in metas:
         entry: dict[str, Any] = {}
         if meta.created_at:
-            entry["created"] = _rfc3339(meta.created_at)
+            entry["created"] = format_rfc3339_ns(meta.created_at)
         if meta.description:
             entry["created_by"] = meta.description
         entry["comment"] = "refcache layer record"
@@ -347,7 +350,7 @@ def build_config(
         "config": {"Labels": labels} if labels else {},
     }
     if top.created_at:
-        doc["created"] = _rfc3339(top.created_at)
+        doc["created"] = format_rfc3339_ns(top.created_at)
     data = canonical_json(doc)
     return Descriptor(MEDIA_TYPE_OCI_CONFIG, _digest(data), len(data)), data
 
@@ -377,7 +380,7 @@ def build_manifest(
         }
         annotations.update(_record_annotations(meta))
         if meta.created_at and ANNOTATION_CREATED_AT not in annotations:
-            annotations[ANNOTATION_CREATED_AT] = _rfc3339(meta.created_at)
+            annotations[ANNOTATION_CREATED_AT] = format_rfc3339_ns(meta.created_at)
         layer_docs.append(
             descriptor_json(
                 Descriptor(desc.media_type, desc.digest, desc.size, annotations, desc.urls)
@@ -385,7 +388,7 @@ def build_manifest(
         )
     annotations = {ANNOTATION_NAME: name, **_record_annotations(top)}
     if top.created_at:
-        annotations[ANNOTATION_CREATED] = _rfc3339(top.created_at)
+        annotations[ANNOTATION_CREATED] = format_rfc3339_ns(top.created_at)
     doc = {
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,

@@ -13,6 +13,7 @@ from refcache.storage._oci import (
     build_config,
     build_index,
     build_manifest,
+    format_rfc3339_ns,
     parse_image,
     parse_manifest,
     parse_rfc3339,
@@ -149,6 +150,20 @@ def test_rfc3339() -> None:
     assert parse_rfc3339("2023-11-14T22:13:20Z") == 1_700_000_000 * 10**9
     assert parse_rfc3339("2023-11-14T22:13:20.5+00:00") == 1_700_000_000 * 10**9 + 5 * 10**8
     assert parse_rfc3339("yesterday") == 0
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (1_700_000_000 * 10**9, "2023-11-14T22:13:20Z"),
+        (1_700_000_000 * 10**9 + 5 * 10**8, "2023-11-14T22:13:20.5Z"),
+        (1_700_000_000 * 10**9 + 1, "2023-11-14T22:13:20.000000001Z"),
+    ],
+)
+def test_creation_times_format_like_go_and_parse_back(ns: int, text: str) -> None:
+    # Go's time.MarshalText: the fraction keeps nanoseconds with trailing zeros trimmed.
+    assert format_rfc3339_ns(ns) == text
+    assert parse_rfc3339(text) == ns
 
 
 def test_docker_config_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
