@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypedDict
 
 from ..storage import InvalidError, LockedError, NotFoundError, parse_target
 from ._blobs import COMPRESSIONS
@@ -105,6 +105,26 @@ class _ProgressLine:
             self.out.flush()
 
 
+class _Connection(TypedDict):
+    """How push and pull reach the registry: the options :func:`_common` adds."""
+
+    credentials: tuple[str, str] | None
+    ca_file: Path | None
+    insecure: bool
+    docker_config: Path | None
+
+
+def _connection(args: argparse.Namespace) -> _Connection:
+    """The keywords of :meth:`Cache.push`/``pull`` from the command line (the password is
+    read here, once)."""
+    return _Connection(
+        credentials=_credentials(args),
+        ca_file=args.ca_file,
+        insecure=args.insecure,
+        docker_config=args.docker_config,
+    )
+
+
 def _credentials(args: argparse.Namespace) -> tuple[str, str] | None:
     if not args.username:
         if args.password_stdin:
@@ -164,7 +184,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     # Everything is checked before the cache is opened: a bad value changes nothing.
     _check_target(args.target, what="target")
     pairs = _parse_pairs(args.records)
-    credentials = _credentials(args)
+    connection = _connection(args)
     existing_cache(args.root)
     with _open(args.root, "push") as cache:
         rows = cache.manager.disk_usage().get(timeout=CLI_TIMEOUT)
@@ -186,11 +206,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
                 refs,
                 compression=args.compression,
                 force_compression=args.force_compression,
-                credentials=credentials,
-                ca_file=args.ca_file,
-                insecure=args.insecure,
-                docker_config=args.docker_config,
                 progress=progress,
+                **connection,
             )
             progress.finish()
             ids = {name: ref.id for name, ref in refs.items()}
@@ -220,7 +237,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     _check_target(args.source, what="source", allow_digest=True)
-    credentials = _credentials(args)
+    connection = _connection(args)
     started = time.monotonic()
     with _open(args.root, "pull") as cache:
         progress = _ProgressLine("pull", sys.stderr)
@@ -228,11 +245,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             args.source,
             fetch=True,
             extract=args.extract,
-            credentials=credentials,
-            ca_file=args.ca_file,
-            insecure=args.insecure,
-            docker_config=args.docker_config,
             progress=progress,
+            **connection,
         )
         progress.finish()
         try:

@@ -655,9 +655,7 @@ def pull(
             for ref in refs.values():
                 ref.extract()
         except BaseException:
-            for ref in refs.values():
-                with contextlib.suppress(RefcacheError):
-                    ref.release()
+            _release(refs.values())
             raise
     return refs
 
