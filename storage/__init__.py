@@ -4,21 +4,18 @@ Never imports pykka or ``actors``: everything here is plain, synchronous and thr
 """
 
 from ._applier import Applier, TarApplier, check_cap
-from ._archive import (
+from ._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE, ApplyResult, apply_tar
+from ._check import cache_in_use, check, open_snapshotter, repair
+from ._compression import (
     COMPRESSIONS,
-    MAX_LAYER_ENTRIES,
-    MAX_LAYER_SIZE,
-    ApplyResult,
-    apply_tar,
     check_compression,
     compressed_writer,
     decompressed_stream,
     detect_compression,
-    write_diff,
 )
-from ._check import cache_in_use, check, open_snapshotter, repair
 from ._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
 from ._differ import Differ, LayerBlobWriter, WalkingDiffer
+from ._difftar import write_diff
 from ._env import (
     DB_CONTENT,
     DB_EXTERNAL,

@@ -32,13 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from ._archive import (
-    MAX_LAYER_ENTRIES,
-    MAX_LAYER_SIZE,
-    LayerLimitError,
-    apply_tar,
-    decompressed_stream,
-)
+from ._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE, LayerLimitError, apply_tar
+from ._compression import decompressed_stream
 from ._content import ContentStore
 from ._errors import DiffIDMismatchError, FailedPreconditionError, InvalidError, RefcacheError
 from ._mount import is_overlay_mount, local_mount

@@ -1,7 +1,9 @@
-"""OCI layer tarballs: compression sniffing, a hardened applier and a walking differ.
+"""Applying OCI layer tarballs: a hardened, streaming tar applier.
 
 Pure file-system logic on directories and byte streams; it knows nothing about content
-stores, snapshotters or mounts (``_applier.py`` and ``_differ.py`` wrap it).
+stores, snapshotters or mounts (``_applier.py`` wraps it). Compression is
+``_compression.py``'s, the whiteout and PAX time conventions ``_layertar.py``'s, and the
+differ's tar writer (the other direction) is ``_difftar.py``.
 
 Applying (:func:`apply_tar`) mirrors containerd ``pkg/archive/tar.go`` ``applyNaive``: the
 (decompressed) tar is streamed entry by entry into a target directory, OCI whiteouts are
@@ -57,32 +59,24 @@ unknown entry type                                     ``InvalidError``
                                                        steer overlayfs (redirects, opaque)
 xattr the kernel refuses (EPERM/ENOTSUP)               skipped with a warning
 =====================================================  ========================================
-
-Diffing (:func:`write_diff`) is containerd's ``ChangeWriter`` over the change walk of
-``storage/_changes.py`` (continuity's ``fs.Changes``); see its docstring for where the
-output deviates from containerd's.
 """
 
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
-import io
 import logging
 import os
-import re
 import stat
 import tarfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Final, Literal, Protocol, cast
+from typing import IO, BinaryIO, Final, Protocol, cast
 
 import zstandard
 
-from ._changes import Change, ChangeWalk, LayerStack, TreeDir
 from ._errors import (
     FailedPreconditionError,
     InvalidError,
@@ -90,6 +84,13 @@ from ._errors import (
     StoreFullError,
 )
 from ._fscopy import OVERLAY_XATTR_PREFIXES, read_xattrs
+from ._layertar import (
+    TAR_BUFSIZE,
+    WHITEOUT_META_PREFIX,
+    WHITEOUT_OPAQUE,
+    WHITEOUT_PREFIX,
+    pax_time_ns,
+)
 from ._tree import (
     DirCursor,
     PathNode,
@@ -101,27 +102,15 @@ from ._tree import (
 )
 
 __all__ = [
-    "COMPRESSIONS",
     "MAX_ENTRY_SIZE",
     "MAX_LAYER_ENTRIES",
     "MAX_LAYER_SIZE",
-    "LayerLimitError",
     "ApplyResult",
-    "Compression",
+    "LayerLimitError",
     "apply_tar",
-    "check_compression",
-    "compressed_writer",
-    "decompressed_stream",
-    "detect_compression",
-    "write_diff",
 ]
 
 logger = logging.getLogger(__name__)
-
-Compression = Literal["uncompressed", "gzip", "zstd"]
-
-#: The compressions :func:`compressed_writer` and the differ accept.
-COMPRESSIONS: Final[tuple[str, ...]] = ("uncompressed", "gzip", "zstd")
 
 #: Default cap on one entry's size (1 TiB): larger headers are hostile or corrupt.
 MAX_ENTRY_SIZE: Final = 1 << 40
@@ -130,17 +119,8 @@ MAX_LAYER_SIZE: Final = 64 << 30
 #: Default cap on a layer's number of tar entries (10 million).
 MAX_LAYER_ENTRIES: Final = 10_000_000
 
-WHITEOUT_PREFIX: Final = ".wh."
-WHITEOUT_META_PREFIX: Final = ".wh..wh."
-WHITEOUT_OPAQUE: Final = ".wh..wh..opq"
-
-_GZIP_MAGIC: Final = b"\x1f\x8b\x08"
-_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _CHUNK: Final = 1 << 20
-# tarfile's stream buffer: its _Stream copies the leftover buffer on every read, so a large
-# value makes small-file archives quadratic; 64 KiB measured best here.
-_TAR_BUFSIZE: Final = 64 << 10
-_WINDOW: Final = 4 * _TAR_BUFSIZE
+_WINDOW: Final = 4 * TAR_BUFSIZE
 _MAX_SYMLINKS: Final = 255  # filepath-securejoin's limit
 # Parent directories kept open between entries (a bounded cache, whatever the depth).
 _FD_CACHE: Final = 64
@@ -148,15 +128,10 @@ _MAX_ID: Final = (1 << 32) - 2
 _NS: Final = 1_000_000_000
 _INT64_MAX: Final = (1 << 63) - 1
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_PAX_TIME_RE: Final = re.compile(r"^(-?)(\d+)(?:\.(\d*))?$")
 
 
 class _Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes | None: ...
-
-
-class _Writable(Protocol):
-    def write(self, data: bytes, /) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,159 +145,6 @@ class ApplyResult:
 
     diff_id: str
     size: int
-
-
-# --------------------------------------------------------------------------------------------
-# Compression
-
-
-def detect_compression(head: bytes) -> Compression:
-    """Sniffs a layer's compression from its first bytes (containerd ``DetectCompression``).
-
-    Args:
-        head: At least the first 4 bytes of the blob (fewer only when the blob is shorter).
-
-    Returns:
-        ``"gzip"`` for ``1f 8b 08``, ``"zstd"`` for a zstd frame (``28 b5 2f fd``) or a
-        skippable frame (``5? 2a 4d 18``), else ``"uncompressed"``.
-    """
-    if head[:3] == _GZIP_MAGIC:
-        return "gzip"
-    if head[:4] == _ZSTD_MAGIC:
-        return "zstd"
-    if len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18":
-        return "zstd"
-    return "uncompressed"
-
-
-class _PrefixedReader(io.RawIOBase):
-    """Replays the sniffed head bytes, then reads the rest of the source."""
-
-    def __init__(self, head: bytes, source: _Readable) -> None:
-        super().__init__()
-        self._head = head
-        self._source = source
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self._head:
-            if size < 0:
-                data = self._head + (self._source.read() or b"")
-                self._head = b""
-                return data
-            data, self._head = self._head[:size], self._head[size:]
-            return data
-        return self._source.read(size) or b""
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _open_decompressed(fileobj: _Readable) -> tuple[Compression, BinaryIO]:
-    head = b""
-    while len(head) < 4:
-        chunk = fileobj.read(4 - len(head))
-        if not chunk:
-            break
-        head += chunk
-    kind = detect_compression(head)
-    source = _PrefixedReader(head, fileobj)
-    if kind == "gzip":
-        # GzipFile reads concatenated members (multi-member gzip) to the end by itself.
-        return kind, cast(BinaryIO, gzip.GzipFile(fileobj=source, mode="rb"))
-    if kind == "zstd":
-        # zstd:chunked / estargz-style layers are many frames (and skippable frames).
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            cast(IO[bytes], source), read_across_frames=True, closefd=False
-        )
-        return kind, cast(BinaryIO, reader)
-    return kind, cast(BinaryIO, source)
-
-
-def decompressed_stream(fileobj: BinaryIO) -> BinaryIO:
-    """Wraps a layer blob stream in the decompressor its magic bytes call for.
-
-    Detection is by content, not media type, as BuildKit and containerd do. Multi-member gzip
-    and multi-frame zstd (with skippable frames) decode to the end.
-
-    Args:
-        fileobj: The blob, positioned at its start. It is not closed by the returned stream.
-
-    Returns:
-        A readable stream of the uncompressed bytes.
-    """
-    return _open_decompressed(fileobj)[1]
-
-
-class _NonClosing(io.RawIOBase):
-    """Passes writes through; ``close`` does not close the sink (uncompressed output)."""
-
-    def __init__(self, sink: _Writable) -> None:
-        super().__init__()
-        self._sink = sink
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self._sink.write(data)
-        return len(data)
-
-
-def check_compression(value: object) -> str:
-    """Returns ``value`` if it names a compression of :data:`COMPRESSIONS`.
-
-    Raises:
-        InvalidError: Anything else (``"estargz"`` is out of scope here).
-    """
-    if not isinstance(value, str) or value not in COMPRESSIONS:
-        msg = f"unknown compression {value!r}: expected one of {', '.join(COMPRESSIONS)}"
-        if value == "estargz":
-            msg += " (estargz needs a stargz snapshotter, which refcache does not have)"
-        raise InvalidError(msg)
-    return value
-
-
-def compressed_writer(
-    fileobj: BinaryIO | IO[bytes], compression: str, *, level: int | None = None
-) -> BinaryIO:
-    """Returns a writer that compresses into ``fileobj``.
-
-    Closing the writer finishes the compressed stream (gzip trailer, zstd frame end) but does
-    not close ``fileobj``. gzip output is deterministic (mtime 0, no file name).
-
-    Args:
-        fileobj: Where the compressed bytes go.
-        compression: ``"gzip"``, ``"zstd"`` or ``"uncompressed"``.
-        level: Compression level (gzip default 6, zstd default 3).
-
-    Returns:
-        A writable binary stream.
-
-    Raises:
-        InvalidError: Unknown compression.
-    """
-    if compression == "gzip":
-        return cast(
-            BinaryIO,
-            gzip.GzipFile(
-                filename="",
-                mode="wb",
-                fileobj=fileobj,
-                mtime=0,
-                compresslevel=6 if level is None else level,
-            ),
-        )
-    if compression == "zstd":
-        cctx = zstandard.ZstdCompressor(level=3 if level is None else level)
-        return cast(BinaryIO, cctx.stream_writer(fileobj, closefd=False, write_return_read=True))
-    if check_compression(compression) == "uncompressed":
-        return cast(BinaryIO, _NonClosing(fileobj))
-    raise AssertionError(compression)  # check_compression accepts nothing else
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,23 +230,6 @@ def _clean(name: str, *, what: str, entry: str) -> list[str]:
             continue
         parts.append(comp)
     return parts
-
-
-def _pax_time_ns(value: str | None) -> int | None:
-    if value is None:
-        return None
-    match = _PAX_TIME_RE.match(value.strip())
-    if match is None:
-        return None
-    frac = (match[3] or "")[:9].ljust(9, "0")
-    ns = int(match[2]) * _NS + int(frac)
-    return -ns if match[1] else ns
-
-
-def _format_ns(ns: int) -> str:
-    sign = "-" if ns < 0 else ""
-    sec, frac = divmod(abs(ns), _NS)
-    return f"{sign}{sec}.{frac:09d}"
 
 
 def _clamp_ns(ns: int) -> int:
@@ -766,9 +571,9 @@ class _Unpacker:
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
             self._remove(pfd, base, existing)
 
-        mtime = _pax_time_ns(member.pax_headers.get("mtime"))
+        mtime = pax_time_ns(member.pax_headers.get("mtime"))
         mtime = _clamp_ns(int(member.mtime) * _NS if mtime is None else mtime)
-        atime = _pax_time_ns(member.pax_headers.get("atime"))
+        atime = pax_time_ns(member.pax_headers.get("atime"))
         atime = max(_clamp_ns(atime), mtime) if atime is not None else mtime
         mode = member.mode & 0o7777
         xattrs = _member_xattrs(member)
@@ -1056,7 +861,7 @@ def apply_tar(
 def _apply_entries(hashing: _HashingReader, unpacker: _Unpacker, max_entries: int) -> None:
     try:
         tf = tarfile.open(  # noqa: SIM115 - closed by the with block below
-            None, "r|", cast(IO[bytes], hashing), _TAR_BUFSIZE
+            None, "r|", cast(IO[bytes], hashing), TAR_BUFSIZE
         )
     except tarfile.ReadError as exc:
         if hashing.count == 0:
@@ -1107,175 +912,3 @@ def _check_archive_end(hashing: _HashingReader, end: int) -> None:
     if block.count(0) != len(block):
         msg = f"layer tar has an invalid header at byte {end}"
         raise InvalidError(msg)
-
-
-# --------------------------------------------------------------------------------------------
-# Diffing
-
-
-class _DiffWriter:
-    """containerd ``ChangeWriter``: one tar entry per change, parents emitted once."""
-
-    def __init__(self, tf: tarfile.TarFile, walk: ChangeWalk) -> None:
-        self._tf = tf
-        self._walk = walk
-        self._unchanged = walk.unchanged_links
-        self._written: dict[tuple[int, int], tuple[TreeDir, str]] = {}
-        self._dirs: set[TreeDir] = set()
-        # The tar name prefix of the last directory written into, and of each of its
-        # ancestors (as lengths): the next prefix is found from the common ancestor, so
-        # names cost what changed, not the depth.
-        self._chain: list[PathNode] = [walk.top]
-        self._lens: list[int] = [0]
-        self._text = ""
-
-    def _name(self, parent: TreeDir, name: str) -> str:
-        chain, lens = self._chain, self._lens
-        downs: list[PathNode] = []
-        current: PathNode | None = parent
-        while current is not None and (
-            current.depth >= len(chain) or chain[current.depth] is not current
-        ):
-            downs.append(current)
-            current = current.parent
-        assert current is not None
-        keep = current.depth + 1
-        del chain[keep:], lens[keep:]
-        prefix = self._text[: lens[-1]]
-        for step in reversed(downs):
-            prefix += step.name + "/"
-            chain.append(step)
-            lens.append(len(prefix))
-        self._text = prefix
-        return prefix + name
-
-    def add(self, change: Change) -> None:
-        chain: list[TreeDir] = []
-        parent: PathNode | None = change.parent
-        while isinstance(parent, TreeDir) and parent.parent is not None:
-            if parent in self._dirs:
-                break
-            chain.append(parent)
-            parent = parent.parent
-        for node in reversed(chain):
-            self._dirs.add(node)
-            assert isinstance(node.parent, TreeDir)
-            assert node.st is not None
-            self._entry(node.parent, node.name, node.st)
-        if change.st is None:
-            self._whiteout(change.parent, change.name)
-            return
-        if stat.S_ISDIR(change.st.st_mode):
-            child = change.parent.child(change.name)
-            assert isinstance(child, TreeDir)
-            self._dirs.add(child)
-        self._entry(change.parent, change.name, change.st)
-
-    def _whiteout(self, parent: TreeDir, name: str) -> None:
-        info = tarfile.TarInfo(self._name(parent, WHITEOUT_PREFIX + name))
-        info.type = tarfile.REGTYPE
-        info.mode = 0
-        info.mtime = 0  # containerd >= 2.0: whiteouts carry the Unix epoch
-        info.uname = info.gname = ""
-        self._tf.addfile(info)
-
-    def _entry(self, parent: TreeDir, name: str, st: os.stat_result) -> None:
-        dir_fd = self._walk.upper_fd(parent)
-        info = tarfile.TarInfo(self._name(parent, name))
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid = st.st_uid
-        info.gid = st.st_gid
-        info.uname = info.gname = ""
-        sec, frac = divmod(st.st_mtime_ns, _NS)
-        info.mtime = sec
-        pax: dict[str, str] = {}
-        if frac:
-            # Nanoseconds are kept (containerd truncates to seconds): see write_diff.
-            pax["mtime"] = _format_ns(st.st_mtime_ns)
-        for xname, value in read_xattrs(proc_path(dir_fd, name)).items():
-            pax["SCHILY.xattr." + xname] = value.decode("utf-8", "surrogateescape")
-        info.pax_headers = pax
-        fmt = stat.S_IFMT(st.st_mode)
-        if fmt == stat.S_IFDIR:
-            info.type = tarfile.DIRTYPE
-            self._tf.addfile(info)
-            return
-        if st.st_nlink > 1:
-            inode = (st.st_dev, st.st_ino)
-            source = self._unchanged.get(inode) or self._written.get(inode)
-            if source is not None and source != (parent, name):
-                info.type = tarfile.LNKTYPE
-                info.linkname = "/".join([*node_parts(source[0]), source[1]])
-                self._tf.addfile(info)
-                return
-            self._written.setdefault(inode, (parent, name))
-        if fmt == stat.S_IFREG:
-            info.type = tarfile.REGTYPE
-            info.size = st.st_size
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as src:
-                self._tf.addfile(info, src)
-            return
-        if fmt == stat.S_IFLNK:
-            info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(name, dir_fd=dir_fd)
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            info.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-            info.devmajor = os.major(st.st_rdev)
-            info.devminor = os.minor(st.st_rdev)
-        elif fmt == stat.S_IFIFO:
-            info.type = tarfile.FIFOTYPE
-        else:
-            return  # sockets and unknown types are not representable
-        self._tf.addfile(info)
-
-
-def write_diff(lower: Path | None, upper: Path, out: BinaryIO | IO[bytes]) -> None:
-    """Writes an OCI layer tar of the changes from ``lower`` to ``upper`` (walking differ).
-
-    containerd ``archive.WriteDiff`` over continuity ``fs.Changes`` (double walk):
-
-    * entries only in ``upper`` are added; entries only in ``lower`` become ``.wh.<name>``
-      whiteouts (zero-size, mode 0, epoch mtime; a removed directory gives one whiteout);
-      a type change is written as the new entry (the applier replaces the old one);
-    * an entry present in both is unchanged when ``same_file`` says so: continuity's
-      ``sameFile``, made stricter for a faithful round trip (all xattrs, directory mtimes
-      and symlink targets are compared; the rule is in ``storage/_changes.py``, the walk
-      merges use too);
-    * all xattrs are recorded (continuity: only ``security.capability``), except
-      ``security.selinux`` and overlayfs' own ``trusted.overlay.*``/``user.overlay.*``;
-      mtimes keep nanoseconds as a PAX ``mtime`` record (containerd truncates to seconds);
-    * the parent directories of every change are written once (containerd does the same),
-      so their metadata and times are restored;
-    * multiply-linked files are written once and then as tar hardlinks, pointing at an
-      unchanged path with the same inode when there is one;
-    * PAX format, sorted order (depth first, ``/`` before any other byte), uid/gid kept,
-      no user/group names, no atime/ctime; sockets are skipped.
-
-    Args:
-        lower: The base tree, or ``None`` for "diff against empty".
-        upper: The changed tree.
-        out: Where the uncompressed tar goes (not closed).
-
-    Raises:
-        FailedPreconditionError: The trees cannot be read.
-    """
-    lower_str = None if lower is None else os.fspath(lower)
-    upper_str = os.fspath(upper)
-    try:
-        lower_stack = None if lower is None else LayerStack((Path(lower),))
-        with ChangeWalk(lower_stack, LayerStack((Path(upper),)), skip_sockets=True) as walk:
-            # All changes first: an unchanged link met anywhere in the walk can then be the
-            # target of an added link's tar hardlink.
-            changes = list(walk)
-            with tarfile.open(None, "w|", out, _TAR_BUFSIZE, format=tarfile.PAX_FORMAT) as tf:
-                writer = _DiffWriter(tf, walk)
-                for change in changes:
-                    writer.add(change)
-    except RefcacheError:
-        raise
-    except OSError as exc:
-        msg = f"cannot diff {lower_str or '<empty>'} -> {upper_str}: {exc}"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFullError(msg) from exc
-        raise FailedPreconditionError(msg) from exc

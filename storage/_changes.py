@@ -3,7 +3,7 @@
 :class:`ChangeWalk` walks a lower and an upper tree side by side, depth first, the entries of
 each directory in byte order of their names (so ``/`` sorts before every other byte, as in a
 layer tar), and yields a :class:`Change` for every entry that was added, modified or
-deleted. The walking differ (``storage/_archive.py``) writes those changes as a layer tar; the
+deleted. The walking differ (``storage/_difftar.py``) writes those changes as a layer tar; the
 merge applier (``storage/_merge.py``) applies them to a new snapshot directory. Both therefore
 carry exactly the same changes: a merge looks like unpacking the diffs as layers.
 

@@ -1,7 +1,7 @@
 """Computing layer blobs from two snapshot mounts (containerd ``plugins/diff/walking``).
 
 :class:`WalkingDiffer` mounts both sides read-only (:func:`storage._mount.local_mount`),
-walks them with :func:`storage._archive.write_diff` and streams the tar through the
+walks them with :func:`storage._difftar.write_diff` and streams the tar through the
 compressor into a content-store ingest (:class:`LayerBlobWriter`, which the record layer
 uses for its conversions too): nothing is buffered in memory beyond a chunk. The uncompressed
 bytes are hashed on the way for the diffID, which is stored as the content label
@@ -18,8 +18,9 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from ._archive import check_compression, compressed_writer, write_diff
+from ._compression import check_compression, compressed_writer
 from ._content import ContentStore, ContentWriter
+from ._difftar import write_diff
 from ._env import WriteTxn
 from ._errors import AlreadyExistsError, InvalidError, NotFoundError
 from ._labels import validate_labels
@@ -205,7 +206,7 @@ class WalkingDiffer:
     ) -> Descriptor:
         """Writes the diff from ``lower`` to ``upper`` into the content store.
 
-        Change rules are :func:`storage._archive.write_diff`'s. An existing blob with the
+        Change rules are :func:`storage._difftar.write_diff`'s. An existing blob with the
         same digest is success (containerd: ``AlreadyExists``); the labels are merged into it.
 
         Args:

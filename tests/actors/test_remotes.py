@@ -40,8 +40,7 @@ from refcache.actors._blobs import (
 )
 from refcache.actors._messages import NodeOf
 from refcache.actors._remote import blob_with_compression_of
-from refcache.storage import Descriptor, digest_of
-from refcache.storage._archive import compressed_writer, decompressed_stream
+from refcache.storage import Descriptor, compressed_writer, decompressed_stream, digest_of
 
 WAIT = 30.0
 OCI = "application/vnd.oci.image.layer.v1.tar"

@@ -12,9 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from refcache.storage import DiffIDMismatchError
+from refcache.storage import DiffIDMismatchError, decompressed_stream
 from refcache.storage._applier import Applier, TarApplier
-from refcache.storage._archive import decompressed_stream
 from refcache.storage._content import LocalContentStore
 from refcache.storage._differ import Differ, LayerBlobWriter, WalkingDiffer
 from refcache.storage._env import DB_INFO, MetaEnv

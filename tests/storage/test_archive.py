@@ -21,8 +21,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from refcache.storage._archive import (
-    MAX_ENTRY_SIZE,
+from refcache.storage import (
     ApplyResult,
     apply_tar,
     compressed_writer,
@@ -30,6 +29,7 @@ from refcache.storage._archive import (
     detect_compression,
     write_diff,
 )
+from refcache.storage._archive import MAX_ENTRY_SIZE
 from refcache.storage._errors import InvalidError
 
 IS_ROOT = os.geteuid() == 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from refcache.storage._archive import write_diff
+from refcache.storage import write_diff
 from refcache.storage._env import DB_SNAPSHOTS, MetaEnv
 from refcache.storage._errors import (
     AlreadyExistsError,
