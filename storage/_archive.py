@@ -539,23 +539,8 @@ class _Unpacker:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(member, parent, base)
             return
-        if member.size < 0 or member.size > self.max_entry_size:
-            msg = f"layer entry {name!r}: size {member.size} outside 0..{self.max_entry_size}"
-            raise InvalidError(msg)
-        for what, ident in (("uid", member.uid), ("gid", member.gid)):
-            if not 0 <= ident <= _MAX_ID:
-                msg = f"layer entry {name!r}: {what} {ident} out of range"
-                raise InvalidError(msg)
-        if member.ischr() or member.isblk():
-            if not self.allow_devices:
-                logger.warning("layer entry %r skipped: device files are not allowed", name)
-                return
-        elif (
-            not (member.isreg() or member.isdir() or member.issym() or member.islnk())
-            and not member.isfifo()
-        ):
-            msg = f"layer entry {name!r}: unsupported tar entry type {member.type!r}"
-            raise InvalidError(msg)
+        if not self._accept(member):
+            return
 
         pfd, real_parent = self.resolve_dir(parent, create=True, entry=name)
         existing = _stat_or_none(pfd, base)
@@ -571,78 +556,138 @@ class _Unpacker:
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
             self._remove(pfd, base, existing)
 
-        mtime = pax_time_ns(member.pax_headers.get("mtime"))
-        mtime = _clamp_ns(int(member.mtime) * _NS if mtime is None else mtime)
-        atime = pax_time_ns(member.pax_headers.get("atime"))
-        atime = max(_clamp_ns(atime), mtime) if atime is not None else mtime
+        atime, mtime = _entry_times(member)
         mode = member.mode & 0o7777
         xattrs = _member_xattrs(member)
-
         if member.isreg():
-            fd = os.open(
-                base,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=pfd,
-            )
-            try:
-                src = tf.extractfile(member)
-                if src is not None:
-                    with src:
-                        while chunk := src.read(_CHUNK):
-                            _write_all(fd, chunk)
-                if self.same_owner:
-                    os.fchown(fd, member.uid, member.gid)
-                for key, value in xattrs:
-                    self._setxattr(fd, key, value, entry=name)
-                # chmod after chown: chown clears set-id bits.
-                os.fchmod(fd, mode)
-                os.utime(fd, ns=(atime, mtime))
-            finally:
-                os.close(fd)
+            self._write_file(tf, member, pfd, base, xattrs=xattrs, mode=mode, times=(atime, mtime))
         elif member.isdir():
-            if existing is None or not stat.S_ISDIR(existing.st_mode):
-                # Owner-writable until the end; the real mode is set with the times.
-                os.mkdir(base, 0o700, dir_fd=pfd)
-            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
-            try:
-                if self.same_owner:
-                    os.fchown(fd, member.uid, member.gid)
-                for key, value in xattrs:
-                    self._setxattr(fd, key, value, entry=name)
-            finally:
-                os.close(fd)
+            self._make_dir(member, pfd, base, xattrs=xattrs, existing=existing)
             # Directory modes and times go last (containerd sets dir times after the stream).
             node = real_parent.child(base)
             assert isinstance(node, _TrieNode)
             node.meta = _DirMeta(mode, atime, mtime)
-        elif member.issym():
+        else:
+            if not self._make_other(member, pfd, base, link_src):
+                return
+            # No chmod of a symlink, nor of a hardlink to one (containerd handleLChmod).
+            symlink = member.issym() or (link_src is not None and stat.S_ISLNK(link_src[2].st_mode))
+            self._finish_path(
+                pfd,
+                base,
+                member,
+                xattrs=xattrs,
+                mode=None if symlink else mode,
+                atime=atime,
+                mtime=mtime,
+            )
+        self._mark(real_parent, base, is_dir=member.isdir())
+
+    def _accept(self, member: tarfile.TarInfo) -> bool:
+        """Checks a header before anything is written: ``False`` skips a device entry."""
+        name = member.name
+        if member.size < 0 or member.size > self.max_entry_size:
+            msg = f"layer entry {name!r}: size {member.size} outside 0..{self.max_entry_size}"
+            raise InvalidError(msg)
+        for what, ident in (("uid", member.uid), ("gid", member.gid)):
+            if not 0 <= ident <= _MAX_ID:
+                msg = f"layer entry {name!r}: {what} {ident} out of range"
+                raise InvalidError(msg)
+        if member.ischr() or member.isblk():
+            if not self.allow_devices:
+                logger.warning("layer entry %r skipped: device files are not allowed", name)
+                return False
+        elif (
+            not (member.isreg() or member.isdir() or member.issym() or member.islnk())
+            and not member.isfifo()
+        ):
+            msg = f"layer entry {name!r}: unsupported tar entry type {member.type!r}"
+            raise InvalidError(msg)
+        return True
+
+    def _write_file(
+        self,
+        tf: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        pfd: int,
+        base: str,
+        *,
+        xattrs: list[tuple[str, bytes]],
+        mode: int,
+        times: tuple[int, int],
+    ) -> None:
+        """A regular file: created exclusively, filled, then owner, xattrs, mode, times."""
+        fd = os.open(
+            base,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
+        try:
+            src = tf.extractfile(member)
+            if src is not None:
+                with src:
+                    while chunk := src.read(_CHUNK):
+                        _write_all(fd, chunk)
+            if self.same_owner:
+                os.fchown(fd, member.uid, member.gid)
+            for key, value in xattrs:
+                self._setxattr(fd, key, value, entry=member.name)
+            # chmod after chown: chown clears set-id bits.
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=times)
+        finally:
+            os.close(fd)
+
+    def _make_dir(
+        self,
+        member: tarfile.TarInfo,
+        pfd: int,
+        base: str,
+        *,
+        xattrs: list[tuple[str, bytes]],
+        existing: os.stat_result | None,
+    ) -> None:
+        """A directory (kept when one is there): owner and xattrs now, mode and times last."""
+        if existing is None or not stat.S_ISDIR(existing.st_mode):
+            # Owner-writable until the end; the real mode is set with the times.
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            if self.same_owner:
+                os.fchown(fd, member.uid, member.gid)
+            for key, value in xattrs:
+                self._setxattr(fd, key, value, entry=member.name)
+        finally:
+            os.close(fd)
+
+    def _make_other(
+        self,
+        member: tarfile.TarInfo,
+        pfd: int,
+        base: str,
+        link_src: tuple[int, str, os.stat_result] | None,
+    ) -> bool:
+        """A symlink, hardlink, fifo or device node; ``False`` when a device is refused."""
+        if member.issym():
             if "\x00" in member.linkname:
-                msg = f"layer entry {name!r}: symlink target contains a NUL byte"
+                msg = f"layer entry {member.name!r}: symlink target contains a NUL byte"
                 raise InvalidError(msg)
             os.symlink(member.linkname, base, dir_fd=pfd)
-            self._finish_path(pfd, base, member, xattrs=xattrs, mode=None, atime=atime, mtime=mtime)
         elif link_src is not None:  # a hardlink
-            lfd, lbase, lst = link_src
+            lfd, lbase, _ = link_src
             os.link(lbase, base, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
-            # containerd handleLChmod: no chmod when the link points at a symlink.
-            chmod = None if stat.S_ISLNK(lst.st_mode) else mode
-            self._finish_path(
-                pfd, base, member, xattrs=xattrs, mode=chmod, atime=atime, mtime=mtime
-            )
         elif member.isfifo():
             os.mkfifo(base, 0o600, dir_fd=pfd)
-            self._finish_path(pfd, base, member, xattrs=xattrs, mode=mode, atime=atime, mtime=mtime)
         else:
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             try:
                 device = os.makedev(member.devmajor, member.devminor)
                 os.mknod(base, kind | 0o600, device, dir_fd=pfd)
             except PermissionError as exc:
-                logger.warning("layer entry %r skipped: cannot create device: %s", name, exc)
-                return
-            self._finish_path(pfd, base, member, xattrs=xattrs, mode=mode, atime=atime, mtime=mtime)
-        self._mark(real_parent, base, is_dir=member.isdir())
+                logger.warning("layer entry %r skipped: cannot create device: %s", member.name, exc)
+                return False
+        return True
 
     def _link_source(self, member: tarfile.TarInfo) -> tuple[int, str, os.stat_result]:
         name = member.name
@@ -767,6 +812,16 @@ class _Unpacker:
                         dir_fd=cursor.fd,
                         follow_symlinks=False,
                     )
+
+
+def _entry_times(member: tarfile.TarInfo) -> tuple[int, int]:
+    """``(atime, mtime)`` in nanoseconds: PAX records first, else the header's seconds; an
+    access time is never before the modification time."""
+    mtime = pax_time_ns(member.pax_headers.get("mtime"))
+    mtime = _clamp_ns(int(member.mtime) * _NS if mtime is None else mtime)
+    atime = pax_time_ns(member.pax_headers.get("atime"))
+    atime = max(_clamp_ns(atime), mtime) if atime is not None else mtime
+    return atime, mtime
 
 
 def _stat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
