@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
-from ._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE, LayerLimitError, apply_tar
+from ._archive import MAX_LAYER_ENTRIES, MAX_LAYER_SIZE, ApplyResult, LayerLimitError, apply_tar
 from ._compression import decompressed_stream
 from ._content import ContentStore
 from ._errors import DiffIDMismatchError, FailedPreconditionError, InvalidError, RefcacheError
@@ -121,7 +121,11 @@ class _VerifyingReader:
         return None
 
 
-def _overlay_dirs(mount: Mount) -> tuple[str, list[str], bool]:
+#: An overlay mount's upperdir, lowerdirs (top first) and ``userxattr`` option.
+_OverlayDirs = tuple[str, list[str], bool]
+
+
+def _overlay_dirs(mount: Mount) -> _OverlayDirs:
     upper = ""
     lowers: list[str] = []
     for opt in mount.options:
@@ -186,64 +190,85 @@ class TarApplier:
             msg = f"apply needs a Descriptor, got {type(desc).__name__}"
             raise InvalidError(msg)
         items = _check_mounts(mounts)
-        overlay = len(items) == 1 and is_overlay_mount(items[0])
-        if overlay:
-            upper, lowers, userxattr = _overlay_dirs(items[0])
-            if not upper:
-                msg = f"cannot apply {desc.digest}: overlay mount has no upperdir (read-only)"
-                raise FailedPreconditionError(msg)
-        for mount in items:
-            if "ro" in mount.options:
-                msg = f"cannot apply {desc.digest}: mount of {mount.source!r} is read-only"
-                raise FailedPreconditionError(msg)
-
+        overlay = _writable_overlay(desc, items)
         source = self._content.reader_at(desc.digest)
         try:
-            verifier = _VerifyingReader(source, desc)
-            try:
-                stream = decompressed_stream(cast(BinaryIO, verifier))
-                try:
-                    if overlay:
-                        result = apply_tar(
-                            stream,
-                            Path(upper),
-                            overlay=True,
-                            parents=[Path(d) for d in lowers],
-                            userxattr=userxattr,
-                            max_size=self.max_size,
-                            max_entries=self.max_entries,
-                        )
-                    else:
-                        with local_mount(items, tmp_root=self._mount_root) as root:
-                            result = apply_tar(
-                                stream,
-                                root,
-                                max_size=self.max_size,
-                                max_entries=self.max_entries,
-                            )
-                finally:
-                    stream.close()
-                problem = verifier.finish()
-            except FailedPreconditionError:
-                raise
-            except LayerLimitError as exc:
-                msg = f"cannot apply blob {desc.digest}: {exc}"
-                raise InvalidError(msg) from exc
-            except RefcacheError as exc:
-                # A corrupt blob usually fails to decompress before its digest can be
-                # checked: report the digest mismatch, which is the real cause.
-                problem = verifier.finish()
-                if problem:
-                    raise FailedPreconditionError(problem) from exc
-                raise
-            if problem:
-                raise FailedPreconditionError(problem)
+            result = self._apply_verified(desc, source, items, overlay)
         finally:
             source.close()
         claimed = desc.annotations.get(ANNOTATION_UNCOMPRESSED)
         if claimed is not None and claimed != result.diff_id:
             raise DiffIDMismatchError(desc.digest, claimed, result.diff_id)
         return Descriptor(MEDIA_TYPE_OCI_LAYER, result.diff_id, result.size)
+
+    def _apply_verified(
+        self,
+        desc: Descriptor,
+        source: BinaryIO,
+        items: list[Mount],
+        overlay: _OverlayDirs | None,
+    ) -> ApplyResult:
+        """Unpacks ``source`` while checking that it is ``desc`` (digest and size)."""
+        verifier = _VerifyingReader(source, desc)
+        try:
+            stream = decompressed_stream(cast(BinaryIO, verifier))
+            try:
+                result = self._unpack(stream, items, overlay)
+            finally:
+                stream.close()
+            problem = verifier.finish()
+        except FailedPreconditionError:
+            raise
+        except LayerLimitError as exc:
+            msg = f"cannot apply blob {desc.digest}: {exc}"
+            raise InvalidError(msg) from exc
+        except RefcacheError as exc:
+            # A corrupt blob usually fails to decompress before its digest can be
+            # checked: report the digest mismatch, which is the real cause.
+            problem = verifier.finish()
+            if problem:
+                raise FailedPreconditionError(problem) from exc
+            raise
+        if problem:
+            raise FailedPreconditionError(problem)
+        return result
+
+    def _unpack(
+        self, stream: BinaryIO, items: list[Mount], overlay: _OverlayDirs | None
+    ) -> ApplyResult:
+        """Straight into an overlay's upperdir (overlayfs whiteouts), else into the mounted
+        tree."""
+        if overlay is not None:
+            upper, lowers, userxattr = overlay
+            return apply_tar(
+                stream,
+                Path(upper),
+                overlay=True,
+                parents=[Path(d) for d in lowers],
+                userxattr=userxattr,
+                max_size=self.max_size,
+                max_entries=self.max_entries,
+            )
+        with local_mount(items, tmp_root=self._mount_root) as root:
+            return apply_tar(stream, root, max_size=self.max_size, max_entries=self.max_entries)
+
+
+def _writable_overlay(desc: Descriptor, items: list[Mount]) -> _OverlayDirs | None:
+    """The upperdir, lowerdirs and ``userxattr`` flag of a single overlay mount (``None`` for
+    anything else); refuses a read-only target.
+
+    Raises:
+        FailedPreconditionError: An overlay without an upperdir, or a mount marked ``ro``.
+    """
+    overlay = _overlay_dirs(items[0]) if len(items) == 1 and is_overlay_mount(items[0]) else None
+    if overlay is not None and not overlay[0]:
+        msg = f"cannot apply {desc.digest}: overlay mount has no upperdir (read-only)"
+        raise FailedPreconditionError(msg)
+    for mount in items:
+        if "ro" in mount.options:
+            msg = f"cannot apply {desc.digest}: mount of {mount.source!r} is read-only"
+            raise FailedPreconditionError(msg)
+    return overlay
 
 
 def check_cap(name: str, value: object) -> int:
