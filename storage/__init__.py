@@ -102,7 +102,6 @@ from ._oci import (
     build_index,
     build_manifest,
     config_diff_ids,
-    format_rfc3339_ns,
     parse_image,
     parse_manifest,
     parse_target,
@@ -112,6 +111,7 @@ from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
 from ._registry import Credentials, RegistryClient, RegistryRepository, load_credentials
 from ._snapshotter import Snapshotter
+from ._times import format_rfc3339_ns
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,

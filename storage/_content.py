@@ -35,6 +35,8 @@ writer on the same ref continues at the stored offset, its digest rebuilt by re-
 data), ``truncate(0)`` to restart, ``commit`` verifying size and digest
 (:class:`~storage._errors.FailedPreconditionError`, the ingest stays for a retry or abort).
 Ingests are not metadata; they are not in ``DB_CONTENT`` and live until committed or aborted.
+The ingest directories, ref locks and the writer are ``_ingest.py``'s; this module is the
+store (blobs, metadata, the commit's move into ``blobs/``).
 
 Disk full: ``ENOSPC``/``EDQUOT`` while writing raise :class:`~storage._errors.StoreFullError`
 naming the ref. A :class:`ContentWriter` cuts its data file back to the offset before the
@@ -44,18 +46,13 @@ write_blob` aborts its ingest instead (it never leaves one behind when it fails)
 
 from __future__ import annotations
 
-import calendar
-import errno
-import hashlib
 import logging
 import os
-import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
@@ -70,12 +67,31 @@ from ._errors import (
     LockedError,
     NotFoundError,
     RefcacheError,
-    StoreFullError,
 )
 from ._filters import Adaptor, map_field, parse_filters
+from ._ingest import (
+    ABORT_SUFFIX,
+    CHUNK,
+    HASHES,
+    ContentStatus,
+    ContentWriter,
+    IngestWriter,
+    check_ref,
+    copy_stream,
+    disk_error,
+    ingest_path,
+    is_ref_locked,
+    lock_ref,
+    locked_refs,
+    read_status,
+    remove_ingest,
+    remove_quietly,
+    start_ingest,
+    unlock_ref,
+)
 from ._labels import validate_labels
 from ._layout import make_private_dir
-from ._tree import fsync_dir, remove_tree
+from ._tree import fsync_dir
 from ._types import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     ContentInfo,
@@ -93,115 +109,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
-_HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
-_ABORT_SUFFIX = ".tmp"
-_TS_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})$"
-)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-# --- per-process ref locks (containerd plugins/content/local/locks.go) -------------------
-#
-# Keyed by (resolved content root, ref) so that two store objects on one root in one process
-# still exclude each other. This lock guards state that lives outside every actor.
-_REF_LOCKS: dict[tuple[str, str], int] = {}
-_REF_LOCKS_COND = threading.Condition(threading.Lock())
-
-
-def _lock_ref(root: str, ref: str, *, timeout: float = 0.0) -> None:
-    key = (root, ref)
-    deadline = time.monotonic() + timeout
-    with _REF_LOCKS_COND:
-        while key in _REF_LOCKS:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                since = _format_timestamp(_REF_LOCKS[key])
-                msg = f"ref {ref!r} locked for writing (since {since})"
-                raise LockedError(msg)
-            _REF_LOCKS_COND.wait(remaining)
-        _REF_LOCKS[key] = time.time_ns()
-
-
-def _unlock_ref(root: str, ref: str) -> None:
-    with _REF_LOCKS_COND:
-        _REF_LOCKS.pop((root, ref), None)
-        _REF_LOCKS_COND.notify_all()
-
 
 # --- value types and protocols -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ContentStatus:
-    """The state of one ingest (containerd ``content.Status``).
-
-    Attributes:
-        ref: The writer's ref.
-        offset: Bytes written so far.
-        total: Expected total size (0 when unknown).
-        expected: Expected digest ("" when unknown; only a live writer knows it, as in
-            containerd's local store, which does not persist it).
-        started_at: Nanoseconds since the epoch when the ingest began.
-        updated_at: Nanoseconds since the epoch of the last write.
-    """
-
-    ref: str
-    offset: int
-    total: int = 0
-    expected: str = ""
-    started_at: int = 0
-    updated_at: int = 0
-
-
-@runtime_checkable
-class ContentWriter(Protocol):
-    """An open ingest (containerd ``content.Writer``). One owner thread; not thread-safe."""
-
-    @property
-    def ref(self) -> str:
-        """The ingest's ref."""
-        ...
-
-    @property
-    def offset(self) -> int:
-        """Bytes written so far (the resume point)."""
-        ...
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Appends ``data``; returns its length."""
-        ...
-
-    def digest(self) -> str:
-        """The digest of everything written so far."""
-        ...
-
-    def status(self) -> ContentStatus:
-        """The ingest's current status."""
-        ...
-
-    def truncate(self, size: int = 0) -> None:
-        """Restarts the ingest from empty (only ``size=0`` is supported, as in containerd)."""
-        ...
-
-    def commit(
-        self,
-        size: int = 0,
-        expected: str | None = None,
-        *,
-        labels: Mapping[str, str] | None = None,
-        txn: WriteTxn | None = None,
-    ) -> ContentInfo:
-        """Verifies and moves the data into the store; always closes the writer."""
-        ...
-
-    def close(self) -> None:
-        """Closes the writer and keeps the ingest for a later resume."""
-        ...
-
-    def __enter__(self) -> ContentWriter: ...
-
-    def __exit__(self, *exc_info: object) -> None: ...
 
 
 @runtime_checkable
@@ -321,7 +230,7 @@ class LocalContentStore:
                 make_private_dir(self._ingest)
             except OSError as exc:
                 msg = f"cannot create content store directories under {self.root}: {exc}"
-                raise _disk_error(msg, exc) from exc
+                raise disk_error(msg, exc) from exc
         self._lock_root = str(self.root.resolve())
         if clean and not self._readonly:
             self._remove_abort_leftovers()
@@ -545,8 +454,8 @@ class LocalContentStore:
         expected: str | None,
         timeout: float,
         txn: ReadTxn | None,
-    ) -> _LocalWriter:
-        _check_ref(ref)
+    ) -> IngestWriter:
+        check_ref(ref)
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             msg = f"invalid total {total!r} for ref {ref!r}: expected an int >= 0"
             raise InvalidError(msg)
@@ -555,83 +464,16 @@ class LocalContentStore:
         if self._readonly:
             msg = f"content store {self.root} is read-only; cannot write ref {ref!r}"
             raise FailedPreconditionError(msg)
-        _lock_ref(self._lock_root, ref, timeout=timeout)
+        lock_ref(self._lock_root, ref, timeout=timeout)
         try:
             if expected is not None:
                 self._require_absent(expected, f"writer for ref {ref!r}", txn)
-            return self._start_ingest(ref, total, expected)
+            return start_ingest(
+                self._ingest, ref, total, expected, lock_root=self._lock_root, place=self._commit
+            )
         except BaseException:
-            _unlock_ref(self._lock_root, ref)
+            unlock_ref(self._lock_root, ref)
             raise
-
-    def _start_ingest(self, ref: str, total: int, expected: str | None) -> _LocalWriter:
-        algorithm = expected.partition(":")[0] if expected else "sha256"
-        hasher = _HASHES[algorithm]()
-        path = self._ingest_path(ref)
-        try:
-            make_private_dir(self._ingest, parents=True)
-            path.mkdir(0o700)
-            created = True
-        except FileExistsError:
-            created = False
-        except OSError as exc:
-            msg = f"cannot create ingest for ref {ref!r} at {path}: {exc}"
-            raise _disk_error(msg, exc) from exc
-        status: ContentStatus | None = None
-        if not created:
-            try:
-                status = self._read_status(path)
-            except (OSError, ValueError) as exc:
-                # containerd logs "failed to resume" and starts the ingest afresh.
-                logger.warning("cannot resume ingest for ref %r (%s); restarting it", ref, exc)
-            if status is not None and status.ref != ref:
-                logger.warning(
-                    "ingest %s holds ref %r, not %r; restarting it", path, status.ref, ref
-                )
-                status = None
-            if status is not None and total and status.total and total != status.total:
-                msg = (
-                    f"ingest for ref {ref!r} was started with total {status.total}, "
-                    f"not {total}; abort it to start over"
-                )
-                raise FailedPreconditionError(msg)
-        data = path / "data"
-        try:
-            if status is None:
-                now = time.time_ns()
-                _write_atomic(path / "ref", ref.encode())
-                _write_atomic(path / "startedat", _format_timestamp(now).encode())
-                _write_atomic(path / "updatedat", _format_timestamp(now).encode())
-                if total > 0:
-                    _write_atomic(path / "total", str(total).encode())
-                else:
-                    (path / "total").unlink(missing_ok=True)
-                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                started_at, updated_at, offset = now, now, 0
-            else:
-                fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
-                offset = _hash_fd(fd, hasher)
-                os.lseek(fd, offset, os.SEEK_SET)
-                started_at, updated_at = status.started_at, status.updated_at
-                total = total or status.total
-        except OSError as exc:
-            if created:
-                _rmtree(path)
-            msg = f"cannot open ingest for ref {ref!r} at {path}: {exc}"
-            raise _disk_error(msg, exc) from exc
-        return _LocalWriter(
-            self,
-            ref=ref,
-            path=path,
-            fd=fd,
-            offset=offset,
-            total=total,
-            hasher=hasher,
-            algorithm=algorithm,
-            expected=expected or "",
-            started_at=started_at,
-            updated_at=updated_at,
-        )
 
     def abort(self, ref: str, *, txn: WriteTxn | None = None) -> None:
         """Removes the ingest ``ref`` and its data (containerd ``Abort``).
@@ -647,34 +489,33 @@ class LocalContentStore:
             LockedError: A writer on ``ref`` is open in this process. (containerd removes the
                 files under an open writer; refusing keeps that writer's commit meaningful.)
         """
-        _check_ref(ref)
-        path = self._ingest_path(ref)
+        check_ref(ref)
+        path = ingest_path(self._ingest, ref)
         if not path.is_dir():
             msg = f"ingest ref {ref!r} not found"
             raise NotFoundError(msg)
         if txn is None:
             self._abort_now(ref, strict=True)
             return
-        with _REF_LOCKS_COND:
-            if (self._lock_root, ref) in _REF_LOCKS:
-                msg = f"ref {ref!r} locked for writing; cannot abort it"
-                raise LockedError(msg)
+        if is_ref_locked(self._lock_root, ref):
+            msg = f"ref {ref!r} locked for writing; cannot abort it"
+            raise LockedError(msg)
         txn.after_commit(lambda: self._abort_now(ref, strict=False))
 
     def _abort_now(self, ref: str, *, strict: bool) -> None:
         try:
-            _lock_ref(self._lock_root, ref)
+            lock_ref(self._lock_root, ref)
         except LockedError:
             if strict:
                 raise
             logger.warning("ingest ref %r was reopened before its abort ran; kept", ref)
             return
         try:
-            if not _remove_ingest(self._ingest_path(ref), ref) and strict:
+            if not remove_ingest(ingest_path(self._ingest, ref), ref) and strict:
                 msg = f"ingest ref {ref!r} not found"
                 raise NotFoundError(msg)
         finally:
-            _unlock_ref(self._lock_root, ref)
+            unlock_ref(self._lock_root, ref)
 
     def status(self, ref: str) -> ContentStatus:
         """Returns the status of ingest ``ref`` as stored on disk (containerd ``Status``).
@@ -683,10 +524,10 @@ class LocalContentStore:
             InvalidError: ``ref`` is empty or not a string.
             NotFoundError: No ingest ``ref``.
         """
-        _check_ref(ref)
-        path = self._ingest_path(ref)
+        check_ref(ref)
+        path = ingest_path(self._ingest, ref)
         try:
-            return self._read_status(path)
+            return read_status(path)
         except FileNotFoundError as exc:
             msg = f"ingest ref {ref!r} not found"
             raise NotFoundError(msg) from exc
@@ -709,10 +550,10 @@ class LocalContentStore:
         except FileNotFoundError:
             return []
         for entry in entries:
-            if entry.name.endswith(_ABORT_SUFFIX) or not entry.is_dir(follow_symlinks=False):
+            if entry.name.endswith(ABORT_SUFFIX) or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                status = self._read_status(Path(entry.path))
+                status = read_status(Path(entry.path))
             except (OSError, ValueError):
                 continue
             if matcher.match(_status_adaptor(status)):
@@ -721,8 +562,7 @@ class LocalContentStore:
 
     def active_refs(self) -> list[str]:
         """Returns the refs that have an open writer in this process (for close reports)."""
-        with _REF_LOCKS_COND:
-            return sorted(ref for root, ref in _REF_LOCKS if root == self._lock_root)
+        return locked_refs(self._lock_root)
 
     # -- whole blobs --------------------------------------------------------------------------
 
@@ -805,10 +645,10 @@ class LocalContentStore:
                 if writer.offset:
                     writer.truncate(0)
                 view = memoryview(data).cast("B")
-                for start in range(0, len(view), _CHUNK):
-                    writer.write(view[start : start + _CHUNK])
+                for start in range(0, len(view), CHUNK):
+                    writer.write(view[start : start + CHUNK])
             else:
-                _copy_stream(writer, data, ref)
+                copy_stream(writer, data, ref)
         except BaseException:
             writer.discard()
             raise
@@ -856,7 +696,7 @@ class LocalContentStore:
                 writer's offset; the ingest stays, as with :meth:`ContentWriter.commit`.
             StoreFullError: The disk is full.
         """
-        _copy_stream(writer, stream, writer.ref)
+        copy_stream(writer, stream, writer.ref)
         try:
             return writer.commit(size, expected, labels=labels, txn=txn)
         except AlreadyExistsError:
@@ -930,7 +770,7 @@ class LocalContentStore:
 
     def _find_orphans(self, rtxn: ReadTxn) -> list[Path]:
         found: list[Path] = []
-        for algorithm in sorted(_HASHES):
+        for algorithm in sorted(HASHES):
             directory = self._blobs / algorithm
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -954,39 +794,15 @@ class LocalContentStore:
             msg = f"content {digest} already exists ({context})"
             raise AlreadyExistsError(msg)
 
-    def _ingest_path(self, ref: str) -> Path:
-        # containerd names the directory after the digest of the ref, so it has a fixed length
-        # whatever the ref; it is not the digest of the content.
-        return self._ingest / hashlib.sha256(ref.encode()).hexdigest()
-
-    def _read_status(self, path: Path) -> ContentStatus:
-        data = (path / "data").stat()
-        ref = (path / "ref").read_text("utf-8")
-        started_at = _parse_timestamp((path / "startedat").read_text("utf-8"))
-        updated_at = _parse_timestamp((path / "updatedat").read_text("utf-8"))
-        # "updatedat" is rewritten on close only; the data's mtime may be newer.
-        updated_at = max(updated_at, data.st_mtime_ns)
-        try:
-            total = int((path / "total").read_text("ascii"))
-        except (FileNotFoundError, ValueError):
-            total = 0
-        return ContentStatus(
-            ref=ref,
-            offset=data.st_size,
-            total=total,
-            started_at=started_at,
-            updated_at=updated_at,
-        )
-
     def _remove_abort_leftovers(self) -> None:
         try:
             entries = list(os.scandir(self._ingest))
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.name.endswith(_ABORT_SUFFIX):
+            if entry.name.endswith(ABORT_SUFFIX):
                 logger.info("removing interrupted ingest abort %s", entry.path)
-                _rmtree(Path(entry.path))
+                remove_quietly(Path(entry.path))
 
     @contextmanager
     def _writing(self, txn: WriteTxn | None) -> Iterator[WriteTxn]:
@@ -1034,7 +850,7 @@ class LocalContentStore:
 
     def _commit(
         self,
-        writer: _LocalWriter,
+        writer: IngestWriter,
         digest: str,
         size: int,
         labels: Mapping[str, str],
@@ -1047,7 +863,7 @@ class LocalContentStore:
                 key = digest.encode()
                 if wtxn.get(DB_CONTENT, key) is not None:
                     # containerd: the ingest goes, and the caller learns the blob is there.
-                    _rmtree(writer.path)
+                    remove_quietly(writer.path)
                     self._require_absent(digest, f"commit of ref {writer.ref!r}", wtxn)
                 # Tracked before the rename: should this transaction roll back, the store's
                 # next write transaction removes the file again.
@@ -1061,7 +877,7 @@ class LocalContentStore:
                     "labels": dict(labels),
                 }
                 wtxn.put(DB_CONTENT, key, msgpack.packb(record))
-                _rmtree(writer.path)
+                remove_quietly(writer.path)
         except AlreadyExistsError:
             raise
         except BaseException:
@@ -1071,270 +887,7 @@ class LocalContentStore:
         return _info_from_record(digest, record)
 
 
-class _LocalWriter:
-    """An open ingest of a :class:`LocalContentStore`; implements :class:`ContentWriter`.
-
-    Writes are unbuffered (``os.write`` on the data file), so the file size is always the
-    offset, which is what a resume reads back.
-    """
-
-    def __init__(
-        self,
-        store: LocalContentStore,
-        *,
-        ref: str,
-        path: Path,
-        fd: int,
-        offset: int,
-        total: int,
-        hasher: Any,
-        algorithm: str,
-        expected: str,
-        started_at: int,
-        updated_at: int,
-    ) -> None:
-        self._store = store
-        self._ref = ref
-        self.path = path
-        self._fd: int | None = fd
-        self._offset = offset
-        self._total = total
-        self._hasher = hasher
-        self._algorithm = algorithm
-        self._expected = expected
-        self._started_at = started_at
-        self._updated_at = updated_at
-        #: Remove the ingest when writing or committing fails (write_blob's one-shot mode);
-        #: by default a failed ingest stays for a resume, as in containerd.
-        self.discard_on_error = False
-
-    @property
-    def ref(self) -> str:
-        """The ingest's ref."""
-        return self._ref
-
-    @property
-    def offset(self) -> int:
-        """Bytes written so far."""
-        return self._offset
-
-    def __enter__(self) -> _LocalWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "open" if self._fd is not None else "closed"
-        return f"<ContentWriter ref={self._ref!r} offset={self._offset} {state}>"
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Appends ``data`` to the ingest.
-
-        Returns:
-            ``len(data)``.
-
-        Raises:
-            InvalidError: ``data`` is not bytes-like.
-            FailedPreconditionError: The writer is closed or committed.
-            StoreFullError: The disk is full; the data file is cut back to the previous offset
-                and the writer stays usable (the ingest remains resumable).
-        """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            msg = f"write to ref {self._ref!r} needs bytes, got {type(data).__name__}"
-            raise InvalidError(msg)
-        fd = self._require_open("write to")
-        view = memoryview(data).cast("B")
-        written = 0
-        try:
-            while written < len(view):
-                written += os.write(fd, view[written:])
-        except OSError as exc:
-            # Cut back to the last whole write so that file size, offset and digest agree.
-            try:
-                os.ftruncate(fd, self._offset)
-                os.lseek(fd, self._offset, os.SEEK_SET)
-            except OSError:
-                logger.exception("cannot restore ingest %r after a failed write", self._ref)
-            msg = f"write to ingest ref {self._ref!r} failed at offset {self._offset}: {exc}"
-            raise _disk_error(msg, exc) from exc
-        self._hasher.update(view)
-        self._offset += len(view)
-        self._updated_at = time.time_ns()
-        return len(view)
-
-    def digest(self) -> str:
-        """The digest of the bytes written so far (still valid after commit or close)."""
-        return f"{self._algorithm}:{self._hasher.hexdigest()}"
-
-    def status(self) -> ContentStatus:
-        """The writer's status (containerd ``Writer.Status``)."""
-        return ContentStatus(
-            ref=self._ref,
-            offset=self._offset,
-            total=self._total,
-            expected=self._expected,
-            started_at=self._started_at,
-            updated_at=self._updated_at,
-        )
-
-    def truncate(self, size: int = 0) -> None:
-        """Restarts the ingest from empty: offset and digest reset.
-
-        Raises:
-            InvalidError: ``size`` is not 0 (containerd supports only 0).
-            FailedPreconditionError: The writer is closed.
-        """
-        if size != 0 or isinstance(size, bool):
-            msg = f"truncate of ref {self._ref!r} supports only size 0, not {size!r}"
-            raise InvalidError(msg)
-        fd = self._require_open("truncate")
-        try:
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-        except OSError as exc:
-            msg = f"cannot truncate ingest ref {self._ref!r}: {exc}"
-            raise _disk_error(msg, exc) from exc
-        self._hasher = _HASHES[self._algorithm]()
-        self._offset = 0
-        self._updated_at = time.time_ns()
-
-    def commit(
-        self,
-        size: int = 0,
-        expected: str | None = None,
-        *,
-        labels: Mapping[str, str] | None = None,
-        txn: WriteTxn | None = None,
-    ) -> ContentInfo:
-        """Verifies the ingest and moves it into the store (containerd ``Writer.Commit``).
-
-        The data is fsynced, checked, renamed to ``blobs/<alg>/<hex>`` (read-only), the
-        directory fsynced, and then the metadata is written. The writer is closed afterwards,
-        whatever the outcome, except for invalid arguments (which change nothing).
-
-        Args:
-            size: Expected size; 0 means the writer's ``total`` (0 = do not check).
-            expected: Expected digest; ``None`` means the writer's ``expected`` (if any).
-            labels: Content labels of the new blob.
-            txn: Write the metadata inside this transaction. Should it roll back, the blob
-                is forgotten, and its file removed by the store's next write transaction.
-
-        Returns:
-            The new blob's info.
-
-        Raises:
-            InvalidError: A bad ``size``, ``expected`` or label. Nothing changes.
-            FailedPreconditionError: The writer is closed, or size or digest do not match;
-                the ingest stays, to be resumed, truncated or aborted.
-            AlreadyExistsError: The blob is already in the store; the ingest is removed.
-            StoreFullError: The disk is full while syncing the ingest (the ingest stays), or
-                while moving it or committing the metadata (the blob is not stored, and its
-                data, already moved, is gone with the ingest: write it again).
-        """
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            msg = f"invalid commit size {size!r} for ref {self._ref!r}"
-            raise InvalidError(msg)
-        if expected is not None:
-            validate_digest(expected, what=f"expected digest for ref {self._ref!r}")
-        new_labels = validate_labels(labels, what=f"commit of ref {self._ref!r}")
-        fd = self._fd
-        if fd is None:
-            msg = f"cannot commit on closed writer for ref {self._ref!r}"
-            raise FailedPreconditionError(msg)
-        size = size or self._total
-        expected = expected or self._expected or None
-        self._fd = None
-        committed = False
-        try:
-            try:
-                os.fsync(fd)
-                actual_size = os.fstat(fd).st_size
-            except OSError as exc:
-                msg = f"cannot sync ingest ref {self._ref!r}: {exc}"
-                raise _disk_error(msg, exc) from exc
-            finally:
-                os.close(fd)
-            if size > 0 and size != actual_size:
-                msg = f"unexpected commit size {actual_size} for ref {self._ref!r}, expected {size}"
-                raise FailedPreconditionError(msg)
-            digest = self.digest()
-            if expected is not None and not expected.startswith(f"{self._algorithm}:"):
-                # containerd re-hashes when the expected digest uses another algorithm.
-                digest = self._rehash(expected.partition(":")[0])
-            if expected is not None and expected != digest:
-                msg = (
-                    f"unexpected commit digest {digest} for ref {self._ref!r}, expected {expected}"
-                )
-                raise FailedPreconditionError(msg)
-            info = self._store._commit(self, digest, actual_size, new_labels, txn)
-            committed = True
-            return info
-        finally:
-            if not committed and self.discard_on_error:
-                _remove_ingest(self.path, self._ref)
-            # containerd: "Ensure even on error the writer is fully closed".
-            _unlock_ref(self._store._lock_root, self._ref)
-
-    def close(self) -> None:
-        """Closes the writer; the ingest stays for a later resume. Safe to call twice."""
-        fd = self._fd
-        if fd is None:
-            return
-        self._fd = None
-        try:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                logger.warning("cannot sync ingest ref %r on close: %s", self._ref, exc)
-            os.close(fd)
-            try:
-                stamp = _format_timestamp(self._updated_at).encode()
-                _write_atomic(self.path / "updatedat", stamp)
-            except OSError as exc:
-                logger.warning("cannot record update time of ingest ref %r: %s", self._ref, exc)
-        finally:
-            _unlock_ref(self._store._lock_root, self._ref)
-
-    def discard(self) -> None:
-        """Closes the writer and removes its ingest (while still holding the ref lock)."""
-        fd = self._fd
-        self._fd = None
-        try:
-            if fd is not None:
-                os.close(fd)
-                _remove_ingest(self.path, self._ref)
-        finally:
-            if fd is not None:
-                _unlock_ref(self._store._lock_root, self._ref)
-
-    def _require_open(self, action: str) -> int:
-        if self._fd is None:
-            msg = f"cannot {action} closed writer for ref {self._ref!r}"
-            raise FailedPreconditionError(msg)
-        return self._fd
-
-    def _rehash(self, algorithm: str) -> str:
-        hasher = _HASHES[algorithm]()
-        try:
-            fd = os.open(self.path / "data", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            msg = f"cannot re-read ingest ref {self._ref!r}: {exc}"
-            raise RefcacheError(msg) from exc
-        try:
-            _hash_fd(fd, hasher)
-        finally:
-            os.close(fd)
-        return f"{algorithm}:{hasher.hexdigest()}"
-
-
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _check_ref(ref: object) -> None:
-    if not isinstance(ref, str) or not ref:
-        msg = f"invalid ingest ref {ref!r}: must be a non-empty string"
-        raise InvalidError(msg)
 
 
 def _descriptor(digest: str, size: int, expected: Descriptor | None, media_type: str) -> Descriptor:
@@ -1347,58 +900,6 @@ def _descriptor(digest: str, size: int, expected: Descriptor | None, media_type:
         annotations=expected.annotations,
         urls=expected.urls,
     )
-
-
-def _copy_stream(writer: ContentWriter, stream: BinaryIO, ref: str) -> None:
-    """Feeds a stream to a (possibly resumed) writer, as containerd's ``content.Copy``."""
-    if writer.offset:
-        seekable = False
-        try:
-            seekable = bool(stream.seekable())
-        except (AttributeError, OSError):
-            seekable = False
-        if seekable:
-            stream.seek(writer.offset, os.SEEK_SET)
-        else:
-            remaining = writer.offset
-            while remaining:
-                chunk = stream.read(min(remaining, _CHUNK))
-                if not chunk:
-                    msg = f"stream for ref {ref!r} ended before the resume offset {writer.offset}"
-                    raise FailedPreconditionError(msg)
-                remaining -= len(chunk)
-    while True:
-        chunk = stream.read(_CHUNK)
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes | bytearray | memoryview):
-            msg = f"stream for ref {ref!r} returned {type(chunk).__name__}, not bytes"
-            raise InvalidError(msg)
-        writer.write(chunk)
-
-
-def _remove_ingest(path: Path, ref: str) -> bool:
-    """Removes an ingest directory; returns whether there was one.
-
-    containerd renames it away first, so that a half-done removal never looks like a
-    resumable ingest; ``*.tmp`` leftovers are removed at the next open.
-    """
-    doomed = path.with_name(f"{path.name}.{uuid.uuid4().hex}{_ABORT_SUFFIX}")
-    try:
-        path.rename(doomed)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        msg = f"cannot remove ingest ref {ref!r} at {path}: {exc}"
-        raise RefcacheError(msg) from exc
-    _rmtree(doomed)
-    return True
-
-
-def _rmtree(path: Path) -> None:
-    """Removes an ingest directory; what cannot go is left for the next open's cleanup."""
-    with suppress(OSError):
-        remove_tree(path)
 
 
 def _place_blob(source: Path, target: Path, ref: str) -> None:
@@ -1415,63 +916,7 @@ def _place_blob(source: Path, target: Path, ref: str) -> None:
         fsync_dir(directory)
     except OSError as exc:
         msg = f"cannot move ingest ref {ref!r} into {target}: {exc}"
-        raise _disk_error(msg, exc) from exc
-
-
-def _hash_fd(fd: int, hasher: Any) -> int:
-    """Feeds the whole file behind ``fd`` (from its start) to ``hasher``; returns its size."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    total = 0
-    while True:
-        chunk = os.read(fd, _CHUNK)
-        if not chunk:
-            return total
-        hasher.update(chunk)
-        total += len(chunk)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes a small ingest file through a temporary name (containerd ``writeToCompletion``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
-def _format_timestamp(ns: int) -> str:
-    """RFC 3339 with nanoseconds, as Go's ``time.MarshalText`` (in UTC)."""
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    if fraction:
-        text += "." + f"{fraction:09d}".rstrip("0")
-    return text + "Z"
-
-
-def _parse_timestamp(text: str) -> int:
-    """Parses an RFC 3339 timestamp (any offset, up to nanoseconds) to epoch nanoseconds.
-
-    Raises:
-        ValueError: Not a timestamp.
-    """
-    match = _TS_RE.match(text.strip())
-    if match is None:
-        msg = f"not an RFC 3339 timestamp: {text!r}"
-        raise ValueError(msg)
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction = int((match.group(7) or "").ljust(9, "0"))
-    zone = match.group(8)
-    offset = 0
-    if zone != "Z":
-        sign = -1 if zone[0] == "-" else 1
-        offset = sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) - offset
-    return seconds * 1_000_000_000 + fraction
-
-
-def _disk_error(message: str, exc: OSError) -> RefcacheError:
-    if exc.errno in _DISK_FULL:
-        return StoreFullError(message)
-    return RefcacheError(message)
+        raise disk_error(msg, exc) from exc
 
 
 def _decode_record(digest: str, raw: bytes) -> dict[str, Any]:

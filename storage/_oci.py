@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from ._errors import InvalidError
+from ._times import format_rfc3339_ns, parse_rfc3339_ns
 from ._types import ANNOTATION_UNCOMPRESSED, Descriptor, frozen_map, validate_digest
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "build_index",
     "build_manifest",
     "canonical_json",
-    "format_rfc3339_ns",
     "parse_image",
     "parse_manifest",
     "parse_target",
@@ -279,32 +279,13 @@ class LayerMeta:
     created_at: int = 0
 
 
-def format_rfc3339_ns(ns: int) -> str:
-    """Go's ``time.MarshalText`` of a UTC time in nanoseconds since the epoch (RFC 3339,
-    fraction with trailing zeros trimmed), as images record creation times."""
-    from datetime import UTC, datetime  # noqa: PLC0415 (only when a document is built)
-
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    if nanos:
-        text += "." + f"{nanos:09d}".rstrip("0")
-    return text + "Z"
-
-
 def parse_rfc3339(text: str) -> int:
-    """Nanoseconds since the epoch of an RFC 3339 UTC time (``...Z`` or ``+00:00``); 0 when
-    it cannot be parsed (a creation time is informative, never a reason to fail a pull)."""
-    from datetime import datetime  # noqa: PLC0415
-
-    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)", text)
-    if m is None:
-        return 0
+    """Nanoseconds since the epoch of an RFC 3339 time; 0 when it cannot be parsed (a
+    creation time is informative, never a reason to fail a pull)."""
     try:
-        base = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+        return parse_rfc3339_ns(text)
     except ValueError:
         return 0
-    nanos = int((m.group(2) or "0").ljust(9, "0"))
-    return int(base.timestamp()) * 1_000_000_000 + nanos
 
 
 def _record_annotations(meta: LayerMeta) -> dict[str, str]:

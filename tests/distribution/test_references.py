@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from refcache.storage import ANNOTATION_UNCOMPRESSED, Descriptor, InvalidError
+from refcache.storage import ANNOTATION_UNCOMPRESSED, Descriptor, InvalidError, format_rfc3339_ns
 from refcache.storage._oci import (
     LayerMeta,
     build_config,
     build_index,
     build_manifest,
-    format_rfc3339_ns,
     parse_image,
     parse_manifest,
     parse_rfc3339,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from refcache.storage import _content
 from refcache.storage._content import (
     ContentStatus,
     ContentStore,
@@ -42,6 +41,7 @@ from refcache.storage._errors import (
     StoreFullError,
 )
 from refcache.storage._labels import MAX_LABEL_SIZE
+from refcache.storage._times import format_rfc3339_ns, parse_rfc3339_ns
 from refcache.storage._types import (
     MEDIA_TYPE_OCI_LAYER,
     MEDIA_TYPE_OCI_LAYER_GZIP,
@@ -434,7 +434,7 @@ def test_layout_on_disk_is_containerds(store: LocalContentStore, root: Path, env
     ]
     assert (ingest / "ref").read_text() == "layout-ref"
     assert (ingest / "total").read_text() == "100"
-    started = _content._parse_timestamp((ingest / "startedat").read_text())
+    started = parse_rfc3339_ns((ingest / "startedat").read_text())
     assert started == writer.status().started_at
     assert (ingest / "data").read_bytes() == data[:10]
     writer.write(data[10:])
@@ -456,14 +456,16 @@ def test_layout_on_disk_is_containerds(store: LocalContentStore, root: Path, env
 
 def test_timestamps_round_trip_as_rfc3339_nano() -> None:
     ns = 1_700_000_000_123_456_789
-    text = _content._format_timestamp(ns)
+    text = format_rfc3339_ns(ns)
     assert text == "2023-11-14T22:13:20.123456789Z"
-    assert _content._parse_timestamp(text) == ns
-    assert _content._format_timestamp(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
+    assert parse_rfc3339_ns(text) == ns
+    assert format_rfc3339_ns(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
     # Go writes the local offset; the instant is what counts.
-    assert _content._parse_timestamp("2023-11-15T00:13:20.5+02:00") == 1_700_000_000_500_000_000
+    assert parse_rfc3339_ns("2023-11-15T00:13:20.5+02:00") == 1_700_000_000_500_000_000
     with pytest.raises(ValueError, match="not an RFC 3339 timestamp"):
-        _content._parse_timestamp("yesterday")
+        parse_rfc3339_ns("yesterday")
+    with pytest.raises(ValueError, match="month"):
+        parse_rfc3339_ns("2023-13-01T00:00:00Z")  # no 13th month
 
 
 def test_blob_survives_reopening_metadata_and_store(tmp_path: Path) -> None:
