@@ -606,18 +606,7 @@ class LocalContentStore:
             LockedError: Another writer kept the ref longer than ``lock_timeout``.
             StoreFullError: The disk is full; nothing is kept.
         """
-        if not isinstance(data, bytes | bytearray | memoryview) and not callable(
-            getattr(data, "read", None)
-        ):
-            msg = f"write_blob needs bytes or a binary file object, got {type(data).__name__}"
-            raise InvalidError(msg)
-        if expected is not None and not isinstance(expected, Descriptor):
-            msg = f"expected must be a Descriptor or None, got {type(expected).__name__}"
-            raise InvalidError(msg)
-        if not isinstance(media_type, str) or not media_type:
-            msg = f"invalid media type {media_type!r}"
-            raise InvalidError(msg)
-        new_labels = validate_labels(labels, what="write_blob")
+        new_labels = _check_write_blob(data, expected, media_type, labels)
         if expected is not None and self.exists(expected.digest, txn=txn):
             return self._existing(expected.digest, expected, media_type, new_labels, txn)
         ref = f"write-blob-{expected.digest if expected else uuid.uuid4().hex}"
@@ -641,14 +630,7 @@ class LocalContentStore:
         # write_blob waiting for the ref never resumes a rejected ingest.
         writer.discard_on_error = True
         try:
-            if isinstance(data, bytes | bytearray | memoryview):
-                if writer.offset:
-                    writer.truncate(0)
-                view = memoryview(data).cast("B")
-                for start in range(0, len(view), CHUNK):
-                    writer.write(view[start : start + CHUNK])
-            else:
-                copy_stream(writer, data, ref)
+            _feed(writer, data)
         except BaseException:
             writer.discard()
             raise
@@ -888,6 +870,37 @@ class LocalContentStore:
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def _check_write_blob(
+    data: object, expected: object, media_type: object, labels: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Checks :meth:`LocalContentStore.write_blob`'s arguments; returns the labels."""
+    if not isinstance(data, bytes | bytearray | memoryview) and not callable(
+        getattr(data, "read", None)
+    ):
+        msg = f"write_blob needs bytes or a binary file object, got {type(data).__name__}"
+        raise InvalidError(msg)
+    if expected is not None and not isinstance(expected, Descriptor):
+        msg = f"expected must be a Descriptor or None, got {type(expected).__name__}"
+        raise InvalidError(msg)
+    if not isinstance(media_type, str) or not media_type:
+        msg = f"invalid media type {media_type!r}"
+        raise InvalidError(msg)
+    return validate_labels(labels, what="write_blob")
+
+
+def _feed(writer: IngestWriter, data: bytes | bytearray | memoryview | BinaryIO) -> None:
+    """Writes a whole blob: bytes from the start (a crashed ingest's prefix is not trusted
+    when the bytes are at hand), a stream from the ingest's offset."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        if writer.offset:
+            writer.truncate(0)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), CHUNK):
+            writer.write(view[start : start + CHUNK])
+    else:
+        copy_stream(writer, data, writer.ref)
 
 
 def _descriptor(digest: str, size: int, expected: Descriptor | None, media_type: str) -> Descriptor:

@@ -368,26 +368,8 @@ class IngestWriter:
         self._fd = None
         committed = False
         try:
-            try:
-                os.fsync(fd)
-                actual_size = os.fstat(fd).st_size
-            except OSError as exc:
-                msg = f"cannot sync ingest ref {self._ref!r}: {exc}"
-                raise disk_error(msg, exc) from exc
-            finally:
-                os.close(fd)
-            if size > 0 and size != actual_size:
-                msg = f"unexpected commit size {actual_size} for ref {self._ref!r}, expected {size}"
-                raise FailedPreconditionError(msg)
-            digest = self.digest()
-            if expected is not None and not expected.startswith(f"{self._algorithm}:"):
-                # containerd re-hashes when the expected digest uses another algorithm.
-                digest = self._rehash(expected.partition(":")[0])
-            if expected is not None and expected != digest:
-                msg = (
-                    f"unexpected commit digest {digest} for ref {self._ref!r}, expected {expected}"
-                )
-                raise FailedPreconditionError(msg)
+            actual_size = self._sync(fd)
+            digest = self._verify(size, expected, actual_size)
             info = self._place(self, digest, actual_size, new_labels, txn)
             committed = True
             return info
@@ -396,6 +378,31 @@ class IngestWriter:
                 remove_ingest(self.path, self._ref)
             # containerd: "Ensure even on error the writer is fully closed".
             unlock_ref(self._lock_root, self._ref)
+
+    def _sync(self, fd: int) -> int:
+        """Syncs and closes the data file; returns its size."""
+        try:
+            os.fsync(fd)
+            return os.fstat(fd).st_size
+        except OSError as exc:
+            msg = f"cannot sync ingest ref {self._ref!r}: {exc}"
+            raise disk_error(msg, exc) from exc
+        finally:
+            os.close(fd)
+
+    def _verify(self, size: int, expected: str | None, actual_size: int) -> str:
+        """The ingest's digest, checked against ``size`` (when > 0) and ``expected``."""
+        if size > 0 and size != actual_size:
+            msg = f"unexpected commit size {actual_size} for ref {self._ref!r}, expected {size}"
+            raise FailedPreconditionError(msg)
+        digest = self.digest()
+        if expected is not None and not expected.startswith(f"{self._algorithm}:"):
+            # containerd re-hashes when the expected digest uses another algorithm.
+            digest = self._rehash(expected.partition(":")[0])
+        if expected is not None and expected != digest:
+            msg = f"unexpected commit digest {digest} for ref {self._ref!r}, expected {expected}"
+            raise FailedPreconditionError(msg)
+        return digest
 
     def close(self) -> None:
         """Closes the writer; the ingest stays for a later resume. Safe to call twice."""
