@@ -14,6 +14,7 @@ from ._compression import (
     detect_compression,
 )
 from ._content import ContentStatus, ContentStore, ContentWriter, LocalContentStore
+from ._credentials import Credentials, load_credentials
 from ._differ import Differ, LayerBlobWriter, WalkingDiffer
 from ._difftar import write_diff
 from ._env import (
@@ -109,7 +110,7 @@ from ._oci import (
 )
 from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
-from ._registry import Credentials, RegistryClient, RegistryRepository, load_credentials
+from ._registry import RegistryClient, RegistryRepository
 from ._snapshotter import Snapshotter
 from ._times import format_rfc3339_ns
 from ._types import (

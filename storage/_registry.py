@@ -4,7 +4,7 @@ Only what a cache image needs, done the way container tools do it:
 
 * ``HEAD``/``GET`` of blobs and manifests; the ``GET`` of a blob streamed (its body read
   with ``http.client``, see :meth:`RegistryClient.open_body`) and *resumed* with
-  ``Range: bytes=<offset>-`` when the connection breaks (:class:`BlobStream`);
+  ``Range: bytes=<offset>-`` when the connection breaks (``_blobstream.py``);
 * monolithic uploads (``POST /blobs/uploads/`` then one streamed ``PUT ?digest=`` with a
   ``Content-Length``: accepted by every registry, one round trip less than chunked ``PATCH``
   uploads, and nothing is held in memory), and cross-repository mounts
@@ -13,14 +13,12 @@ Only what a cache image needs, done the way container tools do it:
 * authentication by challenge (``WWW-Authenticate``): ``Basic``, and ``Bearer`` through the
   token service named in the challenge (anonymous, with the user's password, or with an
   identity token as an OAuth2 refresh token); tokens are kept per scope until they expire;
-* credentials passed in, or read as every container tool reads them: ``$DOCKER_CONFIG/
-  config.json`` (default ``~/.docker/config.json``) ``auths`` entries (``auth`` =
-  base64 ``user:password``, or ``username``/``password``, or ``identitytoken``), and the
-  ``credHelpers``/``credsStore`` programs (``docker-credential-<name> get``);
+* credentials passed in, or read as every container tool reads them (``_credentials.py``:
+  Docker's ``config.json`` and credential helpers);
 * HTTPS by default (system CAs, plus ``ca_file``, plus Docker's
   ``/etc/docker/certs.d/<host>/ca.crt`` when it exists); plain HTTP only with
   ``insecure=True``;
-* retries with exponential backoff (0.1 s doubling to 2 s, with jitter) on connection
+* retries with exponential backoff (``_retry.py``: 0.1 s doubling to 2 s, with jitter) on connection
   errors, 5xx and 429, for as long as the client's ``timeout`` allows since the last
   progress; then :class:`UnavailableError` naming the registry and the operation.
 
@@ -43,183 +41,38 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
-import io
 import json
 import logging
 import os
-import random
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import BinaryIO, Final
 
 import httpx
 
+from ._blobstream import BlobStream, Body
+from ._credentials import Credentials, docker_config_dir, load_credentials
 from ._errors import AuthError, InvalidError, NotFoundError, RefcacheError, UnavailableError
 from ._oci import MANIFEST_ACCEPT, digest_bytes
-from ._types import Descriptor, validate_digest
+from ._retry import Retry, backoff
+from ._types import Descriptor
 
-__all__ = [
-    "BlobStream",
-    "Credentials",
-    "RegistryClient",
-    "RegistryRepository",
-    "load_credentials",
-]
+__all__ = ["RegistryClient", "RegistryRepository"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK: Final = 1 << 20
-_BACKOFF_FIRST: Final = 0.1
-_BACKOFF_MAX: Final = 2.0
 _USER_AGENT: Final = "refcache/0.1 (+OCI distribution)"
 #: Socket-level timeouts (each bounded further by what is left of the retry budget).
 _CONNECT_TIMEOUT: Final = 10.0
 _IO_TIMEOUT: Final = 60.0
 
 OnRequest = Callable[[str, str, float], None]
-
-
-# -- credentials ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """Credentials for one registry.
-
-    Attributes:
-        username: User name (``""`` with an identity token only).
-        password: Password or personal access token.
-        identity_token: An OAuth2 refresh token (``docker login`` with an identity
-            provider stores one as ``identitytoken``).
-        source: Where they came from (for error messages; never the secret).
-    """
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-    source: str = "given"
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, source={self.source!r})"
-
-
-def _docker_config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
-    if config_dir is not None:
-        return Path(config_dir)
-    env = os.environ.get("DOCKER_CONFIG")
-    if env:
-        return Path(env)
-    return Path.home() / ".docker"
-
-
-def _host_keys(key: str) -> str:
-    """``https://host:port/v1/`` -> ``host:port`` (config.json keys come in both forms)."""
-    for prefix in ("https://", "http://"):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key.split("/", 1)[0]
-
-
-def load_credentials(
-    host: str, *, config_dir: str | os.PathLike[str] | None = None
-) -> Credentials | None:
-    """Credentials for ``host`` from Docker's client configuration, or ``None``.
-
-    Looks in ``<config_dir>/config.json`` (default ``$DOCKER_CONFIG``, else
-    ``~/.docker``): a ``credHelpers[host]`` program, else an ``auths`` entry, else the
-    ``credsStore`` program. A helper is ``docker-credential-<name>`` on ``PATH``, asked with
-    ``get`` and the host on stdin.
-
-    Raises:
-        InvalidError: ``config.json`` exists but is not valid JSON, or an ``auth`` value
-            is not base64 ``user:password`` (naming the file and the host).
-    """
-    path = _docker_config_dir(config_dir) / "config.json"
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        msg = f"cannot read Docker credentials {path}: {exc}"
-        raise InvalidError(msg) from exc
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        msg = f"Docker credentials {path} are not valid JSON: {exc}"
-        raise InvalidError(msg) from exc
-    if not isinstance(doc, dict):
-        return None
-    helpers = doc.get("credHelpers") or {}
-    if isinstance(helpers, dict) and isinstance(helpers.get(host), str):
-        return _from_helper(helpers[host], host)
-    auths = doc.get("auths") or {}
-    if isinstance(auths, dict):
-        for key, entry in auths.items():
-            if isinstance(key, str) and _host_keys(key) == host and isinstance(entry, dict):
-                found = _from_auth_entry(entry, host, path)
-                if found is not None:
-                    return found
-    store = doc.get("credsStore")
-    if isinstance(store, str) and store:
-        return _from_helper(store, host)
-    return None
-
-
-def _from_auth_entry(entry: Mapping[str, Any], host: str, path: Path) -> Credentials | None:
-    source = f"{path} auths[{host!r}]"
-    token = entry.get("identitytoken")
-    if isinstance(token, str) and token:
-        user = entry.get("username")
-        return Credentials(user if isinstance(user, str) else "", "", token, source)
-    auth = entry.get("auth")
-    if isinstance(auth, str) and auth:
-        try:
-            decoded = base64.b64decode(auth, validate=True).decode()
-        except (ValueError, UnicodeDecodeError) as exc:
-            msg = f"{source}: 'auth' is not base64 of user:password"
-            raise InvalidError(msg) from exc
-        user, sep, password = decoded.partition(":")
-        if not sep:
-            msg = f"{source}: 'auth' does not decode to user:password"
-            raise InvalidError(msg)
-        return Credentials(user, password, "", source)
-    name, secret = entry.get("username"), entry.get("password")
-    if isinstance(name, str) and isinstance(secret, str) and name:
-        return Credentials(name, secret, "", source)
-    return None
-
-
-def _from_helper(name: str, host: str) -> Credentials | None:
-    program = shutil.which(f"docker-credential-{name}")
-    if program is None:
-        logger.warning("credential helper docker-credential-%s not found on PATH", name)
-        return None
-    try:
-        done = subprocess.run(
-            [program, "get"], input=host, capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        msg = f"credential helper docker-credential-{name} failed for {host}: {exc}"
-        raise AuthError(msg) from exc
-    if done.returncode != 0:
-        return None  # "credentials not found in native keychain"
-    try:
-        doc = json.loads(done.stdout)
-        user, secret = doc["Username"], doc["Secret"]
-    except (ValueError, KeyError, TypeError) as exc:
-        msg = f"credential helper docker-credential-{name} gave no credentials for {host}"
-        raise AuthError(msg) from exc
-    source = f"docker-credential-{name}"
-    if user == "<token>":
-        return Credentials("", "", str(secret), source)
-    return Credentials(str(user), str(secret), "", source)
 
 
 # -- challenges -----------------------------------------------------------------------------
@@ -260,15 +113,6 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class _Token:
     value: str
     expires: float
-
-
-class _Retry(Exception):  # noqa: N818 (internal control flow, never escapes)
-    """A transient failure the caller may retry (connection error, 5xx, 429)."""
-
-    def __init__(self, reason: str, status: int = 0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status  #: the HTTP status when the registry answered (5xx, 429)
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -313,7 +157,7 @@ class RegistryClient:
         self.timeout = float(timeout)
         self.base = f"{'http' if insecure else 'https'}://{host}"
         self._on_request = on_request
-        self._config_file = _docker_config_dir(docker_config) / "config.json"
+        self._config_file = docker_config_dir(docker_config) / "config.json"
         self._credentials = (
             credentials
             if credentials is not None
@@ -509,7 +353,7 @@ class RegistryClient:
         Raises:
             AuthError: 401 after authenticating, or 403.
             UnavailableError: retries ran out (or TLS verification failed).
-            _Retry: a transient failure with ``retry=False`` (internal).
+            Retry: a transient failure with ``retry=False`` (internal).
         """
         deadline = time.monotonic() + (self.timeout if budget is None else budget)
         attempt = 0
@@ -535,9 +379,9 @@ class RegistryClient:
                 self._check_tls(what, exc)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not retry:
-                    raise _Retry(reason) from exc
+                    raise Retry(reason) from exc
                 attempt += 1
-                if not _backoff(attempt, deadline):
+                if not backoff(attempt, deadline):
                     raise self._unavailable(what, reason, attempt, started) from exc
                 continue
             self._observe(operation, str(resp.status_code), time.perf_counter() - start)
@@ -561,9 +405,9 @@ class RegistryClient:
                 resp.close()
                 reason = f"HTTP {status}{detail}"
                 if not retry:
-                    raise _Retry(reason, status)
+                    raise Retry(reason, status)
                 attempt += 1
-                if not _backoff(attempt, deadline):
+                if not backoff(attempt, deadline):
                     raise self._unavailable(what, reason, attempt, started)
                 continue
             return resp
@@ -577,7 +421,7 @@ class RegistryClient:
         what: str,
         headers: Mapping[str, str],
         budget: float,
-    ) -> _Body:
+    ) -> Body:
         """A ``GET`` whose body is read straight from the socket (``http.client``).
 
         Blob downloads take this path: ``httpx``'s HTTP/1.1 parser (h11) copies every
@@ -585,10 +429,10 @@ class RegistryClient:
         library's buffered reader does on the same connection (docs/DISTRIBUTED.md). The
         exchange is otherwise the same as :meth:`send`: credentials and challenges (a 401
         is answered once), redirects followed (up to 5; ``Authorization`` only to this
-        registry), 5xx/429 and connection errors reported as transient (``_Retry``).
+        registry), 5xx/429 and connection errors reported as transient (``Retry``).
 
         Raises:
-            AuthError / UnavailableError (TLS) / NotFoundError / RefcacheError; _Retry.
+            AuthError / UnavailableError (TLS) / NotFoundError / RefcacheError; Retry.
         """
         url = self.url(path)
         challenged = False
@@ -616,7 +460,7 @@ class RegistryClient:
                 conn.close()
                 self._observe(operation, "error", time.perf_counter() - start)
                 self._check_tls(what, exc)
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+                raise Retry(f"{type(exc).__name__}: {exc}") from exc
             status = resp.status
             self._observe(operation, str(status), time.perf_counter() - start)
             if status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
@@ -632,12 +476,12 @@ class RegistryClient:
                 self._on_challenge(header, scope, had_auth)
                 continue
             if status in (200, 206):
-                return _Body(conn, resp)
+                return Body(conn, resp)
             conn.close()
             if status == 403:
                 raise AuthError(f"{self.description} denied {what}")
             if status >= 500 or status == 429:
-                raise _Retry(f"HTTP {status}")
+                raise Retry(f"HTTP {status}")
             if status == 404:
                 raise NotFoundError(f"{what}: not found in {self.description}")
             raise RefcacheError(f"{self.description} refused {what}: HTTP {status}")
@@ -692,17 +536,6 @@ def _tls_failure(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
-
-
-def _backoff(attempt: int, deadline: float) -> bool:
-    """Sleeps before retry ``attempt`` (1, 2, ...); ``False`` when the deadline is past."""
-    delay = min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX)
-    delay *= 0.75 + random.random() / 2  # jitter: workers retrying together spread out
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return False
-    time.sleep(min(delay, remaining))
-    return time.monotonic() < deadline
 
 
 def _error_detail(resp: httpx.Response) -> str:
@@ -763,7 +596,7 @@ class RegistryRepository:
                 "blob_head", "HEAD", path, scope=self._scope(push), what=what,
                 follow_redirects=True, retry=not push,
             )  # fmt: skip
-        except _Retry as exc:
+        except Retry as exc:
             if exc.status >= 500:
                 logger.warning("%s: %s answered %s; uploading it", self.description, what, exc)
                 return False
@@ -870,9 +703,9 @@ class RegistryRepository:
                     retry=False,
                     budget=deadline - time.monotonic(),
                 )
-            except _Retry as exc:
+            except Retry as exc:
                 attempt += 1
-                if not _backoff(attempt, deadline):
+                if not backoff(attempt, deadline):
                     raise client._unavailable(what, exc.reason, attempt, started) from exc
                 continue
             if resp.status_code in (201, 204):
@@ -881,7 +714,7 @@ class RegistryRepository:
             if resp.status_code == 404:  # BLOB_UPLOAD_UNKNOWN: the session was lost
                 resp.close()
                 attempt += 1
-                if not _backoff(attempt, deadline):
+                if not backoff(attempt, deadline):
                     raise client._unavailable(what, "upload session lost", attempt, started)
                 continue
             raise client.fail(resp, what)
@@ -964,192 +797,3 @@ def _read_chunks(
             if on_bytes is not None:
                 on_bytes(len(chunk))
             yield chunk
-
-
-class _Body:
-    """An open ``GET`` response read from its socket (see :meth:`RegistryClient.open_body`)."""
-
-    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        self.conn = conn
-        self.resp = resp
-        self.status = resp.status
-
-    def header(self, name: str) -> str:
-        return self.resp.getheader(name, "") or ""
-
-    def chunks(self) -> Iterator[bytes]:
-        """The body in pieces as the socket delivers them (up to 1 MiB); ends early (no
-        error) when the connection breaks: the caller compares with the expected size."""
-        while chunk := self.resp.read1(_CHUNK):
-            yield chunk
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.resp.close()
-        self.conn.close()
-
-
-class BlobStream(io.RawIOBase):
-    """A blob read from a registry, resumed with ``Range`` requests when a connection breaks.
-
-    The first read sends ``GET /v2/<repo>/blobs/<digest>`` (redirects followed, as registries
-    backed by object stores answer with one). When the body stops early (reset, timeout,
-    truncated), the stream reconnects with ``Range: bytes=<offset>-`` and goes on, backing
-    off between attempts, for as long as the client's ``timeout`` allows since the last byte
-    arrived. A server that ignores ``Range`` (200) is read from the start and the bytes
-    already delivered are skipped. Reading stops at ``desc.size`` bytes; the digest is not
-    checked here (the content store's verified write does it, while the bytes stream in).
-
-    Raises (from ``read``):
-        UnavailableError: retries ran out; the message names the registry and the digest.
-        NotFoundError: the registry has no such blob.
-    """
-
-    def __init__(
-        self,
-        repo: RegistryRepository,
-        desc: Descriptor,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> None:
-        super().__init__()
-        validate_digest(desc.digest)
-        self._repo = repo
-        self._desc = desc
-        self._on_bytes = on_bytes
-        self._offset = 0
-        self._resp: _Body | None = None
-        self._chunks: Iterator[bytes] | None = None
-        self._pending = b""
-        self._attempts = 0
-        self.reconnects = 0
-
-    @property
-    def offset(self) -> int:
-        """Bytes delivered so far."""
-        return self._offset
-
-    def readable(self) -> bool:
-        return True
-
-    def _what(self) -> str:
-        return f"fetch of blob {self._desc.digest} from repository {self._repo.name}"
-
-    def _connect(self, deadline: float) -> None:
-        client = self._repo.client
-        headers = {}
-        if self._offset:
-            headers["Range"] = f"bytes={self._offset}-"
-        body = client.open_body(
-            "blob_get",
-            f"/v2/{self._repo.name}/blobs/{self._desc.digest}",
-            scope=self._repo._scope(),
-            what=self._what(),
-            headers=headers,
-            budget=deadline - time.monotonic(),
-        )
-        skip = 0
-        if body.status == 200:
-            skip = self._offset  # Range ignored: the whole blob again
-        elif self._offset:
-            start = _content_range_start(body.header("Content-Range"))
-            if start != self._offset:
-                body.close()
-                msg = (
-                    f"{client.description} answered a range from {start} for "
-                    f"{self._what()} at offset {self._offset}"
-                )
-                raise RefcacheError(msg)
-        self._resp = body
-        self._chunks = body.chunks()
-        while skip:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                raise _Retry("connection closed before the resume offset")
-            if len(chunk) > skip:
-                self._pending = chunk[skip:]
-                skip = 0
-            else:
-                skip -= len(chunk)
-
-    def _drop(self) -> None:
-        if self._resp is not None:
-            with contextlib.suppress(Exception):
-                self._resp.close()
-        self._resp = None
-        self._chunks = None
-
-    def _next_chunk(self) -> bytes:
-        if self._pending:
-            chunk, self._pending = self._pending, b""
-            return chunk
-        client = self._repo.client
-        deadline = time.monotonic() + client.timeout
-        started = time.monotonic()
-        while True:
-            try:
-                return self._pull_chunk(deadline)
-            except (OSError, http.client.HTTPException, _Retry) as exc:
-                self._drop()
-                reason = exc.reason if isinstance(exc, _Retry) else f"{type(exc).__name__}: {exc}"
-                self._attempts += 1
-                self.reconnects += 1
-                logger.info("%s: %s; resuming at byte %d", self._what(), reason, self._offset)
-                if not _backoff(min(self._attempts, 8), deadline):
-                    raise client._unavailable(
-                        self._what(), reason, self._attempts, started
-                    ) from exc
-
-    def _pull_chunk(self, deadline: float) -> bytes:
-        """The next piece of the body (``b""`` at the end); ``_Retry`` when it broke off."""
-        if self._chunks is None:
-            self._connect(deadline)
-        assert self._chunks is not None
-        if self._pending:
-            chunk, self._pending = self._pending, b""
-        else:
-            chunk = next(self._chunks, b"")
-        if chunk or self._desc.size <= 0 or self._offset >= self._desc.size:
-            return chunk
-        raise _Retry(f"connection closed at byte {self._offset} of {self._desc.size}")
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = len(view)
-        if want == 0:
-            return 0
-        if self._desc.size > 0:
-            want = min(want, self._desc.size - self._offset)
-            if want <= 0:
-                return 0
-        chunk = self._next_chunk()
-        if not chunk:
-            return 0
-        n = min(len(chunk), want)
-        view[:n] = chunk[:n]
-        if n < len(chunk):
-            self._pending = chunk[n:]
-        self._offset += n
-        self._attempts = 0  # progress: the retry budget starts again
-        if self._on_bytes is not None:
-            self._on_bytes(n)
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (one network chunk at most); ``b""`` at the end."""
-        if size is None or size < 0:
-            return self.readall()
-        buf = bytearray(min(size, _CHUNK))
-        n = self.readinto(buf)
-        return bytes(buf[:n])
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-
-def _content_range_start(value: str) -> int:
-    # "bytes 100-199/200"
-    try:
-        return int(value.split(" ", 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return -1

@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from refcache.storage import ANNOTATION_UNCOMPRESSED, Descriptor, InvalidError, format_rfc3339_ns
+from refcache.storage import (
+    ANNOTATION_UNCOMPRESSED,
+    Descriptor,
+    InvalidError,
+    format_rfc3339_ns,
+    load_credentials,
+)
 from refcache.storage._oci import (
     LayerMeta,
     build_config,
@@ -19,7 +25,7 @@ from refcache.storage._oci import (
     parse_target,
     validate_name,
 )
-from refcache.storage._registry import _parse_challenge, load_credentials
+from refcache.storage._registry import _parse_challenge
 
 
 @pytest.mark.parametrize(
