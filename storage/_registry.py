@@ -363,54 +363,81 @@ class RegistryClient:
             h = dict(headers or {})
             self._authorize(h, scope)
             had_auth = "Authorization" in h
-            content = body() if body is not None else None
-            start = time.perf_counter()
             try:
-                request = self._http.build_request(
+                resp = self._send_once(
+                    operation,
                     method,
-                    self.url(url),
-                    headers=h,
-                    content=content,
-                    timeout=self._timeouts(deadline - time.monotonic()),
+                    url,
+                    h,
+                    body() if body is not None else None,
+                    stream=stream,
+                    follow_redirects=follow_redirects,
+                    deadline=deadline,
+                    what=what,
                 )
-                resp = self._http.send(request, stream=stream, follow_redirects=follow_redirects)
-            except httpx.TransportError as exc:
-                self._observe(operation, "error", time.perf_counter() - start)
-                self._check_tls(what, exc)
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if resp.status_code != 401:
+                    self._check_status(resp, what)
+                    return resp
+            except Retry as exc:
                 if not retry:
-                    raise Retry(reason) from exc
+                    raise
                 attempt += 1
                 if not backoff(attempt, deadline):
-                    raise self._unavailable(what, reason, attempt, started) from exc
+                    raise self._unavailable(what, exc.reason, attempt, started) from exc
                 continue
-            self._observe(operation, str(resp.status_code), time.perf_counter() - start)
-            status = resp.status_code
-            if status == 401:
-                resp.close()
-                if challenged:
-                    raise AuthError(self._refused())
-                challenged = True
-                self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, had_auth)
-                continue
-            if status == 403:
-                detail = _error_detail(resp)
-                resp.close()
-                msg = f"{self.description} denied {what}{detail}"
-                if self._credentials is None:
-                    msg += " (no credentials were given or found)"
-                raise AuthError(msg)
-            if status >= 500 or status == 429:
-                detail = _error_detail(resp)
-                resp.close()
-                reason = f"HTTP {status}{detail}"
-                if not retry:
-                    raise Retry(reason, status)
-                attempt += 1
-                if not backoff(attempt, deadline):
-                    raise self._unavailable(what, reason, attempt, started)
-                continue
-            return resp
+            resp.close()
+            if challenged:
+                raise AuthError(self._refused())
+            challenged = True
+            self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, had_auth)
+
+    def _send_once(
+        self,
+        operation: str,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: Iterator[bytes] | bytes | None,
+        *,
+        stream: bool,
+        follow_redirects: bool,
+        deadline: float,
+        what: str,
+    ) -> httpx.Response:
+        """One HTTP exchange, observed; a transport failure is a :class:`Retry`."""
+        start = time.perf_counter()
+        try:
+            request = self._http.build_request(
+                method,
+                self.url(url),
+                headers=headers,
+                content=content,
+                timeout=self._timeouts(deadline - time.monotonic()),
+            )
+            resp = self._http.send(request, stream=stream, follow_redirects=follow_redirects)
+        except httpx.TransportError as exc:
+            self._observe(operation, "error", time.perf_counter() - start)
+            self._check_tls(what, exc)
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise Retry(reason) from exc
+        self._observe(operation, str(resp.status_code), time.perf_counter() - start)
+        return resp
+
+    def _check_status(self, resp: httpx.Response, what: str) -> None:
+        """403 is an :class:`AuthError`, 5xx and 429 a :class:`Retry` (the response is
+        closed); any other status is the caller's to judge."""
+        status = resp.status_code
+        if status == 403:
+            detail = _error_detail(resp)
+            resp.close()
+            msg = f"{self.description} denied {what}{detail}"
+            if self._credentials is None:
+                msg += " (no credentials were given or found)"
+            raise AuthError(msg)
+        if status >= 500 or status == 429:
+            detail = _error_detail(resp)
+            resp.close()
+            raise Retry(f"HTTP {status}{detail}", status)
 
     def open_body(
         self,
@@ -441,28 +468,8 @@ class RegistryClient:
             if url.startswith(self.base + "/"):
                 self._authorize(h, scope)
             had_auth = "Authorization" in h
-            parts = urllib.parse.urlsplit(url)
-            timeout = min(_IO_TIMEOUT, max(budget, 0.5))
-            conn: http.client.HTTPConnection
-            if parts.scheme == "https":
-                ctx = self._verify if isinstance(self._verify, ssl.SSLContext) else None
-                conn = http.client.HTTPSConnection(
-                    parts.hostname or "", parts.port, timeout=timeout, context=ctx
-                )
-            else:
-                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-            target = parts.path + (f"?{parts.query}" if parts.query else "")
-            start = time.perf_counter()
-            try:
-                conn.request("GET", target, headers=h)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._observe(operation, "error", time.perf_counter() - start)
-                self._check_tls(what, exc)
-                raise Retry(f"{type(exc).__name__}: {exc}") from exc
+            conn, resp = self._get_once(operation, url, h, budget=budget, what=what)
             status = resp.status
-            self._observe(operation, str(status), time.perf_counter() - start)
             if status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
                 conn.close()
@@ -478,15 +485,47 @@ class RegistryClient:
             if status in (200, 206):
                 return Body(conn, resp)
             conn.close()
-            if status == 403:
-                raise AuthError(f"{self.description} denied {what}")
-            if status >= 500 or status == 429:
-                raise Retry(f"HTTP {status}")
-            if status == 404:
-                raise NotFoundError(f"{what}: not found in {self.description}")
-            raise RefcacheError(f"{self.description} refused {what}: HTTP {status}")
+            raise self._body_refused(status, what)
         msg = f"{self.description}: too many redirects for {what}"
         raise RefcacheError(msg)
+
+    def _get_once(
+        self, operation: str, url: str, headers: dict[str, str], *, budget: float, what: str
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """One ``GET`` on a new ``http.client`` connection, observed; a transport failure
+        is a :class:`Retry`."""
+        parts = urllib.parse.urlsplit(url)
+        timeout = min(_IO_TIMEOUT, max(budget, 0.5))
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            ctx = self._verify if isinstance(self._verify, ssl.SSLContext) else None
+            conn = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=timeout, context=ctx
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        start = time.perf_counter()
+        try:
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            self._observe(operation, "error", time.perf_counter() - start)
+            self._check_tls(what, exc)
+            raise Retry(f"{type(exc).__name__}: {exc}") from exc
+        self._observe(operation, str(resp.status), time.perf_counter() - start)
+        return conn, resp
+
+    def _body_refused(self, status: int, what: str) -> Exception:
+        """The error of a ``GET`` answered with neither a body, a redirect nor a challenge."""
+        if status == 403:
+            return AuthError(f"{self.description} denied {what}")
+        if status >= 500 or status == 429:
+            return Retry(f"HTTP {status}")
+        if status == 404:
+            return NotFoundError(f"{what}: not found in {self.description}")
+        return RefcacheError(f"{self.description} refused {what}: HTTP {status}")
 
     def _check_tls(self, what: str, exc: BaseException) -> None:
         """Raises an :class:`UnavailableError` when ``exc`` is a failed TLS verification
