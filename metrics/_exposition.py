@@ -478,6 +478,24 @@ def serve(
         FailedPreconditionError: The address cannot be listened on (port in use,
             permission denied).
     """
+    _check_listen(port, addr, workers)
+    connection_timeout = check_seconds(connection_timeout, "connection_timeout")
+    rendered = make_wsgi_app(_registry_for(cache, registry))
+    app = _only_metrics_path(_SharedResponses(rendered, SNAPSHOT_MAX_AGE, _RENDER_TIMEOUT))
+    httpd = _listen(addr, port, workers=workers, connection_timeout=float(connection_timeout))
+    httpd.set_app(app)
+    thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": _POLL_INTERVAL},
+        name="refcache-metrics-http",
+        daemon=True,
+    )
+    thread.start()
+    return MetricsServer(httpd, thread)
+
+
+def _check_listen(port: object, addr: object, workers: object) -> None:
+    """Refuses a bad port, address or worker count before anything is built."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         msg = f"invalid metrics port {port!r}: expected 0..65535"
         raise InvalidError(msg)
@@ -487,9 +505,15 @@ def serve(
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         msg = f"invalid metrics workers {workers!r}: expected an int >= 1"
         raise InvalidError(msg)
-    connection_timeout = check_seconds(connection_timeout, "connection_timeout")
-    rendered = make_wsgi_app(_registry_for(cache, registry))
-    app = _only_metrics_path(_SharedResponses(rendered, SNAPSHOT_MAX_AGE, _RENDER_TIMEOUT))
+
+
+def _listen(addr: str, port: int, *, workers: int, connection_timeout: float) -> _Server:
+    """A server bound to ``addr:port``, in the address family of ``addr``.
+
+    Raises:
+        InvalidError: ``addr`` does not resolve.
+        FailedPreconditionError: The address cannot be listened on.
+    """
     try:
         # HTTPServer is AF_INET only; pick the family from the address, as client_python
         # (and CPython's http.server) do, so that "::1" works.
@@ -504,18 +528,9 @@ def serve(
         address_family = family
 
     _FamilyServer.workers = workers
-    _FamilyServer.connection_timeout = float(connection_timeout)
+    _FamilyServer.connection_timeout = connection_timeout
     try:
-        httpd = _FamilyServer((str(sockaddr[0]), port), _QuietHandler)
+        return _FamilyServer((str(sockaddr[0]), port), _QuietHandler)
     except OSError as exc:
         msg = f"cannot listen for metrics on {addr}:{port}: {exc.strerror or exc}"
         raise FailedPreconditionError(msg) from exc
-    httpd.set_app(app)
-    thread = threading.Thread(
-        target=httpd.serve_forever,
-        kwargs={"poll_interval": _POLL_INTERVAL},
-        name="refcache-metrics-http",
-        daemon=True,
-    )
-    thread.start()
-    return MetricsServer(httpd, thread)
