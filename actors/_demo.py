@@ -650,21 +650,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if root.exists() and not root.is_dir():
         msg = f"{root} is not a directory: a cache needs a directory of its own"
         raise CommandFailedError(msg)
-    bases_n = 2 if args.builds > 1 else 1
-    images = generate_images(
-        args.seed,
-        bases=bases_n,
-        base_layers=3,
-        apps=args.builds,
-        app_layers=1,
-        files=32,
-        file_size=32 * 1024,
-    )
-    registry = LayerRegistry(latency=args.latency)
-    for image in images:
-        registry.add_image(image)
-    bases = images[:bases_n]
-    jobs = [(im.name, im, bases[n % bases_n]) for n, im in enumerate(images[bases_n:])]
+    registry, jobs, bases_n = _stage(args)
     port = args.metrics_port if args.metrics_port >= 0 else None
     cache = open_cache(root, timeout=DEMO_TIMEOUT)
     try:
@@ -691,6 +677,36 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             f"(refcache --root {root} check)"
         )
         raise InterruptedCommandError(msg)
+    problems = _report_check(root, console)
+    return 1 if failed or problems else 0
+
+
+def _stage(
+    args: argparse.Namespace,
+) -> tuple[LayerRegistry, list[tuple[str, GeneratedImage, GeneratedImage]], int]:
+    """The images of the demo in an in-process registry: one or two base images and one app
+    image per build. Returns the registry, the builds ``(name, image, base)`` and how many
+    bases there are."""
+    bases_n = 2 if args.builds > 1 else 1
+    images = generate_images(
+        args.seed,
+        bases=bases_n,
+        base_layers=3,
+        apps=args.builds,
+        app_layers=1,
+        files=32,
+        file_size=32 * 1024,
+    )
+    registry = LayerRegistry(latency=args.latency)
+    for image in images:
+        registry.add_image(image)
+    bases = images[:bases_n]
+    jobs = [(im.name, im, bases[n % bases_n]) for n, im in enumerate(images[bases_n:])]
+    return registry, jobs, bases_n
+
+
+def _report_check(root: Path, console: _Console) -> list[str]:
+    """Runs ``storage.check`` on the closed cache and prints what it found."""
     problems = check(root)
     for p in problems:
         console.raw(f"check: {p}")
@@ -698,7 +714,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         f"check: {'consistent' if not problems else f'{len(problems)} problems'}\n"
         f"next: refcache --root {root} du   |   refcache --root {root} check"
     )
-    return 1 if failed or problems else 0
+    return problems
 
 
 def _serve_metrics(
