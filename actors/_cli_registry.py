@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
-from ..storage import InvalidError, LockedError, NotFoundError, parse_target
-from ._blobs import COMPRESSIONS
+from ..storage import COMPRESSIONS, InvalidError, LockedError, NotFoundError, parse_target
 from ._cache import Cache, open_cache
 from ._cliutil import CommandFailedError, UsageError, busy, existing_cache, format_bytes
 from ._distribution import ProgressEvent

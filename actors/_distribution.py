@@ -60,6 +60,7 @@ from ..storage import (
     build_config,
     build_index,
     build_manifest,
+    check_compression,
     config_diff_ids,
     frozen_map,
     load_credentials,
@@ -68,8 +69,8 @@ from ..storage import (
     parse_target,
     validate_name,
 )
-from ._blobs import chain_id, check_compression, diff_id_of, media_type_compression
 from ._core import CacheCore
+from ._mediatypes import chain_id, diff_id_of, media_type_compression
 from ._messages import BlobRecordPlan, ByBlobs, InfoOf, LayerChain
 from ._refs import ImmutableRef
 from ._types import DescHandler

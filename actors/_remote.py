@@ -35,6 +35,7 @@ from ..storage import (
     NotFoundError,
     RefcacheError,
     Resource,
+    check_compression,
     decompressed_stream,
     detect_compression,
     frozen_map,
@@ -43,13 +44,10 @@ from ._blobs import (
     BlobLease,
     BlobNode,
     blob_with_compression,
-    check_compression,
     convert_blob,
-    diff_id_of,
     ensure_blob,
     is_lazy,
     link_blob,
-    needs_conversion,
     node_of,
     oci_desc,
     quarantine,
@@ -60,6 +58,7 @@ from ._blobs import (
     write_layer,
 )
 from ._core import CacheCore, get_result
+from ._mediatypes import diff_id_of, needs_conversion
 from ._messages import ChainMetadata, FinalizeBegin, FinalizeEnd, LayerChain, SetBlob
 from ._protocol import Await
 from ._types import DescHandler, Remote

@@ -35,7 +35,8 @@ from refcache.actors import (
     RefcacheError,
     open_cache,
 )
-from refcache.actors._blobs import chain_id, link_blob, measure_record
+from refcache.actors._blobs import link_blob, measure_record
+from refcache.actors._mediatypes import chain_id
 from refcache.actors._remote import compute_chain_metadata, set_blob
 from refcache.storage import Descriptor, MetaEnv, NativeSnapshotter, digest_of
 

@@ -36,8 +36,8 @@ from refcache.actors._blobs import (
     blob_desc,
     convert_blob,
     link_blob,
-    needs_conversion,
 )
+from refcache.actors._mediatypes import needs_conversion
 from refcache.actors._messages import NodeOf
 from refcache.actors._remote import blob_with_compression_of
 from refcache.storage import Descriptor, compressed_writer, decompressed_stream, digest_of
