@@ -41,7 +41,7 @@ import tarfile
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +105,7 @@ __all__ = [
     "ensure_blob",
     "extract_record",
     "is_lazy",
+    "leased_snapshot",
     "link_blob",
     "measure_record",
     "oci_desc",
@@ -764,30 +765,47 @@ def apply_layer(core: CacheCore, node: BlobNode, desc: Descriptor, parent_sid: s
     layer's content. A mismatch commits nothing, quarantines the record and its blob
     (:func:`quarantine`) and raises :class:`DiffIDMismatchError` naming both digests.
     """
-    sn = core.snapshotter
     token = uuid.uuid4().hex
     key = f"extract-{token} {node.chain_id}"
-    lease_id = f"extract-{token}"
     info = core.content.info(node.blob)
     blob = Descriptor(desc.media_type, node.blob, info.size, desc.annotations, desc.urls)
+    with leased_snapshot(core, f"extract-{token}", key):
+        try:
+            _apply_and_commit(core, node, blob, key, parent_sid)
+        except DiffIDMismatchError as exc:
+            quarantine(core, node, exc)
+            raise
+
+
+def _apply_and_commit(
+    core: CacheCore, node: BlobNode, blob: Descriptor, key: str, parent_sid: str
+) -> None:
+    """Prepares ``key`` on ``parent_sid``, applies ``blob`` and commits it as the record's
+    snapshot; on any failure the active snapshot is removed."""
+    sn = core.snapshotter
+    mounts = sn.prepare(key, parent_sid)
+    try:
+        _check_applied(node, core.applier.apply(blob, mounts))
+        try:
+            sn.commit(node.snapshot_id, key)
+        except AlreadyExistsError:
+            sn.remove(key)
+    except BaseException:
+        with contextlib.suppress(RefcacheError):
+            sn.remove(key)
+        raise
+
+
+@contextlib.contextmanager
+def leased_snapshot(core: CacheCore, lease_id: str, key: str) -> Iterator[None]:
+    """Holds snapshot ``key`` (not created yet) in the temporary flat lease ``lease_id``
+    until the block ends, so that garbage collection leaves it alone meanwhile."""
     with core.env.write_txn() as txn:
         core.leases.create(lease_id, flat=True, temporary=True, txn=txn)
-        core.leases.add_resource(lease_id, Resource(key, f"snapshots/{sn.name}"), txn=txn)
+        resource = Resource(key, f"snapshots/{core.snapshotter.name}")
+        core.leases.add_resource(lease_id, resource, txn=txn)
     try:
-        mounts = sn.prepare(key, parent_sid)
-        try:
-            _check_applied(node, core.applier.apply(blob, mounts))
-            try:
-                sn.commit(node.snapshot_id, key)
-            except AlreadyExistsError:
-                sn.remove(key)
-        except BaseException:
-            with contextlib.suppress(RefcacheError):
-                sn.remove(key)
-            raise
-    except DiffIDMismatchError as exc:
-        quarantine(core, node, exc)
-        raise
+        yield
     finally:
         with contextlib.suppress(NotFoundError):
             core.leases.delete(lease_id)

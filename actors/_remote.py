@@ -47,6 +47,7 @@ from ._blobs import (
     convert_blob,
     ensure_blob,
     is_lazy,
+    leased_snapshot,
     link_blob,
     node_of,
     oci_desc,
@@ -193,21 +194,14 @@ def _snapshot_mounts(
     sid = node_of(core, record_id).snapshot_id
     token = uuid.uuid4().hex
     view = f"blobview-{token} {sid}"
-    lease_id = f"blobview-{token}"
     sn = core.snapshotter
-    with core.env.write_txn() as txn:
-        core.leases.create(lease_id, flat=True, temporary=True, txn=txn)
-        core.leases.add_resource(lease_id, Resource(view, f"snapshots/{sn.name}"), txn=txn)
-    try:
+    with leased_snapshot(core, f"blobview-{token}", view):
         mounts = sn.view(view, sid)
         try:
             yield mounts
         finally:
             with contextlib.suppress(RefcacheError):
                 sn.remove(view)
-    finally:
-        with contextlib.suppress(NotFoundError):
-            core.leases.delete(lease_id)
 
 
 def compute_blob_chain(

@@ -35,7 +35,7 @@ from refcache.actors import (
     RefcacheError,
     open_cache,
 )
-from refcache.actors._blobs import link_blob, measure_record
+from refcache.actors._blobs import leased_snapshot, link_blob, measure_record
 from refcache.actors._mediatypes import chain_id
 from refcache.actors._remote import compute_chain_metadata, set_blob
 from refcache.storage import Descriptor, MetaEnv, NativeSnapshotter, digest_of
@@ -823,6 +823,28 @@ class TestReopen:
         leases = sorted(lease.id for lease in cache.leases.list())
         assert leases == [kept_id]
         assert storage.check(cache.root) == []
+
+
+class TestLeasedSnapshot:
+    def test_the_snapshot_key_is_leased_for_the_block_and_released_even_on_failure(
+        self, cache: Cache
+    ) -> None:
+        core = cache._core
+        key = "extract-test some-chain"
+        with leased_snapshot(core, "extract-test", key):
+            lease = core.leases.get("extract-test")
+            assert lease.flat
+            assert lease.temporary
+            resources = core.leases.list_resources("extract-test")
+            assert [(r.id, r.type) for r in resources] == [
+                (key, f"snapshots/{core.snapshotter.name}")
+            ]
+        with pytest.raises(NotFoundError):
+            core.leases.get("extract-test")
+        with pytest.raises(RuntimeError), leased_snapshot(core, "extract-boom", key):
+            raise RuntimeError
+        with pytest.raises(NotFoundError):
+            core.leases.get("extract-boom")
 
 
 # -- sizes ----------------------------------------------------------------------------------
