@@ -131,15 +131,22 @@ class OciLayout:
             NotFoundError: the layout has no such blob.
         """
         self._require_layout(f"fetch of blob {desc.digest}")
-        try:
+        with self._blob_errors(f"blob {desc.digest}", "fetch"):
             f = self._blob_path(desc.digest).open("rb")
+        return _CountingFile(f, on_bytes)
+
+    @contextlib.contextmanager
+    def _blob_errors(self, what: str, action: str) -> Iterator[None]:
+        """A missing blob file is :class:`NotFoundError`, any other failure to read it
+        :class:`UnavailableError` (the layout's disk went away)."""
+        try:
+            yield
         except FileNotFoundError as exc:
-            msg = f"blob {desc.digest}: not found in {self.description}"
+            msg = f"{what}: not found in {self.description}"
             raise NotFoundError(msg) from exc
         except OSError as exc:
-            msg = f"{self.description} unavailable: fetch of blob {desc.digest}: {exc}"
+            msg = f"{self.description} unavailable: {action} of {what}: {exc}"
             raise UnavailableError(msg) from exc
-        return _CountingFile(f, on_bytes)
 
     def mount_blob(self, digest: str, source: str) -> str | None:
         """Layouts have no repositories to mount from.
@@ -253,14 +260,8 @@ class OciLayout:
                 raise NotFoundError(msg)
             digest = str(entry.get("digest", ""))
             media_type = str(entry.get("mediaType", ""))
-        try:
+        with self._blob_errors(f"manifest {digest}", "read"):
             data = self._blob_path(digest).read_bytes()
-        except FileNotFoundError as exc:
-            msg = f"manifest {digest}: not found in {self.description}"
-            raise NotFoundError(msg) from exc
-        except OSError as exc:
-            msg = f"{self.description} unavailable: read of manifest {digest}: {exc}"
-            raise UnavailableError(msg) from exc
         if digest_bytes(data) != digest:
             msg = f"manifest {digest} in {self.description} does not match its digest"
             raise InvalidError(msg)

@@ -11,6 +11,9 @@ from refcache.storage import (
     ANNOTATION_UNCOMPRESSED,
     Descriptor,
     InvalidError,
+    NotFoundError,
+    OciLayout,
+    UnavailableError,
     format_rfc3339_ns,
     load_credentials,
 )
@@ -246,3 +249,21 @@ def test_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert token is not None
     assert token.identity_token == "refresh"
     assert load_credentials("other.example.com", config_dir=tmp_path) is None
+
+
+def test_a_layout_names_what_is_missing_and_what_it_cannot_read(tmp_path: Path) -> None:
+    layout = OciLayout(tmp_path)
+    (tmp_path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (tmp_path / "blobs" / "sha256").mkdir(parents=True)
+    missing = "sha256:" + "ab" * 32
+    with pytest.raises(NotFoundError, match=f"blob {missing}: not found in"):
+        layout.open_blob(Descriptor(ANNOTATION_UNCOMPRESSED, missing, 1))
+    with pytest.raises(NotFoundError, match=f"manifest {missing}: not found in"):
+        layout.get_manifest(missing)
+    # A blob path that cannot be read (here a directory) is the layout being unavailable.
+    unreadable = "sha256:" + "cd" * 32
+    (tmp_path / "blobs" / "sha256" / ("cd" * 32)).mkdir()
+    with pytest.raises(UnavailableError, match=f"fetch of blob {unreadable}"):
+        layout.open_blob(Descriptor(ANNOTATION_UNCOMPRESSED, unreadable, 1))
+    with pytest.raises(UnavailableError, match=f"read of manifest {unreadable}"):
+        layout.get_manifest(unreadable)
