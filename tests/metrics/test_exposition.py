@@ -12,7 +12,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,27 +92,14 @@ def full_snapshot(held_id: str = "held", refs: int = 2) -> CacheStatistics:
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[[CacheStatistics], Any]]:
-    """Starts stub managers and stops them after the test."""
-    refs: list[pykka.ActorRef[Any]] = []
-
-    def _start(stats: CacheStatistics) -> Any:
-        ref = SnapshotManager.start(stats)
-        refs.append(ref)
-        return ref.proxy()
-
-    yield _start
-    futures = [ref.stop(block=False) for ref in reversed(refs)]
-    for future in futures:
-        try:
-            future.get(timeout=_STOP_TIMEOUT)
-        except pykka.Timeout:
-            continue
+def start_manager(start: Callable[..., Any]) -> Callable[[CacheStatistics], Any]:
+    """Starts stub managers serving ``stats`` (stopped after the test)."""
+    return lambda stats: start(SnapshotManager, stats)
 
 
 @pytest.fixture
-def cache(start: Callable[[CacheStatistics], Any], tmp_path: Path) -> StubCache:
-    return StubCache(manager=start(full_snapshot()), root=tmp_path)
+def cache(start_manager: Callable[[CacheStatistics], Any], tmp_path: Path) -> StubCache:
+    return StubCache(manager=start_manager(full_snapshot()), root=tmp_path)
 
 
 def get(url: str) -> tuple[int, str, bytes]:
@@ -196,10 +183,10 @@ def test_serve_never_registers_into_the_global_registry(cache: StubCache) -> Non
 
 
 def test_two_caches_are_served_side_by_side_in_one_process(
-    start: Callable[[CacheStatistics], Any], tmp_path: Path
+    start_manager: Callable[[CacheStatistics], Any], tmp_path: Path
 ) -> None:
-    first = StubCache(start(full_snapshot("first-record", 1)), tmp_path / "a")
-    second = StubCache(start(full_snapshot("second-record", 3)), tmp_path / "b")
+    first = StubCache(start_manager(full_snapshot("first-record", 1)), tmp_path / "a")
+    second = StubCache(start_manager(full_snapshot("second-record", 3)), tmp_path / "b")
 
     with serve(first, 0) as one, serve(second, 0) as two:
         _, _, body_one = get(one.url)
@@ -211,10 +198,10 @@ def test_two_caches_are_served_side_by_side_in_one_process(
 
 
 def test_serve_exposes_a_given_registry_instead_of_building_one(
-    start: Callable[[CacheStatistics], Any], cache: StubCache
+    start_manager: Callable[[CacheStatistics], Any], cache: StubCache
 ) -> None:
     registry = CollectorRegistry()
-    CacheCollector(start(full_snapshot("custom", 5)), namespace="custom", registry=registry)
+    CacheCollector(start_manager(full_snapshot("custom", 5)), namespace="custom", registry=registry)
 
     with serve(cache, 0, registry=registry) as server:
         _, _, body = get(server.url)
@@ -302,10 +289,10 @@ def test_wsgi_app_serves_the_cache_metrics_in_process(cache: StubCache) -> None:
 
 
 def test_wsgi_app_serves_a_given_registry(
-    start: Callable[[CacheStatistics], Any], cache: StubCache
+    start_manager: Callable[[CacheStatistics], Any], cache: StubCache
 ) -> None:
     registry = CollectorRegistry()
-    CacheCollector(start(full_snapshot("other", 4)), namespace="other", registry=registry)
+    CacheCollector(start_manager(full_snapshot("other", 4)), namespace="other", registry=registry)
 
     _, _, body = call_wsgi(wsgi_app(cache, registry=registry), "/metrics")
 
@@ -328,10 +315,10 @@ def promtool_check_metrics(exposition: bytes) -> tuple[int, str]:
 
 
 def test_exposition_passes_promtool_check_metrics(
-    start: Callable[[CacheStatistics], Any],
+    start_manager: Callable[[CacheStatistics], Any],
 ) -> None:
     registry = CollectorRegistry()
-    CacheCollector(start(full_snapshot()), registry=registry)
+    CacheCollector(start_manager(full_snapshot()), registry=registry)
     exposition = generate_latest(registry)
     assert b"refcache_operation_duration_seconds_bucket" in exposition
 
@@ -365,9 +352,9 @@ def dashboard_exprs() -> list[str]:
     ]
 
 
-def produced_sample_names(start: Callable[[CacheStatistics], Any]) -> set[str]:
+def produced_sample_names(start_manager: Callable[[CacheStatistics], Any]) -> set[str]:
     registry = CollectorRegistry()
-    CacheCollector(start(full_snapshot()), registry=registry)
+    CacheCollector(start_manager(full_snapshot()), registry=registry)
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
@@ -414,9 +401,9 @@ def test_dashboard_panels_stay_on_the_grid_without_overlapping() -> None:
 
 
 def test_every_dashboard_expr_uses_only_series_the_collector_produces(
-    start: Callable[[CacheStatistics], Any],
+    start_manager: Callable[[CacheStatistics], Any],
 ) -> None:
-    produced = produced_sample_names(start)
+    produced = produced_sample_names(start_manager)
     exprs = dashboard_exprs()
 
     used = set()
