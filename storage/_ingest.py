@@ -489,33 +489,12 @@ def start_ingest(
     except OSError as exc:
         msg = f"cannot create ingest for ref {ref!r} at {path}: {exc}"
         raise disk_error(msg, exc) from exc
-    status: ContentStatus | None = None
-    if not created:
-        try:
-            status = read_status(path)
-        except (OSError, ValueError) as exc:
-            # containerd logs "failed to resume" and starts the ingest afresh.
-            logger.warning("cannot resume ingest for ref %r (%s); restarting it", ref, exc)
-        if status is not None and status.ref != ref:
-            logger.warning("ingest %s holds ref %r, not %r; restarting it", path, status.ref, ref)
-            status = None
-        if status is not None and total and status.total and total != status.total:
-            msg = (
-                f"ingest for ref {ref!r} was started with total {status.total}, "
-                f"not {total}; abort it to start over"
-            )
-            raise FailedPreconditionError(msg)
+    status = None if created else _resumable(path, ref, total)
     data = path / "data"
     try:
         if status is None:
             now = time.time_ns()
-            write_atomic(path / "ref", ref.encode())
-            write_atomic(path / "startedat", format_rfc3339_ns(now).encode())
-            write_atomic(path / "updatedat", format_rfc3339_ns(now).encode())
-            if total > 0:
-                write_atomic(path / "total", str(total).encode())
-            else:
-                (path / "total").unlink(missing_ok=True)
+            _write_ingest_files(path, ref, total, now)
             fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             started_at, updated_at, offset = now, now, 0
         else:
@@ -543,6 +522,41 @@ def start_ingest(
         lock_root=lock_root,
         place=place,
     )
+
+
+def _resumable(path: Path, ref: str, total: int) -> ContentStatus | None:
+    """The status of an existing ingest directory to resume, or ``None`` to start it afresh
+    (unreadable, or holding another ref: containerd logs "failed to resume" and restarts).
+
+    Raises:
+        FailedPreconditionError: The ingest was started with another total.
+    """
+    try:
+        status = read_status(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot resume ingest for ref %r (%s); restarting it", ref, exc)
+        return None
+    if status.ref != ref:
+        logger.warning("ingest %s holds ref %r, not %r; restarting it", path, status.ref, ref)
+        return None
+    if total and status.total and total != status.total:
+        msg = (
+            f"ingest for ref {ref!r} was started with total {status.total}, "
+            f"not {total}; abort it to start over"
+        )
+        raise FailedPreconditionError(msg)
+    return status
+
+
+def _write_ingest_files(path: Path, ref: str, total: int, now: int) -> None:
+    """The small files of a new ingest: its ref, start and update times, and total."""
+    write_atomic(path / "ref", ref.encode())
+    write_atomic(path / "startedat", format_rfc3339_ns(now).encode())
+    write_atomic(path / "updatedat", format_rfc3339_ns(now).encode())
+    if total > 0:
+        write_atomic(path / "total", str(total).encode())
+    else:
+        (path / "total").unlink(missing_ok=True)
 
 
 def read_status(path: Path) -> ContentStatus:
