@@ -4,7 +4,8 @@ BuildKit writes ``cache.lastUsedAt``/``cache.usageCount`` with one fsync'd bolt 
 release of a used ref, under the manager lock (1.4-1.6k unreferenced get+release/s measured
 here). refcache queues these values instead: a record actor (a use) or the manager (a size)
 hands an immutable mapping to :class:`MetadataWriter`, which coalesces them per record and
-commits them in one LMDB write transaction (one fsync) per batch, a few milliseconds later.
+commits them as one group write per batch, a few milliseconds later (sharing the transaction
+and fsync of whatever else is being written then: ``storage/_groupwrite.py``).
 Batches commit in the order they were taken, and :meth:`MetadataWriter.flush` returns once
 everything submitted before it is durable.
 
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from ..storage import DB_RECORDS, MetadataStore, RefcacheError, StorageItem
+from ..storage import DB_RECORDS, MetadataStore, RefcacheError, StorageItem, WriteTxn
 
 __all__ = ["MetadataWriter"]
 
@@ -119,15 +120,20 @@ class MetadataWriter:
             for done in waiters:
                 done.set_result(None)
             return
+        store = self._store
+
+        def write(txn: WriteTxn) -> None:
+            for record_id, values in batch.items():
+                raw = txn.get(DB_RECORDS, record_id.encode())
+                if raw is None:
+                    continue  # removed meanwhile: never resurrect it
+                item = StorageItem(store, record_id, raw)
+                item.queue_many(values)
+                item.commit(txn=txn)
+
         try:
-            with self._store.env.write_txn() as txn:
-                for record_id, values in batch.items():
-                    raw = txn.get(DB_RECORDS, record_id.encode())
-                    if raw is None:
-                        continue  # removed meanwhile: never resurrect it
-                    item = StorageItem(self._store, record_id, raw)
-                    item.queue_many(values)
-                    item.commit(txn=txn)
+            # A group write: the statistics share the fsync of concurrent record writes.
+            store.env.group.write(write)
             self.batches += 1
             self.records_written += len(batch)
         except Exception as exc:

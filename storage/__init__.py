@@ -113,7 +113,7 @@ from ._oci import (
 from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
 from ._registry import Credentials, RegistryClient, RegistryRepository, load_credentials
-from ._snapshotter import Snapshotter
+from ._snapshotter import Snapshotter, StagedSnapshot
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,
@@ -255,6 +255,7 @@ __all__ = [
     "ContentStatus",
     "LocalContentStore",
     "Snapshotter",
+    "StagedSnapshot",
     "NativeSnapshotter",
     "OverlaySnapshotter",
     "make_snapshotter",
