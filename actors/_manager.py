@@ -92,7 +92,7 @@ from ._messages import (
 )
 from ._protocol import Await, Message, bound_table, handles
 from ._pruner import Pruner
-from ._record_messages import Consume, SetMountSnapshot
+from ._record_messages import Consume, SetKeptPair, SetMountSnapshot
 from ._refs import ImmutableRef, MutableRef, check_bool
 from ._statistics import table_statistics
 from ._table import RecordTable
@@ -522,9 +522,16 @@ class CacheManager(pykka.ThreadingActor):
 
     @handles(SetPolicy)
     def _set_policy(self, m: SetPolicy) -> None:
-        e = self.table.entry(m.record_id)
+        table = self.table
+        e = table.entry(m.record_id)
         self.core.store.get(m.record_id).set(KEY_CACHE_POLICY, 1 if m.retain else None)
         e.retain = m.retain
+        # An equal pair's immutable settles its own last release while the pair is retained.
+        i = table.entries.get(e.equal_immutable) if e.equal_immutable else e
+        twin = table.entries.get(i.equal_mutable) if i and i.equal_mutable else None
+        if i is not None and twin is not None and i.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                i.actor.tell(SetKeptPair(i.retain or twin.retain))
 
     @handles(MetadataChanged)
     def _metadata_changed(self, m: MetadataChanged) -> None:
@@ -544,15 +551,24 @@ class CacheManager(pykka.ThreadingActor):
 
     @handles(RecordIdle)
     def _record_idle(self, m: RecordIdle) -> None:
-        """A plain immutable's actor settled itself at its last release (a tell).
+        """A plain immutable's (or a retained pair's immutable's) actor settled itself at its
+        last release (a tell).
 
         Ignored when the manager has acquired a handle on that actor since (the tell is then
         stale: the record is in use again), so every record in the idle LRU has no handles.
+        For a pair, what ``Unreferenced`` would decide follows: the kept mutable counts the
+        use (and a pair no longer retained goes, as at any last release).
         """
-        e = self.table.entries.get(m.record_id)
+        table = self.table
+        e = table.entries.get(m.record_id)
         if e is None or e.dead or e.actor is None or e.acquires != m.acquires:
             return
-        self.table.note_idle(e)
+        table.note_idle(e)
+        twin = table.entries.get(e.equal_mutable) if e.equal_mutable else None
+        if twin is None or twin.dead or ((e.retain or twin.retain) and not m.used):
+            return
+        if table.handles(twin) == 0:
+            self._mutable_released(twin, used=m.used)
 
     @handles(RecordUsed)
     def _record_used(self, m: RecordUsed) -> None:

@@ -337,11 +337,14 @@ class AncestorsOf(Message[tuple[str, ...]]):
 
 @dataclass(frozen=True, slots=True)
 class RecordIdle(Message[None]):
-    """A plain immutable's actor settled itself at its last release; ``acquires`` tells a
-    stale message (the manager acquired a handle since) from a current one."""
+    """A plain immutable's (or a retained pair's immutable's) actor settled itself at its
+    last release; ``acquires`` tells a stale message (the manager acquired a handle since)
+    from a current one; ``used``: the release counted a use (an equal mutable counts it
+    too)."""
 
     record_id: str
     acquires: int
+    used: bool = False
 
 
 @dataclass(frozen=True, slots=True)
