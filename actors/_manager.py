@@ -565,9 +565,14 @@ class CacheManager(pykka.ThreadingActor):
             return
         table.note_idle(e)
         twin = table.entries.get(e.equal_mutable) if e.equal_mutable else None
-        if twin is None or twin.dead or ((e.retain or twin.retain) and not m.used):
+        if twin is None or twin.dead:
             return
-        if table.handles(twin) == 0:
+        if e.retain or twin.retain:
+            # The mutable of a live pair has no handles (get_mutable removes the immutable
+            # first): no need to ask its actor.
+            if m.used:
+                table.touch(twin)
+        elif table.handles(twin) == 0:
             self._mutable_released(twin, used=m.used)
 
     @handles(RecordUsed)

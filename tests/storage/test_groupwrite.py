@@ -88,11 +88,35 @@ def test_concurrent_writes_share_one_commit(genv: MetaEnv) -> None:
         assert _stored(genv, f"k{i}".encode()) == str(i).encode()
 
 
-def test_a_lone_write_commits_at_once_and_is_visible(genv: MetaEnv) -> None:
-    assert genv.group.write(_put(b"alone")) == b"alone"
+def test_a_lone_write_commits_at_once_in_the_callers_thread(genv: MetaEnv) -> None:
+    ran_in: list[str] = []
+
+    def fn(txn: WriteTxn) -> bytes:
+        ran_in.append(threading.current_thread().name)
+        return _put(b"alone")(txn)
+
+    assert genv.group.write(fn) == b"alone"
     assert _stored(genv, b"alone") == b"v"
     assert genv.group.commits == 1
     assert genv.group.writes == 1
+    # Nobody else was writing: the caller wrote its batch itself (no thread switch).
+    assert ran_in == [threading.current_thread().name]
+
+
+def test_a_lingering_write_rides_along_with_the_next_write(genv: MetaEnv) -> None:
+    behind = genv.group.submit(_put(b"statistics"), linger=WAIT)
+    assert not behind.done()
+    genv.group.write(_put(b"record"))
+    assert behind.result(0) == b"statistics"  # committed with the record, not later
+    assert genv.group.commits == 1
+    assert _stored(genv, b"statistics") == b"v"
+
+
+def test_a_lingering_write_commits_alone_once_its_time_is_up(genv: MetaEnv) -> None:
+    behind = genv.group.submit(_put(b"statistics"), linger=0.01)
+    assert behind.result(WAIT) == b"statistics"
+    assert genv.group.commits == 1
+    assert _stored(genv, b"statistics") == b"v"
 
 
 def test_a_failing_closure_fails_only_its_caller(genv: MetaEnv) -> None:
@@ -213,7 +237,7 @@ def test_misuse_is_a_refcache_error_not_a_deadlock(genv: MetaEnv) -> None:
 
     with pytest.raises(RefcacheError, match="wait for itself"):
         genv.group.write(nested)
-    with genv.write_txn(), pytest.raises(RefcacheError, match="deadlock"):
+    with genv.write_txn(), pytest.raises(RefcacheError, match="wait for itself"):
         genv.group.write(_put(b"inside"))
     assert _stored(genv, b"inner") is None
     assert _stored(genv, b"inside") is None
