@@ -111,6 +111,7 @@ DB_NAMES: tuple[str, ...] = (
 
 _SCHEMA_KEY = b"schema_version"
 _DEFAULT_MAP_SIZE = 1 << 30
+_CLOSE_WAIT = 30.0  #: seconds close waits for a write transaction in flight
 _MAX_MAP_SIZE = 1 << 40
 _MAX_DBS = 32
 _MAX_READERS = 1024
@@ -547,7 +548,14 @@ class MetaEnv:
             key = os.path.realpath(self.path)
             if MetaEnv._open.get(key) is self:
                 del MetaEnv._open[key]
-        self._env.close()
+        # Wait (bounded) for a write transaction in flight in another thread (a job, or a
+        # caller writing a group batch): closing LMDB under it would invalidate it midway.
+        locked = self._write_lock.acquire(timeout=_CLOSE_WAIT)
+        try:
+            self._env.close()
+        finally:
+            if locked:
+                self._write_lock.release()
 
     def __enter__(self) -> MetaEnv:
         return self
