@@ -25,8 +25,8 @@ from ..storage import (
     KEY_DESCRIPTION,
     KEY_SIZE,
     KEY_SNAPSHOT,
-    NotFoundError,
     RefcacheError,
+    WriteTxn,
 )
 from ._blobs import extract_record
 from ._core import CacheCore
@@ -53,9 +53,10 @@ def new_job(
 ) -> MutableRef:
     """``new``: a mutable record on ``parents[0]`` (or on nothing), whose hold is the job's.
 
-    Finalize the parent, then lease + metadata in one transaction (a crash after it leaves a
-    mutable without snapshot, which loading removes), then the snapshot copy outside any
-    transaction.
+    Finalize the parent, build the snapshot's directory outside any transaction, then
+    record, lease and snapshot metadata in one group write (one durable commit shared with
+    concurrent writers). A crash before it leaves only a ``new-*`` directory, which the
+    snapshotter's cleanup removes at the next open.
     """
     try:
         with core.timed("new"):
@@ -66,15 +67,16 @@ def new_job(
                 finalize_record(core, parents[0])
                 extract_record(core, parents[0], handlers)
                 parent_sid = core.ask_manager(SnapshotOf(parents[0]))
-            with core.env.write_txn() as txn:
+            staged = core.snapshotter.stage_prepare(record_id, parent_sid)
+
+            def write(txn: WriteTxn) -> None:
                 write_new_record(core, txn, record_id, values, snapshot_id=record_id)
+                staged.record(txn)
+
             try:
-                core.snapshotter.prepare(record_id, parent_sid)
+                core.env.group.write(write, core.timeout)
             except BaseException:
-                with core.env.write_txn() as txn:
-                    core.store.clear(record_id, txn=txn)
-                    with contextlib.suppress(NotFoundError):
-                        core.leases.delete(record_id, txn=txn)
+                staged.discard()
                 raise
     except BaseException:
         with contextlib.suppress(RefcacheError):

@@ -58,11 +58,12 @@ from ..storage import (
     Descriptor,
     InvalidError,
     LockedError,
+    StorageItem,
     frozen_map,
 )
 from ._blobrecords import BlobRecords
 from ._blobs import check_handlers, merge_handlers
-from ._core import CacheCore
+from ._core import CacheCore, get_result
 from ._entry import RecordEntry, new_id, parent_fields
 from ._jobs import diff_job, diff_merge_job, merge_job, new_job
 from ._messages import (
@@ -70,6 +71,7 @@ from ._messages import (
     AncestorsOf,
     CloneRecord,
     Commit,
+    CommitFailed,
     FinalizeBegin,
     FinalizeEnd,
     FinalizePlan,
@@ -90,7 +92,7 @@ from ._messages import (
 )
 from ._protocol import Await, Message, bound_table, handles
 from ._pruner import Pruner
-from ._record_messages import Consume, SetMountSnapshot
+from ._record_messages import Consume, SetKeptPair, SetMountSnapshot
 from ._refs import ImmutableRef, MutableRef, check_bool
 from ._statistics import table_statistics
 from ._table import RecordTable
@@ -208,7 +210,13 @@ class CacheManager(pykka.ThreadingActor):
                 if e.equal_immutable is not None and e.equal_immutable in table.entries:
                     e = table.entries[e.equal_immutable]
                 else:
-                    e = self._commit_entry(e)
+                    e, written = self._commit_entry(e)
+                    try:
+                        # Rare (a get of a mutable nobody holds): wait here for the write.
+                        get_result(written, self.core.timeout, f"the commit of {e.id!r}")
+                    except BaseException:
+                        table.remove(e, remove_snapshot=False)
+                        raise
                     # BuildKit's implicit commit returns the commit's handle, which always
                     # counts a use (mref(trigger).commit() -> ref(true)).
                     trigger = True
@@ -514,9 +522,16 @@ class CacheManager(pykka.ThreadingActor):
 
     @handles(SetPolicy)
     def _set_policy(self, m: SetPolicy) -> None:
-        e = self.table.entry(m.record_id)
+        table = self.table
+        e = table.entry(m.record_id)
         self.core.store.get(m.record_id).set(KEY_CACHE_POLICY, 1 if m.retain else None)
         e.retain = m.retain
+        # An equal pair's immutable settles its own last release while the pair is retained.
+        i = table.entries.get(e.equal_immutable) if e.equal_immutable else e
+        twin = table.entries.get(i.equal_mutable) if i and i.equal_mutable else None
+        if i is not None and twin is not None and i.actor is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                i.actor.tell(SetKeptPair(i.retain or twin.retain))
 
     @handles(MetadataChanged)
     def _metadata_changed(self, m: MetadataChanged) -> None:
@@ -536,15 +551,29 @@ class CacheManager(pykka.ThreadingActor):
 
     @handles(RecordIdle)
     def _record_idle(self, m: RecordIdle) -> None:
-        """A plain immutable's actor settled itself at its last release (a tell).
+        """A plain immutable's (or a retained pair's immutable's) actor settled itself at its
+        last release (a tell).
 
         Ignored when the manager has acquired a handle on that actor since (the tell is then
         stale: the record is in use again), so every record in the idle LRU has no handles.
+        For a pair, what ``Unreferenced`` would decide follows: the kept mutable counts the
+        use (and a pair no longer retained goes, as at any last release).
         """
-        e = self.table.entries.get(m.record_id)
+        table = self.table
+        e = table.entries.get(m.record_id)
         if e is None or e.dead or e.actor is None or e.acquires != m.acquires:
             return
-        self.table.note_idle(e)
+        table.note_idle(e)
+        twin = table.entries.get(e.equal_mutable) if e.equal_mutable else None
+        if twin is None or twin.dead:
+            return
+        if e.retain or twin.retain:
+            # The mutable of a live pair has no handles (get_mutable removes the immutable
+            # first): no need to ask its actor.
+            if m.used:
+                table.touch(twin)
+        elif table.handles(twin) == 0:
+            self._mutable_released(twin, used=m.used)
 
     @handles(RecordUsed)
     def _record_used(self, m: RecordUsed) -> None:
@@ -604,8 +633,12 @@ class CacheManager(pykka.ThreadingActor):
                 table.remove(i, remove_snapshot=False, txn=txn)
             table.remove(m, remove_snapshot=True, txn=txn)
 
-    def _commit_entry(self, m: RecordEntry) -> RecordEntry:
-        """Creates the equal immutable of ``m`` (lazy commit: no snapshot work)."""
+    def _commit_entry(self, m: RecordEntry) -> tuple[RecordEntry, Future[None]]:
+        """Creates the equal immutable of ``m`` (lazy commit: no snapshot work).
+
+        The table has it at once; its metadata goes to the group writer, and the returned
+        future completes once it is durable (nobody gets a handle on it before).
+        """
         record_id = new_id()
         values: dict[str, Any] = {
             KEY_COMMITTED: True,
@@ -618,16 +651,16 @@ class CacheManager(pykka.ThreadingActor):
             KEY_DESCRIPTION: m.description or None,
             **parent_fields(m.kind, m.parents),
         }
-        item = self.core.store.get(record_id)
+        item = StorageItem(self.core.store, record_id, None)
         item.queue_many({k: v for k, v in values.items() if v is not None})
-        item.commit()
+        written = self.core.env.group.submit(lambda txn: item.commit(txn=txn))
         i = self.table.add(record_id, m.kind, m.parents, values)
         self.table.hold(m.parents)  # the twin holds its parents too (BuildKit cloneParentRefs)
         m.equal_immutable = record_id
-        return i
+        return i, written
 
     @handles(Commit)
-    def _commit(self, m: Commit) -> Grant:
+    def _commit(self, m: Commit) -> Await[Grant]:
         table = self.table
         mut = table.entries.get(m.record_id)
         if mut is None or mut.dead or not mut.mutable or mut.actor is None:
@@ -640,9 +673,34 @@ class CacheManager(pykka.ThreadingActor):
             old = table.entries.get(mut.equal_immutable)
             if old is not None:
                 table.remove(old, remove_snapshot=False)
-        i = self._commit_entry(mut)
+        i, written = self._commit_entry(mut)
         table.settle(mut)
-        return table.acquire(i, True)
+        grant = table.acquire(i, True)
+        answer: Future[Grant] = Future()
+        manager = self.actor_ref
+
+        def durable(done: Future[None]) -> None:
+            # On the group writer's thread: the manager hears of a failure before the caller.
+            error = done.exception()
+            if error is None:
+                answer.set_result(grant)
+                return
+            with contextlib.suppress(pykka.ActorDeadError):
+                manager.tell(CommitFailed(i.id, mut.id))
+            answer.set_exception(error)
+
+        written.add_done_callback(durable)
+        return Await(answer)
+
+    @handles(CommitFailed)
+    def _commit_failed(self, m: CommitFailed) -> None:
+        table = self.table
+        i = table.entries.get(m.record_id)
+        if i is not None:
+            table.remove(i, remove_snapshot=False)
+        mut = table.entries.get(m.mutable_id)
+        if mut is not None and not mut.dead and table.handles(mut) == 0:
+            self._mutable_released(mut)
 
     @handles(FinalizeBegin)
     def _finalize_begin(self, m: FinalizeBegin) -> FinalizePlan | Await[None] | None:

@@ -33,6 +33,7 @@ __all__ = [
     "ChainMetadata",
     "CloneRecord",
     "Commit",
+    "CommitFailed",
     "ExtractPlan",
     "ExtractPlanOf",
     "Extracted",
@@ -276,12 +277,22 @@ class MetadataChanged(Message[None]):
 
 
 @dataclass(frozen=True, slots=True)
-class Commit(Message[Grant]):
+class Commit(Message[Await[Grant]]):
     """Commits a mutable record (consuming handle ``handle_id``): a handle on its new equal
-    immutable."""
+    immutable, once the immutable's metadata is durable (a group commit: the manager does
+    not wait for it)."""
 
     record_id: str
     handle_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed(Message[None]):
+    """The durable write of a commit's new immutable ``record_id`` failed: forget it (the
+    caller gets the error); its mutable ``mutable_id`` lost the handle the commit consumed."""
+
+    record_id: str
+    mutable_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,11 +337,14 @@ class AncestorsOf(Message[tuple[str, ...]]):
 
 @dataclass(frozen=True, slots=True)
 class RecordIdle(Message[None]):
-    """A plain immutable's actor settled itself at its last release; ``acquires`` tells a
-    stale message (the manager acquired a handle since) from a current one."""
+    """A plain immutable's (or a retained pair's immutable's) actor settled itself at its
+    last release; ``acquires`` tells a stale message (the manager acquired a handle since)
+    from a current one; ``used``: the release counted a use (an equal mutable counts it
+    too)."""
 
     record_id: str
     acquires: int
+    used: bool = False
 
 
 @dataclass(frozen=True, slots=True)

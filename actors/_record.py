@@ -63,6 +63,7 @@ from ._record_messages import (
     MountPlan,
     ReadMetadata,
     Release,
+    SetKeptPair,
     SetMountSnapshot,
     Settle,
     Settled,
@@ -94,6 +95,7 @@ class RecordState:
     size: int
     size_gen: int = 0  #: the manager's size generation (see ``RecordEntry.size_gen``)
     trigger_holds: int = 0  #: holds of child records that count a use when released
+    kept_pair: bool = False  #: the unfinalized immutable of a retained equal pair
 
 
 class CacheRecord(PooledActor):
@@ -113,6 +115,7 @@ class CacheRecord(PooledActor):
         self.last_used_at = state.last_used_at
         self.size = state.size
         self.trigger_holds = state.trigger_holds
+        self.kept_pair = state.kept_pair
         self.handles: dict[int, bool] = {}  # handle id -> triggers last-used
         self.settled = True  # no handles; the manager decides what happens next
         self.acquires = 0  # acquires from the manager (echoed in idle tells)
@@ -174,9 +177,11 @@ class CacheRecord(PooledActor):
         """Returns ``(found, manager_needed)`` for the release of the handle.
 
         ``manager_needed`` is True when this was the last handle and the manager has to decide
-        what happens (a mutable, an equal pair, a view lease to drop). The last release of a
-        plain immutable needs no decision (BuildKit only drops its mount cache): the record
-        settles itself and tells the manager it is idle, saving the caller two asks.
+        what happens (a mutable, a pair that is not retained, a view lease to drop). The last
+        release of a plain immutable needs no decision (BuildKit only drops its mount cache),
+        nor does that of a retained pair's immutable (the pair stays; its mutable counts the
+        use, a write-behind like this record's): the record settles itself and tells the
+        manager it is idle, saving the caller two asks and any wait for a write.
         """
         trigger = self.handles.pop(m.handle_id, None)
         if trigger is None:
@@ -190,7 +195,7 @@ class CacheRecord(PooledActor):
         plain = (
             not self.mutable
             and not self.dead
-            and self.mount_snapshot_id == self.snapshot_id
+            and (self.mount_snapshot_id == self.snapshot_id or self.kept_pair)
             and not self.had_view
             and self.mount_flight is None
             and self.size_flight is None
@@ -198,9 +203,9 @@ class CacheRecord(PooledActor):
         if not plain:
             return True, True
         self.settled = True
-        self.used = False
+        used, self.used = self.used, False
         self.mounts = None
-        self._tell_manager(RecordIdle(self.id, self.acquires))
+        self._tell_manager(RecordIdle(self.id, self.acquires, used))
         return True, False
 
     def _trigger_left(self) -> bool:
@@ -260,6 +265,10 @@ class CacheRecord(PooledActor):
         self._tell_manager(RecordUsed(self.id, self.usage_count, self.last_used_at))
 
     # -- mounts -----------------------------------------------------------------------------
+
+    @handles(SetKeptPair)
+    def _set_kept_pair(self, m: SetKeptPair) -> None:
+        self.kept_pair = m.kept
 
     @handles(SetMountSnapshot)
     def _set_mount_snapshot(self, m: SetMountSnapshot) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "CloneHandle",
     "Consume",
     "CountHandles",
+    "SetKeptPair",
     "ForgetSize",
     "HasTriggerHandles",
     "Kill",
@@ -163,6 +164,14 @@ class HasTriggerHandles(Message[bool]):
 
 
 # -- mounts -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetKeptPair(Message[None]):
+    """Whether the record is the immutable of a retained equal pair (its policy changed):
+    such a record settles its last release itself, as a plain immutable does (a tell)."""
+
+    kept: bool
 
 
 @dataclass(frozen=True, slots=True)

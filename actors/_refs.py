@@ -59,6 +59,7 @@ from ._messages import (
     AncestorsOf,
     CloneRecord,
     Commit,
+    Grant,
     InfoOf,
     LayerChain,
     MetadataChanged,
@@ -663,7 +664,10 @@ class MutableRef(_Ref):
             self._consumed = True
         try:
             with self._core.timed("commit"):
-                grant = self._core.ask_manager(Commit(self._id, self._hid))
+                durable = self._core.ask_manager(Commit(self._id, self._hid))
+                grant: Grant = get_result(
+                    durable.future, self._core.timeout, f"the commit of {self._id!r}"
+                )
         except BaseException:
             with self._lock:
                 self._consumed = False

@@ -149,10 +149,12 @@ class RecordTable:
         self.idle.pop(e.id, None)
         if e.actor is None:
             mount_sid = e.snapshot_id
+            kept = False
             if e.equal_mutable is not None:
                 m = self.entries.get(e.equal_mutable)
                 if m is not None:
                     mount_sid = m.snapshot_id
+                    kept = e.retain or m.retain
             state = RecordState(
                 e.id,
                 e.mutable,
@@ -163,6 +165,7 @@ class RecordTable:
                 e.size,
                 e.size_gen,
                 e.trigger_holds,
+                kept,
             )
             e.actor = CacheRecord.start_on(self.core.pool, self.core, state)
             e.acquires = 0

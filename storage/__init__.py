@@ -111,7 +111,7 @@ from ._oci import (
 from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
 from ._registry import RegistryClient, RegistryRepository
-from ._snapshotter import Snapshotter
+from ._snapshotter import Snapshotter, StagedSnapshot
 from ._times import format_rfc3339_ns
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
@@ -255,6 +255,7 @@ __all__ = [
     "ContentStatus",
     "LocalContentStore",
     "Snapshotter",
+    "StagedSnapshot",
     "NativeSnapshotter",
     "OverlaySnapshotter",
     "make_snapshotter",

@@ -59,6 +59,7 @@ from ._errors import (
     RefcacheError,
     StoreFullError,
 )
+from ._groupwrite import GroupWriter
 from ._layout import PRIVATE_FILE_MODE, access_error, lock_held, make_private_dir
 from ._tree import fsync_dir, remove_tree
 
@@ -110,6 +111,7 @@ DB_NAMES: tuple[str, ...] = (
 
 _SCHEMA_KEY = b"schema_version"
 _DEFAULT_MAP_SIZE = 1 << 30
+_CLOSE_WAIT = 30.0  #: seconds close waits for a write transaction in flight
 _MAX_MAP_SIZE = 1 << 40
 _MAX_DBS = 32
 _MAX_READERS = 1024
@@ -205,17 +207,18 @@ class WriteTxn(ReadTxn):
     :meth:`delete` and :meth:`delete_prefix` change data.
     """
 
-    __slots__ = ("_after", "_after_unlock", "_log", "_replaying", "_rollback")
+    __slots__ = ("_after", "_after_unlock", "_before", "_log", "_replaying", "_rollback")
 
     def __init__(self, env: MetaEnv, txn: lmdb.Transaction) -> None:
         super().__init__(env, txn)
         self._replaying = False
         # (op, db, key or list of pairs, value): kept only to replay the transaction after a
-        # map growth, so it holds references, never copies.
+        # map growth or a rollback to a savepoint, so it holds references, never copies.
         self._log: list[tuple[int, str, Any, bytes]] = []
         self._after: list[Callable[[], object]] = []
         self._after_unlock: list[Callable[[], object]] = []
         self._rollback: list[Callable[[], object]] = []
+        self._before: dict[object, Callable[[], object]] = {}
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
         """Stores ``value`` under ``key`` in ``db`` (overwriting)."""
@@ -280,12 +283,63 @@ class WriteTxn(ReadTxn):
         """
         self._rollback.append(callback)
 
+    def before_commit(self, key: object, callback: Callable[[], object]) -> None:
+        """Runs ``callback`` once, just before this transaction commits (with the lock held).
+
+        Callbacks registered under an equal ``key`` run once per transaction: writes that
+        share a group commit share one ``fsync`` of a directory they renamed into. A failing
+        callback rolls the whole transaction back.
+        """
+        self._before.setdefault(key, callback)
+
     def _rolled_back(self) -> None:
         for callback in self._rollback:
             try:
                 callback()
             except Exception:
                 logger.exception("after-rollback callback %r failed", callback)
+
+    def _run_before(self) -> None:
+        for callback in self._before.values():
+            callback()
+
+    def _mark(self) -> tuple[int, int, int, int, int]:
+        """A savepoint: how far the log and each callback list reach now."""
+        return (
+            len(self._log),
+            len(self._after),
+            len(self._after_unlock),
+            len(self._rollback),
+            len(self._before),
+        )
+
+    def _rollback_to(self, mark: tuple[int, int, int, int, int]) -> None:
+        """Undoes everything done since ``mark`` and keeps the transaction open.
+
+        LMDB has no savepoints short of nested transactions; the log makes one: the LMDB
+        transaction is aborted, the rollback callbacks registered since ``mark`` run, and a
+        new transaction replays the log up to ``mark`` (exact: the caller holds the write
+        lock throughout, as for a map growth).
+        """
+        log, after, unlock, rollback, before = mark
+        with contextlib.suppress(lmdb.Error):
+            self._txn.abort()
+        undo = self._rollback[rollback:]
+        del self._log[log:], self._after[after:], self._after_unlock[unlock:]
+        del self._rollback[rollback:]
+        for key in list(self._before)[before:]:
+            del self._before[key]
+        for callback in undo:
+            try:
+                callback()
+            except Exception:
+                logger.exception("after-rollback callback %r failed", callback)
+        self._txn = self._env._begin(write=True)
+        try:
+            self._replay()
+        except lmdb.MapFullError:
+            self._txn.abort()
+            self._env._regrow(self)
 
     def _apply(self, op: int, db: str, key: Any, value: bytes) -> bool:
         handle = self._env.handle(db)
@@ -452,6 +506,7 @@ class MetaEnv:
         except lmdb.Error as exc:
             raise self.error("cannot open the metadata environment", exc) from exc
         self._closed = False
+        self._group: GroupWriter | None = None
         try:
             self._max_key_size = int(self._env.max_key_size())
             self._open_dbs()
@@ -484,13 +539,23 @@ class MetaEnv:
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the environment. Safe to call twice."""
+        """Closes the environment (after draining the group writer). Safe to call twice."""
+        group = self._group
+        if group is not None:
+            group.close()
         self._closed = True
         with MetaEnv._open_lock:
             key = os.path.realpath(self.path)
             if MetaEnv._open.get(key) is self:
                 del MetaEnv._open[key]
-        self._env.close()
+        # Wait (bounded) for a write transaction in flight in another thread (a job, or a
+        # caller writing a group batch): closing LMDB under it would invalidate it midway.
+        locked = self._write_lock.acquire(timeout=_CLOSE_WAIT)
+        try:
+            self._env.close()
+        finally:
+            if locked:
+                self._write_lock.release()
 
     def __enter__(self) -> MetaEnv:
         return self
@@ -585,8 +650,11 @@ class MetaEnv:
                 wtxn._rolled_back()
                 raise
             try:
+                wtxn._run_before()
                 self._commit(wtxn)
             except BaseException:
+                with contextlib.suppress(lmdb.Error):
+                    wtxn._txn.abort()
                 wtxn._rolled_back()
                 raise
             for callback in wtxn._after:
@@ -599,6 +667,22 @@ class MetaEnv:
                 callback()
             except Exception:
                 logger.exception("after-unlock callback %r failed", callback)
+
+    @property
+    def group(self) -> GroupWriter:
+        """The group-commit writer of this environment (started on first use).
+
+        ``env.group.write(fn)`` runs ``fn(txn)`` in a transaction shared with the writes
+        other threads submit meanwhile and returns once it is durable (see
+        :mod:`storage._groupwrite`).
+        """
+        group = self._group
+        if group is None:
+            with self._gate_lock:
+                if self._group is None:
+                    self._group = GroupWriter(self)
+                group = self._group
+        return group
 
     @contextmanager
     def joined_write(self, txn: WriteTxn | None) -> Iterator[WriteTxn]:
@@ -621,6 +705,10 @@ class MetaEnv:
             return
         with self.read_txn() as own:
             yield own
+
+    def _new_write_txn(self) -> WriteTxn:
+        # For the group writer, which holds _write_lock itself.
+        return WriteTxn(self, self._begin(write=True))
 
     def _commit(self, wtxn: WriteTxn) -> None:
         try:

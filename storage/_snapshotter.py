@@ -123,6 +123,13 @@ class Snapshotter(Protocol):
         """Creates an active (writable) snapshot ``key`` on the committed ``parent``."""
         ...
 
+    def stage_prepare(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> StagedSnapshot:
+        """Builds active snapshot ``key``'s directory now; it is recorded in a transaction
+        later (:meth:`StagedSnapshot.record`): ``prepare`` split for a group write."""
+        ...
+
     def view(
         self,
         key: str,
@@ -183,6 +190,70 @@ class Snapshotter(Protocol):
     def missing(self) -> list[str]:
         """Keys whose directory is missing."""
         ...
+
+
+class StagedSnapshot:
+    """A new active snapshot whose directory is built but not yet recorded.
+
+    :meth:`BaseSnapshotter.stage_prepare` does the slow half of ``prepare`` (building the
+    ``new-*`` directory and flushing it) outside any transaction; :meth:`record` does the
+    rest inside the caller's write transaction, which may be a group commit shared with other
+    writers: the directory is renamed to ``<id>`` there, the ``fsync`` of the snapshot root
+    that makes the rename durable runs once per transaction, before its commit, and a
+    rollback removes the directory. :meth:`discard` removes a directory never recorded.
+    """
+
+    __slots__ = ("_labels", "_plan", "_recorded", "_sn", "_tmp", "_usage")
+
+    def __init__(
+        self,
+        sn: BaseSnapshotter,
+        plan: BuildPlan,
+        tmp: Path | None,
+        labels: dict[str, str],
+        usage: Usage | None,
+    ) -> None:
+        self._sn = sn
+        self._plan = plan
+        self._tmp = tmp
+        self._labels = labels
+        self._usage = usage
+        self._recorded = False
+
+    def record(self, txn: WriteTxn) -> None:
+        """Records the snapshot in ``txn`` (the caller commits).
+
+        Raises:
+            AlreadyExistsError: the key was taken meanwhile.
+            FailedPreconditionError: the parent chain changed meanwhile.
+        """
+        sn, plan, tmp = self._sn, self._plan, self._tmp
+        if self._recorded:
+            msg = f"snapshot {plan.key!r} was recorded already"
+            raise FailedPreconditionError(msg)
+        parent = plan.parent.key if plan.parent else ""
+        again = sn._plan(txn, plan.kind, plan.key, parent)
+        _check_same_chain(plan, again)
+        sid: str | None = None
+        try:
+            sid = sn._stage(txn, again, tmp, self._labels, self._usage, sync_dir=False)
+        except BaseException:
+            sn._discard(tmp, sid)
+            self._tmp = None
+            raise
+        self._recorded = True
+        if tmp is not None:
+            staged = sid
+            dirs = sn._dirs
+            txn.before_commit(("fsync_dir", str(dirs)), lambda: fsync_dir(dirs))
+            txn.after_commit(lambda: sn._forget_inflight(staged))
+            txn.after_rollback(lambda: sn._discard(None, staged))
+
+    def discard(self) -> None:
+        """Removes the directory if it was never recorded (safe to call after a failure)."""
+        if not self._recorded and self._tmp is not None:
+            self._sn._discard(self._tmp, None)
+            self._tmp = None
 
 
 @dataclass(slots=True)
@@ -364,6 +435,8 @@ class BaseSnapshotter:
         tmp: Path | None,
         labels: dict[str, str],
         usage: Usage | None,
+        *,
+        sync_dir: bool = True,
     ) -> str:
         sid = self._allocate_id(txn)
         now = time.time_ns()
@@ -393,7 +466,8 @@ class BaseSnapshotter:
                 msg = f"cannot move new snapshot {plan.key!r} from {tmp} to {final}: {exc}"
                 raise RefcacheError(msg) from exc
             self._forget_inflight(tmp.name)
-            fsync_dir(self._dirs)
+            if sync_dir:
+                fsync_dir(self._dirs)
         return sid
 
     def _discard(self, tmp: Path | None, sid: str | None) -> None:
@@ -628,6 +702,28 @@ class BaseSnapshotter:
         """
         rec = self._create(Kind.ACTIVE, key, parent, labels, txn)
         return self._mounts_of(rec, txn)
+
+    def stage_prepare(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> StagedSnapshot:
+        """The slow half of :meth:`prepare`: builds the directory, records nothing.
+
+        The caller records it with :meth:`StagedSnapshot.record` in a write transaction of
+        its own (a group commit: see :class:`StagedSnapshot`), or discards it.
+
+        Raises:
+            InvalidError: Bad arguments, or ``parent`` is not committed.
+            AlreadyExistsError: ``key`` exists.
+            NotFoundError: ``parent`` does not exist.
+        """
+        key = check_key(key)
+        parent = check_parent(parent)
+        checked = check_labels(labels)
+        self._check_open()
+        with self._env.read_txn() as rtxn:
+            plan = self._plan(rtxn, Kind.ACTIVE, key, parent)
+        tmp, usage = self._make_dir(plan, self._build_default)
+        return StagedSnapshot(self, plan, tmp, checked, usage)
 
     def view(
         self,

@@ -70,7 +70,8 @@ def raises_refcache(error: type[RefcacheError], call: Callable[[], object]) -> R
 
 
 class GatedSnapshotter(NativeSnapshotter):
-    """The real native snapshotter; ``prepare`` waits for ``gate`` once ``armed``."""
+    """The real native snapshotter; ``prepare`` (and ``new``'s ``stage_prepare``) waits for
+    ``gate`` once ``armed``."""
 
     def __init__(self, root: Path, env: MetaEnv) -> None:
         super().__init__(root, env)
@@ -83,6 +84,12 @@ class GatedSnapshotter(NativeSnapshotter):
             self.entered.set()
             self.gate.wait(WAIT)
         return super().prepare(key, parent, **kwargs)
+
+    def stage_prepare(self, key: str, parent: str = "", **kwargs: Any) -> Any:
+        if self.armed:
+            self.entered.set()
+            self.gate.wait(WAIT)
+        return super().stage_prepare(key, parent, **kwargs)
 
 
 @pytest.fixture

@@ -375,6 +375,29 @@ class TestRefMetadata:
         rows = usage(cache)
         assert [(r.id, r.mutable, r.in_use) for r in rows] == [(m.id, True, False)]
 
+    def test_a_retained_pair_settles_its_last_releases_and_follows_policy_changes(
+        self, cache: Cache
+    ) -> None:
+        # The last release of a retained pair's immutable is settled by its actor (as for a
+        # plain immutable); the manager still counts the mutable's use, and a pair whose
+        # policy went back to default goes at its next last release.
+        m = new(cache)
+        i = m.commit()
+        i.metadata.cache_policy = "retain"
+        i.release()
+        for expected in (2, 3):
+            cache.manager.get(i.id).get(timeout=WAIT).release()
+            assert [(r.id, r.usage_count) for r in usage(cache)] == [(m.id, expected)]
+            with cache.manager.get(i.id, update_last_used=False).get(timeout=WAIT) as quiet:
+                assert quiet.info().usage_count == expected
+        again = cache.manager.get(i.id).get(timeout=WAIT)
+        again.metadata.cache_policy = "default"
+        again.release()
+        for rid in (i.id, m.id):
+            with pytest.raises(NotFoundError):
+                cache.manager.get(rid).get(timeout=WAIT)
+        assert usage(cache) == []
+
     def test_bad_metadata_values_are_invalid_and_change_nothing(self, cache: Cache) -> None:
         ref = committed(cache, description="d")
         before = state(cache)
