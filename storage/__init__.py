@@ -114,6 +114,7 @@ from ._ocilayout import OciLayout
 from ._overlay import OverlaySnapshotter, make_snapshotter
 from ._registry import Credentials, RegistryClient, RegistryRepository, load_credentials
 from ._snapshotter import Snapshotter
+from ._trash import TRASH_DIR, Trash, TrashUsage, trash_usage
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,
@@ -280,4 +281,8 @@ __all__ = [
     "collect",
     "check",
     "repair",
+    "TRASH_DIR",
+    "Trash",
+    "TrashUsage",
+    "trash_usage",
 ]
