@@ -335,16 +335,18 @@ class Pruner:
         table = self.table
         parents: dict[str, None] = {}
         rest: tuple[Pair, ...] = ()
-        # The job cleared their metadata and leases: this transaction has nothing to write
-        # (no fsync) unless that failed, when the removal's own deletions do it.
-        with self.core.env.write_txn() as txn:
+        # The job cleared their metadata and leases: nothing to write, and the manager's
+        # thread must not wait for the write lock (a ref operation would wait behind it).
+        # Only when the job's clearing failed does the removal write, in one transaction.
+        with contextlib.ExitStack() as stack:
+            txn = None if m.cleared else stack.enter_context(self.core.env.write_txn())
             for n, (rid, twin_id) in enumerate(m.pairs):
                 if n and time.perf_counter() > deadline:
                     rest = m.pairs[n:]
                     break
                 if twin_id is not None:
-                    self._forget(twin_id, remove_snapshot=False, txn=txn)
-                e = self._forget(rid, remove_snapshot=True, txn=txn)
+                    self._forget(twin_id, remove_snapshot=False, txn=txn, clear=not m.cleared)
+                e = self._forget(rid, remove_snapshot=True, txn=txn, clear=not m.cleared)
                 if e is not None:
                     parents.update(dict.fromkeys(p for p in e.parents if p))
         entries = table.entries
@@ -355,12 +357,14 @@ class Pruner:
         ]
         return Forgotten(self._rows(freed), tuple(self.listeners), rest)
 
-    def _forget(self, rid: str, *, remove_snapshot: bool, txn: WriteTxn) -> RecordEntry | None:
+    def _forget(
+        self, rid: str, *, remove_snapshot: bool, txn: WriteTxn | None, clear: bool
+    ) -> RecordEntry | None:
         e = self.table.entries.get(rid)
         if e is not None:
             if rid in self.pruning:
                 self._note_release(e, -1)
-            self.table.remove(e, remove_snapshot=remove_snapshot, txn=txn)
+            self.table.remove(e, remove_snapshot=remove_snapshot, txn=txn, clear=clear)
         self.pruning.discard(rid)
         return e
 
