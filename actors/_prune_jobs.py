@@ -4,8 +4,8 @@ They read the manager's table in chunks (:class:`~actors._messages.TableScan`), 
 with the pure functions of :mod:`actors._usage` and :mod:`actors._planning`, measure unknown
 sizes (handing them to the manager, :class:`~actors._messages.KnownSizes`), and delete a
 prune's batches in three steps: the manager marks them dead (``PruneMark``), the job
-measures them and clears their metadata and leases in small transactions (whole pairs
-each: :data:`CLEAR_CHUNK`), the manager forgets them without writing (``PruneForget``) and
+measures them and clears their metadata and leases in short transactions (whole pairs
+each, :data:`CLEAR_SECONDS` at most), the manager forgets them without writing (``PruneForget``) and
 reports the parents that freed. See :mod:`actors._pruner` for the
 manager's side. Everything here talks to the manager through typed asks only (the manager
 never waits on a job).
@@ -49,9 +49,10 @@ logger = logging.getLogger(__name__)
 
 SCAN_CHUNK = 1000  #: table rows copied per ``TableScan`` message (~1-2 ms)
 SIZES_CHUNK = 200  #: measured sizes handed to the manager per ``KnownSizes`` message
-#: Pairs cleared per write transaction: bounds how long a prune holds the metadata write
-#: lock (a ref operation that writes waits for at most one such transaction).
-CLEAR_CHUNK = 25
+#: A clearing transaction takes no more pairs once it has run this long (seconds): bounds
+#: how long a prune holds the metadata write lock (a ref operation that writes waits for at
+#: most one such transaction), while an idle machine clears a whole batch with one fsync.
+CLEAR_SECONDS = 0.02
 
 
 def scan_table(core: CacheCore) -> dict[str, TableRow]:
@@ -187,9 +188,8 @@ def _delete_batch(
         # Crash safety: each clearing transaction forgets whole pairs (metadata and leases)
         # at once, so a crash leaves every pair either as it was or gone; no record is ever
         # half removed, and no cache.deleted flag is needed to finish one at the next open.
-        for lo, hi in _clear_chunks(len(pairs)):
-            _clear(core, pairs[lo:hi])
-            cleared = hi
+        while cleared < len(pairs):
+            cleared += _clear(core, pairs[cleared:])
     except BaseException:
         with contextlib.suppress(RefcacheError):
             if cleared:
@@ -207,11 +207,6 @@ def _delete_batch(
         core.ask_manager(ListenersGone(tuple(gone)))
 
 
-def _clear_chunks(n: int) -> list[tuple[int, int]]:
-    """``(lo, hi)`` slices of ``n`` pairs, :data:`CLEAR_CHUNK` at a time."""
-    return [(lo, min(lo + CLEAR_CHUNK, n)) for lo in range(0, n, CLEAR_CHUNK)]
-
-
 def _mark(
     core: CacheCore, batch: Sequence[str], cutoff: int | None
 ) -> tuple[list[tuple[TableRow, str | None]], list[str]]:
@@ -227,16 +222,22 @@ def _mark(
     return marked, refused
 
 
-def _clear(core: CacheCore, pairs: Sequence[Pair]) -> None:
-    """Clears the metadata and leases of marked pairs in one transaction (as the manager's
-    removal would: a record's ``<id>``, ``-variants`` and ``-view`` leases, a twin's ``<id>``
-    and ``-view``)."""
+def _clear(core: CacheCore, pairs: Sequence[Pair]) -> int:
+    """Clears the metadata and leases of the first marked pairs in one transaction (as the
+    manager's removal would: a record's ``<id>``, ``-variants`` and ``-view`` leases, a
+    twin's ``<id>`` and ``-view``), for at most :data:`CLEAR_SECONDS`; returns how many."""
+    done = 0
     with core.env.write_txn() as txn:
+        deadline = time.perf_counter() + CLEAR_SECONDS
         for rid, twin in pairs:
             clear_record(core.store, core.leases, txn, rid, lease_ids(rid))
             if twin is not None:
                 own, _, view = lease_ids(twin)
                 clear_record(core.store, core.leases, txn, twin, (own, view))
+            done += 1
+            if time.perf_counter() > deadline:
+                break
+    return done
 
 
 def _forget(

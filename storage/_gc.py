@@ -465,7 +465,7 @@ class SnapshotRemover(Protocol):
 DEFAULT_INGEST_EXPIRY = timedelta(hours=24)
 
 #: Deletions per sweep transaction (the write lock is released between two).
-GC_BATCH = 256
+GC_BATCH = 512
 #: A sweep transaction takes no more deletions once it has run this long (seconds).
 GC_BATCH_SECONDS = 0.02
 
