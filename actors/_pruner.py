@@ -13,10 +13,10 @@ split so that no manager handler is long and no pass rescans the table:
   :mod:`actors._prune_jobs`.
 * **Deletion** of a batch: :class:`~actors._messages.PruneMark` re-checks each record here
   (refs, dead, a use since the scan) and marks it dead — nobody can take it from then on;
-  the job persists ``cache.deleted`` in one transaction, measures unknown sizes, then clears
-  the metadata and leases in a second transaction; :class:`~actors._messages.PruneForget`
-  finally drops the records from the table (whose removal then has nothing left to write)
-  and hands back the parents it freed, the next candidates. Handlers are bounded by a time
+  the job measures unknown sizes, then clears the metadata and leases in short
+  transactions of whole pairs; :class:`~actors._messages.PruneForget` finally drops the
+  records from the table without writing anything (the manager's thread never waits for
+  the write lock) and hands back the parents it freed, the next candidates. Handlers are bounded by a time
   budget (:data:`HANDLER_BUDGET_S`) and hand back what they did not get to.
 * **GC** (``storage.collect``) runs once at the end, as BuildKit's ``GarbageCollect``.
 

@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 TRASH_DIR = "trash"  #: the trash under a cache root
 _IDLE_S = 1.0  # a worker without work leaves after this long (a new one starts on demand)
+# The worker waits until nothing was added for this long: while a garbage collection is
+# moving thousands of trees in, deleting them would compete with it (and with the ref
+# operations) for the interpreter and the disk; it catches up once the sweep is over.
+_SETTLE_S = 0.2
+_NICE = 10  # the worker thread's scheduling niceness (Linux: per thread), best effort
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,7 @@ class Trash:
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._last_add = 0.0
         #: Entries deleted by the worker since this object was made (for statistics).
         self.deleted = 0
 
@@ -151,6 +158,7 @@ class Trash:
                     self._queue.append(name)
             if not self._queue:
                 return
+            self._last_add = time.monotonic()
             if self._worker is None:
                 self._worker = threading.Thread(
                     target=self._run, name=f"refcache-trash {self.path}", daemon=True
@@ -226,6 +234,11 @@ class Trash:
             while not self._queue and not self._stop.is_set():
                 if not self._changed.wait(_IDLE_S) and not self._queue:
                     break
+            while not self._stop.is_set():
+                quiet = self._last_add + _SETTLE_S - time.monotonic()
+                if quiet <= 0:
+                    break
+                self._changed.wait(quiet)
             if self._stop.is_set() or not self._queue:
                 self._worker = None
                 self._changed.notify_all()
@@ -236,6 +249,8 @@ class Trash:
             return name
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         while (name := self._next()) is not None:
             try:
                 if remove_tree(self.path / name, stop=self._stop):
