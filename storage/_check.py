@@ -407,14 +407,9 @@ def repair(root: str | os.PathLike[str]) -> list[str]:
                 cleaned = getattr(snapshotter, "cleaned", [])
                 done.extend(f"removed orphan snapshot directory {p}" for p in cleaned)
                 done.extend(f"removed orphan snapshot directory {p}" for p in snapshotter.cleanup())
-                waiting = snapshotter.trash.entries()
+                # The trash is no problem (nothing to report), but offline is the time to
+                # empty it.
                 snapshotter.trash.wait_idle()
-                left = set(snapshotter.trash.entries())
-                done.extend(
-                    f"deleted {snapshotter.trash.path / n} from the trash"
-                    for n in waiting
-                    if n not in left
-                )
                 snapshotter.close()
             dangling = _dangling_resources(env)
             if dangling:
