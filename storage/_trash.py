@@ -152,6 +152,7 @@ class Trash:
         with self._lock:
             if self._closed:
                 return
+            was_empty = not self._queue
             for name in names:
                 if name not in self._queued and name != self._busy:
                     self._queued.add(name)
@@ -164,7 +165,10 @@ class Trash:
                     target=self._run, name=f"refcache-trash {self.path}", daemon=True
                 )
                 self._worker.start()
-            else:
+            elif was_empty:
+                # Only a worker waiting for work needs waking; one settling (waiting for
+                # the adds to stop) looks at the time of the last add when its wait ends.
+                # Waking it on every add of a sweep would cost a thread switch each.
                 self._changed.notify_all()
 
     def entries(self) -> list[str]:
