@@ -16,8 +16,9 @@ split so that no manager handler is long and no pass rescans the table:
   the job measures unknown sizes, then clears the metadata and leases in short
   transactions of whole pairs; :class:`~actors._messages.PruneForget` finally drops the
   records from the table without writing anything (the manager's thread never waits for
-  the write lock) and hands back the parents it freed, the next candidates. Handlers are bounded by a time
-  budget (:data:`HANDLER_BUDGET_S`) and hand back what they did not get to.
+  the write lock) and hands back the parents it freed, the next candidates. Handlers are
+  bounded by a time budget (:data:`HANDLER_BUDGET_S`) and hand back what they did not get
+  to.
 * **GC** (``storage.collect``) runs once at the end, as BuildKit's ``GarbageCollect``.
 
 Sizes: unknown sizes are measured by the jobs (never by a handler) and handed here

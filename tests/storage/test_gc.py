@@ -875,7 +875,7 @@ class _CountingRemover:
 
     def __init__(self, real: NativeSnapshotter) -> None:
         self.real = real
-        self.txns: list[int] = []
+        self.txns: list[WriteTxn] = []  # kept alive: ids of freed objects are reused
         self.after_first: Any = None
 
     @property
@@ -884,8 +884,8 @@ class _CountingRemover:
 
     def remove(self, key: str, *, txn: WriteTxn | None = None) -> None:
         assert txn is not None
-        if id(txn) not in self.txns:
-            self.txns.append(id(txn))
+        if not any(t is txn for t in self.txns):
+            self.txns.append(txn)
             if len(self.txns) == 1 and self.after_first is not None:
                 # Runs between the first sweep transaction and the second, with the write
                 # lock free: another writer's turn.
