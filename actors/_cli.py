@@ -51,6 +51,7 @@ from ..storage import (
     cache_in_use,
     check,
     repair,
+    trash_usage,
 )
 from ._cache import open_cache
 from ._cliutil import (
@@ -686,6 +687,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     remedies = [_remedy(p, root, fixed=args.fix) for p in problems]
     damaged = any(p.startswith("metadata: ") for p in problems)
     pending = [] if damaged else pending_removals(root)
+    # Trees forgotten by the metadata, deleted in the background: no problem, but disk space.
+    trash = trash_usage(root)
     if args.format == "json":
         _print_json(
             {
@@ -696,6 +699,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 ],
                 "fixed": fixed,
                 "pending_removals": pending,
+                "trash": {"entries": trash.entries, "bytes": trash.bytes},
             }
         )
         return EXIT_FAILURE if problems else EXIT_OK
@@ -708,6 +712,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "check --fix or the next open: "
             + safe(", ".join(pending[:5]))
             + (" ..." if len(pending) > 5 else "")
+        )
+    if trash.entries:
+        lines.append(
+            f"note: {trash.entries} removed tree(s), {format_bytes(trash.bytes)}, wait in "
+            f"{root / 'trash'} to be deleted in the background (by the open cache, or the "
+            "next open)"
         )
     if not problems:
         lines.append("cache is consistent")

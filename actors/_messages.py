@@ -480,9 +480,15 @@ class PruneUnmark(Message[None]):
 
 @dataclass(frozen=True, slots=True)
 class PruneForget(Message[Forgotten]):
-    """Drops marked pairs from the table (their metadata and leases are gone already)."""
+    """Drops marked pairs from the table.
+
+    ``cleared``: the job has cleared their metadata and leases already, so the manager
+    writes nothing (it never waits for the metadata write lock); otherwise (the job's
+    clearing failed) the manager's removal clears them itself.
+    """
 
     pairs: tuple[Pair, ...]
+    cleared: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ They read the manager's table in chunks (:class:`~actors._messages.TableScan`), 
 with the pure functions of :mod:`actors._usage` and :mod:`actors._planning`, measure unknown
 sizes (handing them to the manager, :class:`~actors._messages.KnownSizes`), and delete a
 prune's batches in three steps: the manager marks them dead (``PruneMark``), the job
-persists ``cache.deleted`` and then clears their metadata and leases, the manager forgets
-them (``PruneForget``) and reports the parents that freed. See :mod:`actors._pruner` for the
+measures them and clears their metadata and leases in short transactions (whole pairs
+each, :data:`CLEAR_SECONDS` at most), the manager forgets them without writing (``PruneForget``) and
+reports the parents that freed. See :mod:`actors._pruner` for the
 manager's side. Everything here talks to the manager through typed asks only (the manager
 never waits on a job).
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import pykka
 
-from ..storage import KEY_DELETED, Filter, RefcacheError, collect
+from ..storage import Filter, RefcacheError, collect
 from ._core import CacheCore
 from ._entry import clear_record, lease_ids
 from ._listeners import notify
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 SCAN_CHUNK = 1000  #: table rows copied per ``TableScan`` message (~1-2 ms)
 SIZES_CHUNK = 200  #: measured sizes handed to the manager per ``KnownSizes`` message
+#: A clearing transaction takes no more pairs once it has run this long (seconds): bounds
+#: how long a prune holds the metadata write lock (a ref operation that writes waits for at
+#: most one such transaction), while an idle machine clears a whole batch with one fsync.
+CLEAR_SECONDS = 0.02
 
 
 def scan_table(core: CacheCore) -> dict[str, TableRow]:
@@ -169,32 +174,27 @@ def _run_policy(core: CacheCore, policy: PrunePolicy, deleted: list[UsageInfo]) 
 def _delete_batch(
     core: CacheCore, planner: PrunePlanner, batch: list[str], deleted: list[UsageInfo]
 ) -> None:
-    """Marks, persists, measures, clears and forgets one batch; notifies listeners."""
+    """Marks, measures, clears and forgets one batch; notifies listeners."""
     marked, refused = _mark(core, batch, planner.cutoff)
     if not marked:
         planner.done((), refused)
         return
     pairs = [(row.id, twin) for row, twin in marked]
-    ids = [rid for pair in pairs for rid in pair if rid]
+    cleared = 0
     try:
-        # Crash safety: from here a restart finishes the removal (BuildKit cache.deleted).
-        with core.env.write_txn() as txn:
-            for item in core.store.get_many(ids):
-                if item.exists:
-                    item.queue(KEY_DELETED, True)
-                    item.commit(txn=txn)
+        # Sizes are measured while the snapshots still exist (BuildKit warms them off-lock);
+        # they exist until the garbage collection that ends the prune.
+        sizes = {row.id: planner.size_of(row) for row, _ in marked}
+        # Crash safety: each clearing transaction forgets whole pairs (metadata and leases)
+        # at once, so a crash leaves every pair either as it was or gone; no record is ever
+        # half removed, and no cache.deleted flag is needed to finish one at the next open.
+        while cleared < len(pairs):
+            cleared += _clear(core, pairs[cleared:])
     except BaseException:
         with contextlib.suppress(RefcacheError):
-            core.ask_manager(PruneUnmark(tuple(pairs)))
-        raise
-    # Sizes are measured while the snapshots still exist (BuildKit warms them off-lock).
-    sizes = {row.id: planner.size_of(row) for row, _ in marked}
-    try:
-        _clear(core, pairs)
-    except BaseException:
-        # The records are dead and flagged: the manager's removal does the I/O itself.
-        with contextlib.suppress(RefcacheError):
-            _forget(core, pairs)
+            if cleared:
+                _forget(core, pairs[:cleared])
+            core.ask_manager(PruneUnmark(tuple(pairs[cleared:])))
         raise
     freed, listeners = _forget(core, pairs)
     infos = [_deleted_info(planner, row, sizes[row.id]) for row, _ in marked]
@@ -222,26 +222,32 @@ def _mark(
     return marked, refused
 
 
-def _clear(core: CacheCore, pairs: Sequence[Pair]) -> None:
-    """Clears the metadata and leases of marked pairs in one transaction (as the manager's
-    removal would: a record's ``<id>``, ``-variants`` and ``-view`` leases, a twin's ``<id>``
-    and ``-view``)."""
+def _clear(core: CacheCore, pairs: Sequence[Pair]) -> int:
+    """Clears the metadata and leases of the first marked pairs in one transaction (as the
+    manager's removal would: a record's ``<id>``, ``-variants`` and ``-view`` leases, a
+    twin's ``<id>`` and ``-view``), for at most :data:`CLEAR_SECONDS`; returns how many."""
+    done = 0
     with core.env.write_txn() as txn:
+        deadline = time.perf_counter() + CLEAR_SECONDS
         for rid, twin in pairs:
             clear_record(core.store, core.leases, txn, rid, lease_ids(rid))
             if twin is not None:
                 own, _, view = lease_ids(twin)
                 clear_record(core.store, core.leases, txn, twin, (own, view))
+            done += 1
+            if time.perf_counter() > deadline:
+                break
+    return done
 
 
 def _forget(
-    core: CacheCore, pairs: Sequence[Pair]
+    core: CacheCore, pairs: Sequence[Pair], *, cleared: bool = True
 ) -> tuple[list[TableRow], tuple[pykka.ActorRef[Any], ...]]:
     freed: list[TableRow] = []
     listeners: tuple[pykka.ActorRef[Any], ...] = ()
     rest: tuple[Pair, ...] = tuple(pairs)
     while rest:
-        reply = core.ask_manager(PruneForget(rest))
+        reply = core.ask_manager(PruneForget(rest, cleared))
         freed.extend(reply.freed)
         listeners, rest = reply.listeners, reply.rest
     return freed, listeners

@@ -13,11 +13,12 @@ split so that no manager handler is long and no pass rescans the table:
   :mod:`actors._prune_jobs`.
 * **Deletion** of a batch: :class:`~actors._messages.PruneMark` re-checks each record here
   (refs, dead, a use since the scan) and marks it dead — nobody can take it from then on;
-  the job persists ``cache.deleted`` in one transaction, measures unknown sizes, then clears
-  the metadata and leases in a second transaction; :class:`~actors._messages.PruneForget`
-  finally drops the records from the table (whose removal then has nothing left to write)
-  and hands back the parents it freed, the next candidates. Handlers are bounded by a time
-  budget (:data:`HANDLER_BUDGET_S`) and hand back what they did not get to.
+  the job measures unknown sizes, then clears the metadata and leases in short
+  transactions of whole pairs; :class:`~actors._messages.PruneForget` finally drops the
+  records from the table without writing anything (the manager's thread never waits for
+  the write lock) and hands back the parents it freed, the next candidates. Handlers are
+  bounded by a time budget (:data:`HANDLER_BUDGET_S`) and hand back what they did not get
+  to.
 * **GC** (``storage.collect``) runs once at the end, as BuildKit's ``GarbageCollect``.
 
 Sizes: unknown sizes are measured by the jobs (never by a handler) and handed here
@@ -335,16 +336,18 @@ class Pruner:
         table = self.table
         parents: dict[str, None] = {}
         rest: tuple[Pair, ...] = ()
-        # The job cleared their metadata and leases: this transaction has nothing to write
-        # (no fsync) unless that failed, when the removal's own deletions do it.
-        with self.core.env.write_txn() as txn:
+        # The job cleared their metadata and leases: nothing to write, and the manager's
+        # thread must not wait for the write lock (a ref operation would wait behind it).
+        # Only when the job's clearing failed does the removal write, in one transaction.
+        with contextlib.ExitStack() as stack:
+            txn = None if m.cleared else stack.enter_context(self.core.env.write_txn())
             for n, (rid, twin_id) in enumerate(m.pairs):
                 if n and time.perf_counter() > deadline:
                     rest = m.pairs[n:]
                     break
                 if twin_id is not None:
-                    self._forget(twin_id, remove_snapshot=False, txn=txn)
-                e = self._forget(rid, remove_snapshot=True, txn=txn)
+                    self._forget(twin_id, remove_snapshot=False, txn=txn, clear=not m.cleared)
+                e = self._forget(rid, remove_snapshot=True, txn=txn, clear=not m.cleared)
                 if e is not None:
                     parents.update(dict.fromkeys(p for p in e.parents if p))
         entries = table.entries
@@ -355,12 +358,14 @@ class Pruner:
         ]
         return Forgotten(self._rows(freed), tuple(self.listeners), rest)
 
-    def _forget(self, rid: str, *, remove_snapshot: bool, txn: WriteTxn) -> RecordEntry | None:
+    def _forget(
+        self, rid: str, *, remove_snapshot: bool, txn: WriteTxn | None, clear: bool
+    ) -> RecordEntry | None:
         e = self.table.entries.get(rid)
         if e is not None:
             if rid in self.pruning:
                 self._note_release(e, -1)
-            self.table.remove(e, remove_snapshot=remove_snapshot, txn=txn)
+            self.table.remove(e, remove_snapshot=remove_snapshot, txn=txn, clear=clear)
         self.pruning.discard(rid)
         return e
 

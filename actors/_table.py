@@ -306,10 +306,19 @@ class RecordTable:
         with self.core.env.write_txn() as txn:
             delete_leases(self.core.leases, txn, [e.id + "-view"])
 
-    def remove(self, e: RecordEntry, *, remove_snapshot: bool, txn: WriteTxn | None = None) -> None:
+    def remove(
+        self,
+        e: RecordEntry,
+        *,
+        remove_snapshot: bool,
+        txn: WriteTxn | None = None,
+        clear: bool = True,
+    ) -> None:
         """Forgets a record: metadata, leases, actor; releases its holds on its parents.
 
         With ``txn``, the metadata work joins that transaction (one fsync for a pair).
+        ``clear=False``: the metadata and leases are gone already (a prune job cleared
+        them), nothing is written.
         """
         if self.entries.get(e.id) is not e:
             return
@@ -333,7 +342,9 @@ class RecordTable:
             # left by a finalize that crashed before its commit, and would leak.
             leases.append(own)
         core = self.core
-        if txn is not None:
+        if not clear:
+            pass
+        elif txn is not None:
             clear_record(core.store, core.leases, txn, e.id, leases)
         else:
             with core.env.write_txn() as new_txn:

@@ -113,6 +113,7 @@ from ._overlay import OverlaySnapshotter, make_snapshotter
 from ._registry import RegistryClient, RegistryRepository
 from ._snapshotter import Snapshotter, StagedSnapshot
 from ._times import format_rfc3339_ns
+from ._trash import TRASH_DIR, Trash, TrashUsage, trash_usage
 from ._types import (
     ANNOTATION_UNCOMPRESSED,
     MEDIA_TYPE_DOCKER_LAYER_GZIP,
@@ -281,4 +282,8 @@ __all__ = [
     "collect",
     "check",
     "repair",
+    "TRASH_DIR",
+    "Trash",
+    "TrashUsage",
+    "trash_usage",
 ]

@@ -12,7 +12,11 @@ What is checked:
   snapshot; a finalized immutable record that is not blob-only has a committed snapshot;
 * blob files without metadata (orphans) and metadata without blob files (missing);
 * snapshot directories without metadata (orphans, including leftover ``new-*``/``rm-*``)
-  and snapshot metadata without a directory (missing);
+  and snapshot metadata without a directory (missing); the trash (``<root>/trash``: trees
+  forgotten by the metadata, deleted in the background) is no leak and not a problem
+  (:func:`~storage._trash.trash_usage` says what waits there), except the entry of a
+  snapshot that is still recorded on a closed cache (a removal that never committed,
+  which the next open renames back);
 * lease resources whose lease is gone (dangling links);
 * mounts left under ``<root>/mounts`` by a process that died (and leftover mount dirs).
 
@@ -20,14 +24,14 @@ A live cache (another process, or this one, has it open for writing) is checked 
 false alarms for work in flight. Records and snapshot metadata are read in one transaction,
 and the directories are compared with that state knowing how writers stage them: a new
 snapshot directory is renamed into place as ``<id>`` inside the transaction that records it,
-with an id larger than any committed one; a removed one is renamed to ``rm-<id>`` inside the
-transaction that forgets it. So ``<id>`` above the committed last id, ``new-*`` and ``rm-*``
-are in-flight work, and a directory missing for a snapshot whose ``rm-<id>`` exists, or that
-a fresh read no longer has, is a removal in flight. A mutable record is recorded before its
-snapshot is copied, so "no active snapshot" is only reported on a closed cache; a blob file
-is placed before its metadata commits, so on a live cache a blob without metadata is
-reported once it is a minute old. Mounts under ``<root>/mounts`` of a live cache are its
-own.
+with an id larger than any committed one; a removed one is renamed to ``trash/<id>`` inside
+the transaction that forgets it. So ``<id>`` above the committed last id, ``new-*`` and
+``rm-*`` are in-flight work, and a directory missing for a snapshot whose ``trash/<id>``
+exists, or that a fresh read no longer has, is a removal in flight. A mutable record is
+recorded before its snapshot is copied, so "no active snapshot" is only reported on a
+closed cache; a blob file is placed before its metadata commits, so on a live cache a blob
+without metadata is reported once it is a minute old. Mounts under ``<root>/mounts`` of a
+live cache are its own.
 
 :func:`repair` fixes what is safe — orphan files and directories, dangling lease links,
 stale mounts — and needs the cache closed (it takes the cache's lock file).
@@ -71,6 +75,7 @@ from ._native import NativeSnapshotter
 from ._overlay import OverlaySnapshotter
 from ._snapmeta import decode_record, stored_snapshotter_name
 from ._snapshotter import BaseSnapshotter
+from ._trash import TRASH_DIR
 from ._types import Kind
 
 __all__ = ["check", "repair"]
@@ -268,10 +273,21 @@ def _snapshot_dir_problems(
 ) -> list[str]:
     out: list[str] = []
     dirs = snapshotter.root / "snapshots"
+    trash = snapshotter.root / TRASH_DIR
     try:
         names = sorted(os.listdir(dirs))
     except FileNotFoundError:
         names = []
+    unfinished: set[str] = set()
+    if not live:
+        # A trash entry of a recorded snapshot: its removal never committed.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            unfinished = {n for n in os.listdir(trash) if n in owners}
+        for sid in sorted(unfinished):
+            out.append(
+                f"snapshots: directory {trash / sid} of snapshot {owners[sid]} was being "
+                "removed when a process died; the next open restores it"
+            )
     busy = set(snapshotter._inflight)
     fresh: tuple[dict[str, str], int] | None = None
 
@@ -302,10 +318,10 @@ def _snapshot_dir_problems(
                 continue  # staged by a transaction that has not committed yet
         out.append(f"snapshots: directory {path} belongs to no snapshot")
     for sid, key in sorted(owners.items(), key=lambda kv: kv[1]):
-        if snapshotter.dir_of(sid).is_dir():
+        if sid in unfinished or snapshotter.dir_of(sid).is_dir():
             continue
         if live:
-            if (dirs / f"rm-{sid}").exists():
+            if (trash / sid).exists() or (dirs / f"rm-{sid}").exists():
                 continue  # a removal in flight (renamed before its commit)
             if sid not in again()[0] or snapshotter.dir_of(sid).is_dir():
                 continue  # removed meanwhile, or a removal rolled back
@@ -359,8 +375,9 @@ def repair(root: str | os.PathLike[str]) -> list[str]:
 
     Unmounts stale mounts and removes leftover mount directories, removes orphan blob files
     and snapshot directories (finishing interrupted removals, ``rm-*``, of any depth),
-    restores the directory of a snapshot whose removal never committed, removes lease links
-    whose lease is gone, and makes the cache private again (``0700``). Records are never
+    restores the directory of a snapshot whose removal never committed, empties the trash
+    (waiting for it: a repair is offline), removes lease links whose lease is gone, and
+    makes the cache private again (``0700``). Records are never
     touched here: opening the cache repairs them (see ``actors``).
 
     Raises:
@@ -390,6 +407,9 @@ def repair(root: str | os.PathLike[str]) -> list[str]:
                 cleaned = getattr(snapshotter, "cleaned", [])
                 done.extend(f"removed orphan snapshot directory {p}" for p in cleaned)
                 done.extend(f"removed orphan snapshot directory {p}" for p in snapshotter.cleanup())
+                # The trash is no problem (nothing to report), but offline is the time to
+                # empty it.
+                snapshotter.trash.wait_idle()
                 snapshotter.close()
             dangling = _dangling_resources(env)
             if dangling:

@@ -82,6 +82,7 @@ __all__ = [
     "MetaEnv",
     "ReadTxn",
     "WriteTxn",
+    "WriteWatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,9 @@ class WriteTxn(ReadTxn):
     def put(self, db: str, key: bytes, value: bytes) -> None:
         """Stores ``value`` under ``key`` in ``db`` (overwriting)."""
         self._log.append((_PUT, db, key, value))
+        if self._env._watches:
+            for watch in self._env._watches:
+                watch.note(db, key, value)
         handle = self._env._dbs.get(db)
         if handle is None or self._replaying:
             self._apply(_PUT, db, key, value)
@@ -246,6 +250,9 @@ class WriteTxn(ReadTxn):
         if not items:
             return
         self._log.append((_PUT_MANY, db, items, b""))
+        for watch in self._env._watches:
+            for key, value in items:
+                watch.note(db, key, value)
         self._apply(_PUT_MANY, db, items, b"")
 
     def delete(self, db: str, key: bytes) -> bool:
@@ -378,6 +385,38 @@ class WriteTxn(ReadTxn):
         return result
 
 
+class WriteWatch:
+    """The puts to some databases since a point in time, for a reader that must see them.
+
+    :meth:`MetaEnv.watch_writes` registers it and begins :attr:`snapshot`, a read
+    transaction, at the same instant (under the write lock, so no write transaction is half
+    done): everything the snapshot does not show is noted here, whether its transaction
+    committed or rolled back. The garbage collector marks on the snapshot and, in each
+    sweep transaction, spares whatever a noted write may have made reachable since.
+
+    Notes are made by writers holding the write lock; :meth:`drain` them while holding it
+    too (inside a write transaction) to see every finished transaction's writes.
+    """
+
+    __slots__ = ("_dbs", "_notes", "snapshot")
+
+    def __init__(self, dbs: Iterable[str], snapshot: AbstractContextManager[ReadTxn]) -> None:
+        self._dbs = frozenset(dbs)
+        self._notes: list[tuple[str, bytes, bytes]] = []
+        #: A read transaction (as a context manager) begun when the watch was registered.
+        self.snapshot = snapshot
+
+    def note(self, db: str, key: bytes, value: bytes) -> None:
+        """Called by :meth:`WriteTxn.put` for every write while the watch is registered."""
+        if db in self._dbs:
+            self._notes.append((db, bytes(key), bytes(value)))
+
+    def drain(self) -> list[tuple[str, bytes, bytes]]:
+        """The ``(db, key, value)`` writes noted since the last drain, oldest first."""
+        notes, self._notes = self._notes, []
+        return notes
+
+
 class _ReadScope:
     """The context manager of :meth:`MetaEnv.read_txn`."""
 
@@ -465,6 +504,8 @@ class MetaEnv:
         self._gate = threading.Condition(self._gate_lock)
         self._readers = 0
         self._growing = False
+        # Registered WriteWatch objects (a tuple, replaced whole: writers read it unlocked).
+        self._watches: tuple[WriteWatch, ...] = ()
         data = self.path / _DATA_FILE
         if readonly:
             if not data.exists():
@@ -683,6 +724,42 @@ class MetaEnv:
                     self._group = GroupWriter(self)
                 group = self._group
         return group
+
+    @contextmanager
+    def watch_writes(self, dbs: Iterable[str]) -> Iterator[WriteWatch]:
+        """Notes every put to ``dbs`` from now until the block exits (see :class:`WriteWatch`).
+
+        The watch's :attr:`~WriteWatch.snapshot` is a read transaction begun at the instant
+        the watch was registered; enter it (once) to read that state, and leave it before
+        opening a write transaction in the same thread.
+        """
+        scope = self.read_txn()
+        opened = False
+
+        @contextmanager
+        def snapshot() -> Iterator[ReadTxn]:
+            nonlocal opened
+            try:
+                yield rtxn
+            finally:
+                if opened:
+                    opened = False
+                    scope.__exit__(None, None, None)
+
+        watch = WriteWatch(dbs, snapshot())
+        with self._write_lock:
+            # Begun while no write transaction is open: it shows every write not noted.
+            rtxn = scope.__enter__()
+            opened = True
+            self._watches = (*self._watches, watch)
+        try:
+            yield watch
+        finally:
+            if opened:
+                opened = False
+                scope.__exit__(None, None, None)
+            with self._write_lock:
+                self._watches = tuple(w for w in self._watches if w is not watch)
 
     @contextmanager
     def joined_write(self, txn: WriteTxn | None) -> Iterator[WriteTxn]:

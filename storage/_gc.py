@@ -14,11 +14,15 @@ Three layers, so the semantics can be tested without backends:
 * :func:`mark` is containerd's ``gc.Tricolor`` over those roots and edges.
 
 :func:`collect` reads the facts from ``DB_LEASES``/``DB_LEASE_RESOURCES``/``DB_CONTENT``/
-``DB_SNAPSHOTS`` and sweeps, all inside **one** write transaction: nothing can be created or
-re-labelled in this process between mark and sweep, and a failure anywhere rolls the whole
-sweep back. The backends' ``delete``/``remove`` take that transaction and schedule their file
-deletions with :meth:`WriteTxn.after_commit`, so files go only once the metadata that forgot
-them has committed (a crash leaves orphan files, never dangling records).
+``DB_SNAPSHOTS`` in one read snapshot and marks without any lock, then sweeps in bounded
+write transactions (:data:`GC_BATCH` deletions or :data:`GC_BATCH_SECONDS` each), releasing
+the write lock between two, so that a collection of thousands of objects never holds up the
+other writers for long. Writes made after the snapshot are watched
+(:meth:`MetaEnv.watch_writes`) and whatever they may have made reachable again is spared.
+The backends' ``delete``/``remove`` take the sweep's transaction and schedule their file
+deletions after its commit (a snapshot tree is renamed into the trash and deleted by its
+background worker), so files go only once the metadata that forgot them has committed (a
+crash leaves orphan files, never dangling records).
 
 What callers must do (containerd puts the context's lease on every object it creates, in the
 creating transaction; refcache has no context lease): an object must be leased *no later
@@ -27,9 +31,9 @@ not checked, BuildKit adds the snapshot resource before ``Prepare``) or create t
 ``txn=`` and add the resource in that same transaction. A blob committed in one transaction
 and leased in a later one can be collected in between.
 
-Concurrency: :func:`collect` holds the environment's write lock from mark to commit, so it
-excludes every other writer of this process; the backends' own locks are leaf locks taken
-inside it, so no lock-order inversion arises. Readers are never blocked (LMDB MVCC).
+Concurrency: :func:`collect` holds the environment's write lock only inside each sweep
+transaction; the backends' own locks are leaf locks taken inside it, so no lock-order
+inversion arises. Readers are never blocked (LMDB MVCC).
 """
 
 from __future__ import annotations
@@ -43,7 +47,15 @@ from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
-from ._env import DB_CONTENT, DB_LEASE_RESOURCES, DB_LEASES, DB_SNAPSHOTS, MetaEnv, WriteTxn
+from ._env import (
+    DB_CONTENT,
+    DB_LEASE_RESOURCES,
+    DB_LEASES,
+    DB_SNAPSHOTS,
+    MetaEnv,
+    ReadTxn,
+    WriteTxn,
+)
 from ._errors import (
     CorruptMetadataError,
     FailedPreconditionError,
@@ -452,6 +464,93 @@ class SnapshotRemover(Protocol):
 #: containerd gives an ingest written outside any lease ``expireat = now + 24h``.
 DEFAULT_INGEST_EXPIRY = timedelta(hours=24)
 
+#: Deletions per sweep transaction (the write lock is released between two).
+GC_BATCH = 512
+#: A sweep transaction takes no more deletions once it has run this long (seconds).
+GC_BATCH_SECONDS = 0.02
+
+# The databases whose writes can make an unmarked object reachable again (see _Rescue).
+_WATCHED = (DB_LEASES, DB_LEASE_RESOURCES, DB_CONTENT, DB_SNAPSHOTS)
+
+# One deletion of the sweep: what kind, and the id.
+_LEASE, _LINKS, _SNAPSHOT, _BLOB, _INGEST = range(5)
+
+
+class _Rescue:
+    """What writes since the mark made reachable again, among the unmarked objects.
+
+    The mark ran on a snapshot of the metadata; the sweep runs in several transactions,
+    and other writers work in between. The only way an object unmarked in the snapshot can
+    become reachable is a write that references it: a lease resource link, a snapshot
+    (its parent, its labels, the children index), a blob's labels, or a lease renewed. Every
+    such write is noted by the environment's :class:`~storage._env.WriteWatch`; before
+    each sweep transaction the new notes are turned into *spared* nodes, with everything
+    the spared nodes reach in the marked graph. Conservative (a write that rolled back
+    spares too): what is spared waits for the next collection.
+    """
+
+    def __init__(self, graph: Graph, leases: Mapping[str, LeaseFacts], snapshotter: str) -> None:
+        self._edges = graph.edges
+        self._leases = leases
+        self._snapshotter = snapshotter
+        self._expired = set(graph.expired_leases)
+        self.spared: set[Node] = set()
+        self.renewed: set[str] = set()
+
+    def absorb(self, notes: Sequence[tuple[str, bytes, bytes]], doomed: set[Node]) -> None:
+        """Spares what ``notes`` (from :meth:`WriteWatch.drain`) may have made reachable.
+
+        Raises:
+            CorruptMetadataError: A noted record cannot be decoded (the sweep stops: it
+                cannot tell what the write referenced).
+        """
+        if not notes:
+            return
+        roots: list[Node] = []
+        for db, key, value in notes:
+            if db == DB_LEASE_RESOURCES:
+                _, res = parse_resource_key(key)
+                roots.append(Node(res.type, res.id))
+            elif db == DB_SNAPSHOTS:
+                roots.extend(self._snapshot_refs(key, value))
+            elif db == DB_CONTENT:
+                digest = _decode_key(key, what="content")
+                roots.append(Node(NODE_CONTENT, digest))
+                record = _unpack_map(value, what="blob", key=digest)
+                labels = _labels_of(record, what="blob", key=digest)
+                roots.extend(label_refs(labels).refs)
+            elif db == DB_LEASES:
+                lease_id = _decode_key(key, what="lease")
+                if lease_id in self._expired:
+                    self.renewed.add(lease_id)
+                    facts = self._leases.get(lease_id)
+                    roots.extend(Node(r.type, r.id) for r in (facts.resources if facts else ()))
+        stack = [n for n in roots if n in doomed and n not in self.spared]
+        while stack:
+            node = stack.pop()
+            if node in self.spared:
+                continue
+            self.spared.add(node)
+            for edge in self._edges.get(node, ()):
+                if edge.target in doomed and edge.target not in self.spared:
+                    stack.append(edge.target)
+
+    def _snapshot_refs(self, key: bytes, value: bytes) -> list[Node]:
+        if key.startswith(b"\x00parent\x00"):
+            # The children index: \0parent\0<parent>\0<child>, the parent gains a child.
+            raw_parent = key[len(b"\x00parent\x00") :].split(b"\x00", 1)[0]
+            return [snapshot_node(self._snapshotter, _decode_key(raw_parent, what="snapshot"))]
+        if key.startswith(b"\x00"):
+            return []  # the snapshotter's own counters
+        name = _decode_key(key, what="snapshot")
+        record = _unpack_map(value, what="snapshot", key=name)
+        out = [snapshot_node(self._snapshotter, name)]
+        parent = record.get("parent") or ""
+        if isinstance(parent, str) and parent:
+            out.append(snapshot_node(self._snapshotter, parent))
+        out.extend(label_refs(_labels_of(record, what="snapshot", key=name)).refs)
+        return out
+
 
 def collect(
     env: MetaEnv,
@@ -461,15 +560,22 @@ def collect(
     leases: LeaseManager | None = None,
     now: datetime | None = None,
     ingest_expiry: timedelta | None = DEFAULT_INGEST_EXPIRY,
+    batch: int = GC_BATCH,
 ) -> GCStats:
     """Runs one garbage collection: mark from the roots, sweep everything else.
 
-    Inside one write transaction: read every lease, resource link, blob record and snapshot
-    record; mark (:func:`build_graph`, :func:`mark`); delete expired leases with their links;
-    remove unmarked snapshots children first (``snapshotter.remove(key, txn=…)``); delete
-    unmarked blobs (``content.delete(digest, txn=…)``); abort stale unleased ingests. Files
-    are deleted by the backends' after-commit callbacks, so if anything raises before the
-    commit, nothing is deleted at all.
+    Mark: on one read snapshot of the metadata (every lease, resource link, blob record and
+    snapshot record; :func:`build_graph`, :func:`mark`), without the write lock. Sweep: in
+    write transactions of at most ``batch`` deletions (and :data:`GC_BATCH_SECONDS`), the
+    write lock released between two, so other writers wait for one small transaction at
+    most: delete expired leases with their links; remove unmarked snapshots children first
+    (``snapshotter.remove(key, txn=…)``); delete unmarked blobs
+    (``content.delete(digest, txn=…)``); abort stale unleased ingests. Writes made since the
+    mark snapshot are watched (:meth:`MetaEnv.watch_writes`): anything they may have made
+    reachable again is spared (see :class:`_Rescue`). Files are deleted by the backends'
+    after-commit callbacks (snapshot trees by the trash's worker), so if a transaction
+    fails, nothing it forgot is deleted; the transactions before it stay committed, and the
+    next collection finds the rest.
 
     A snapshot or blob the backend refuses (``FailedPreconditionError``) or no longer knows
     (``NotFoundError``) is logged and skipped, as containerd's backend GC does.
@@ -488,12 +594,13 @@ def collect(
         now: Expiry threshold (aware); defaults to the current time.
         ingest_expiry: Age past which an unleased ingest is aborted; ``None`` keeps every
             ingest.
+        batch: Deletions per sweep transaction (at least 1).
 
     Returns:
         What was deleted.
 
     Raises:
-        InvalidError: ``now`` is naive.
+        InvalidError: ``now`` is naive, or ``batch`` is not a positive int.
         CorruptMetadataError: A record cannot be decoded (nothing is deleted: collecting
             on a misread graph could delete live data).
     """
@@ -502,13 +609,18 @@ def collect(
     if threshold.tzinfo is None or threshold.utcoffset() is None:
         msg = f"now={threshold!r} has no time zone; pass an aware datetime"
         raise InvalidError(msg)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        msg = f"batch must be a positive int, not {batch!r}"
+        raise InvalidError(msg)
     sn_name = snapshotter.name
     sn_type = f"{RESOURCE_SNAPSHOTS}/{sn_name}"
-    content_deleted = snapshots_deleted = ingests_aborted = bytes_freed = 0
-    with env.write_txn() as txn:
-        lease_facts = _read_leases(txn)
-        blobs = _read_content(txn)
-        snaps = _read_snapshots(txn)
+    done = dict.fromkeys(range(5), 0)
+    bytes_freed = 0
+    with env.watch_writes(_WATCHED) as watch:
+        with watch.snapshot as rtxn:
+            lease_facts, ghosts = _read_leases(rtxn)
+            blobs = _read_content(rtxn)
+            snaps = _read_snapshots(rtxn)
         graph = build_graph(
             leases=lease_facts,
             content={d: labels for d, (_, labels) in blobs.items()},
@@ -517,53 +629,50 @@ def collect(
             now=threshold,
         )
         marked = mark(graph.roots, graph.edges)
-
-        for lease_id in graph.expired_leases:
-            if leases is not None:
-                leases.delete(lease_id, txn=txn)
-            else:
-                raw_id = lease_id.encode()
-                txn.delete(DB_LEASES, raw_id)
-                txn.delete_prefix(DB_LEASE_RESOURCES, raw_id + b"\x00")
-
-        doomed = [k for k in snaps if Node(sn_type, k) not in marked]
+        doomed_snaps = [k for k in snaps if Node(sn_type, k) not in marked]
         parents = {k: facts.parent for k, (facts, _) in snaps.items()}
-        for key in removal_order(doomed, parents):
-            try:
-                snapshotter.remove(key, txn=txn)
-            except (FailedPreconditionError, NotFoundError) as exc:
-                logger.warning("gc: cannot remove snapshot %r: %s", key, exc)
-                continue
-            snapshots_deleted += 1
-            bytes_freed += snaps[key][1]
-
-        for digest, (size, _) in blobs.items():
-            if Node(NODE_CONTENT, digest) in marked:
-                continue
-            try:
-                content.delete(digest, txn=txn)
-            except (FailedPreconditionError, NotFoundError) as exc:
-                logger.warning("gc: cannot delete blob %s: %s", digest, exc)
-                continue
-            content_deleted += 1
-            bytes_freed += size
-
+        work: list[tuple[int, str]] = [(_LINKS, lid) for lid in ghosts]
+        work += [(_LEASE, lid) for lid in graph.expired_leases]
+        work += [(_SNAPSHOT, k) for k in removal_order(doomed_snaps, parents)]
+        work += [(_BLOB, d) for d in blobs if Node(NODE_CONTENT, d) not in marked]
         if ingest_expiry is not None:
             stale_ns = int((threshold - ingest_expiry).timestamp() * 1e9)
-            for status in content.list_statuses():
-                if Node(NODE_INGEST, status.ref) in marked or status.updated_at >= stale_ns:
-                    continue
-                try:
-                    content.abort(status.ref, txn=txn)
-                except (LockedError, NotFoundError) as exc:
-                    logger.info("gc: ingest %r not aborted: %s", status.ref, exc)
-                    continue
-                ingests_aborted += 1
+            work += [
+                (_INGEST, st.ref)
+                for st in content.list_statuses()
+                if Node(NODE_INGEST, st.ref) not in marked and st.updated_at < stale_ns
+            ]
+        doomed = {Node(sn_type, k) for k in doomed_snaps}
+        doomed |= {Node(NODE_CONTENT, d) for kind, d in work if kind == _BLOB}
+        doomed |= {Node(NODE_INGEST, r) for kind, r in work if kind == _INGEST}
+        rescue = _Rescue(graph, lease_facts, sn_name)
+        sweep = _Sweep(rescue, sn_type, content, snapshotter, leases, threshold, snaps, blobs)
+        pos = 0
+        while pos < len(work):
+            with env.write_txn() as txn:
+                rescue.absorb(watch.drain(), doomed)
+                deadline = time.monotonic() + GC_BATCH_SECONDS
+                taken = freed = 0
+                counts = dict.fromkeys(range(5), 0)
+                while pos < len(work) and taken < batch:
+                    kind, ident = work[pos]
+                    pos += 1
+                    taken += 1
+                    size = _sweep_one(txn, kind, ident, sweep)
+                    if size is not None:
+                        counts[kind] += 1
+                        freed += size
+                    if time.monotonic() > deadline:
+                        break
+            # Counted once the transaction committed (a failed one deleted nothing).
+            for kind, n in counts.items():
+                done[kind] += n
+            bytes_freed += freed
     stats = GCStats(
-        content_deleted=content_deleted,
-        snapshots_deleted=snapshots_deleted,
-        leases_expired=len(graph.expired_leases),
-        ingests_aborted=ingests_aborted,
+        content_deleted=done[_BLOB],
+        snapshots_deleted=done[_SNAPSHOT],
+        leases_expired=done[_LEASE],
+        ingests_aborted=done[_INGEST],
         bytes_freed=bytes_freed,
         duration_s=time.monotonic() - started,
     )
@@ -577,6 +686,72 @@ def collect(
         stats.duration_s,
     )
     return stats
+
+
+@dataclass(frozen=True, slots=True)
+class _Sweep:
+    """What :func:`_sweep_one` needs besides the object: the backends and the mark's facts."""
+
+    rescue: _Rescue
+    sn_type: str
+    content: ContentSweeper
+    snapshotter: SnapshotRemover
+    leases: LeaseManager | None
+    threshold: datetime
+    snaps: Mapping[str, tuple[SnapshotFacts, int]]
+    blobs: Mapping[str, tuple[int, dict[str, str]]]
+
+
+def _sweep_one(txn: WriteTxn, kind: int, ident: str, sweep: _Sweep) -> int | None:
+    """Deletes one object of the sweep in ``txn``; its bytes, or ``None`` if it stays."""
+    raw_id = ident.encode()
+    if kind == _LINKS:
+        # Links without a lease record cannot come from the lease manager (it deletes both
+        # together); drop them so that a lease created later with this id starts empty —
+        # unless that lease exists by now (the links may be its own).
+        if txn.get(DB_LEASES, raw_id) is not None:
+            return None
+        logger.warning("gc: dropping resource links of missing lease %r", ident)
+        txn.delete_prefix(DB_LEASE_RESOURCES, raw_id + b"\x00")
+        return 0
+    if kind == _LEASE:
+        current = txn.get(DB_LEASES, raw_id)
+        if ident in sweep.rescue.renewed or current is None:
+            return None
+        if not labels_expired(decode_lease(raw_id, current).labels, sweep.threshold):
+            return None  # renewed since the mark
+        if sweep.leases is not None:
+            sweep.leases.delete(ident, txn=txn)
+        else:
+            txn.delete(DB_LEASES, raw_id)
+            txn.delete_prefix(DB_LEASE_RESOURCES, raw_id + b"\x00")
+        return 0
+    if kind == _SNAPSHOT:
+        if Node(sweep.sn_type, ident) in sweep.rescue.spared:
+            return None
+        try:
+            sweep.snapshotter.remove(ident, txn=txn)
+        except (FailedPreconditionError, NotFoundError) as exc:
+            logger.warning("gc: cannot remove snapshot %r: %s", ident, exc)
+            return None
+        return sweep.snaps[ident][1]
+    if kind == _BLOB:
+        if Node(NODE_CONTENT, ident) in sweep.rescue.spared:
+            return None
+        try:
+            sweep.content.delete(ident, txn=txn)
+        except (FailedPreconditionError, NotFoundError) as exc:
+            logger.warning("gc: cannot delete blob %s: %s", ident, exc)
+            return None
+        return sweep.blobs[ident][0]
+    if Node(NODE_INGEST, ident) in sweep.rescue.spared:
+        return None
+    try:
+        sweep.content.abort(ident, txn=txn)
+    except (LockedError, NotFoundError) as exc:
+        logger.info("gc: ingest %r not aborted: %s", ident, exc)
+        return None
+    return 0
 
 
 # -- reading the environment ----------------------------------------------------------------
@@ -612,7 +787,8 @@ def _decode_key(raw: bytes, *, what: str) -> str:
         raise CorruptMetadataError(msg, record_id=repr(raw)) from exc
 
 
-def _read_leases(txn: WriteTxn) -> dict[str, LeaseFacts]:
+def _read_leases(txn: ReadTxn) -> tuple[dict[str, LeaseFacts], list[str]]:
+    """Every lease with its resources, and the ids of links whose lease is missing."""
     labels = {}
     for key, raw in txn.items(DB_LEASES):
         lease = decode_lease(key, raw)
@@ -625,18 +801,14 @@ def _read_leases(txn: WriteTxn) -> dict[str, LeaseFacts]:
             resources.setdefault(lease_id, []).append(res)
         else:
             orphans.add(lease_id)
-    for lease_id in sorted(orphans):
-        # Links without a lease record cannot come from the lease manager (it deletes both
-        # together); drop them so that a lease created later with this id starts empty.
-        logger.warning("gc: dropping resource links of missing lease %r", lease_id)
-        txn.delete_prefix(DB_LEASE_RESOURCES, lease_id.encode() + b"\x00")
-    return {
+    facts = {
         lid: LeaseFacts(labels=lab, resources=tuple(resources.get(lid, ())))
         for lid, lab in labels.items()
     }
+    return facts, sorted(orphans)
 
 
-def _read_content(txn: WriteTxn) -> dict[str, tuple[int, dict[str, str]]]:
+def _read_content(txn: ReadTxn) -> dict[str, tuple[int, dict[str, str]]]:
     out = {}
     for raw_key, raw in txn.items(DB_CONTENT):
         digest = _decode_key(raw_key, what="content")
@@ -648,7 +820,7 @@ def _read_content(txn: WriteTxn) -> dict[str, tuple[int, dict[str, str]]]:
     return out
 
 
-def _read_snapshots(txn: WriteTxn) -> dict[str, tuple[SnapshotFacts, int]]:
+def _read_snapshots(txn: ReadTxn) -> dict[str, tuple[SnapshotFacts, int]]:
     out = {}
     for raw_key, raw in txn.items(DB_SNAPSHOTS):
         if raw_key.startswith(b"\x00"):

@@ -10,6 +10,9 @@ Layout (directories ``0700``, files holding metadata ``0600``)::
                         (a rootfs is 0755, as containerd makes it), reachable only through
                         this private parent
       mounts/           temporary mount points (``Mountable.local()``, applier, differ)
+      trash/            removed snapshot trees waiting for the background deletion
+                        (``storage/_trash.py``); same file system as ``snapshots/``, so a
+                        removal is one rename
 
 Layers extracted as root keep set-id files and device nodes, as containerd does; the
 private parents are what keeps other local users from reaching them (containerd keeps its
@@ -43,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 PRIVATE_DIR_MODE = 0o700  #: directories of the cache (nothing for group or others)
 PRIVATE_FILE_MODE = 0o600  #: files holding metadata
-SUBDIRS = ("meta", "content", "snapshots", "mounts")  #: the trees under the root
+SUBDIRS = ("meta", "content", "snapshots", "mounts", "trash")  #: the trees under the root
 _PRIVATE_FILES = ("lock", "meta/data.mdb", "meta/lock.mdb")
 
 _ACCESS_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)

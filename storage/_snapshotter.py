@@ -9,10 +9,13 @@ are ``storage/_native.py`` and ``storage/_overlay.py``.
 Directories: ``<root>/snapshots/<id>`` (native: the tree itself; overlay: ``fs/`` and
 ``work/``). File work follows containerd: a new snapshot is built in ``new-<random>``, renamed
 to ``<id>`` inside the write transaction that records it (after an ``fsync`` of the tree), and
-removed again if that transaction fails; a removed snapshot's directory is renamed to
-``rm-<id>`` inside the transaction that forgets it and deleted after that transaction has
-committed. :meth:`BaseSnapshotter.cleanup` (run at open) deletes leftover ``new-*``/``rm-*``
-directories and directories that no record names.
+thrown away if that transaction fails; a removed snapshot's directory is renamed to
+``<root>/trash/<id>`` inside the transaction that forgets it and deleted by the trash's
+background worker once that transaction has committed (``storage/_trash.py``): neither the
+write lock nor the caller waits for a tree to be deleted. :meth:`BaseSnapshotter.cleanup`
+(run at open) renames back the trash entry of a snapshot whose removal never committed,
+throws away leftover ``new-*``/``rm-*`` directories and directories that no record names,
+and has the worker delete whatever is in the trash.
 
 Caller transactions: with ``txn=…`` the directory is built and renamed into place inside the
 caller's transaction. If that transaction rolls back, ``WriteTxn.after_rollback`` removes the
@@ -26,6 +29,7 @@ what they read when they commit), except when the caller passes its own ``txn``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -72,6 +76,7 @@ from ._snapmeta import (
     read_seq,
     stored_snapshotter_name,
 )
+from ._trash import Trash
 from ._tree import fsync_dir, fsync_tree_dirs, remove_tree
 from ._types import Kind, Mount, SnapshotInfo, Usage
 
@@ -304,11 +309,14 @@ class BaseSnapshotter:
                 f"{stored!r} or 'auto')"
             )
             raise FailedPreconditionError(msg)
-        #: What :meth:`cleanup` removed when the snapshotter was opened.
+        #: What :meth:`cleanup` threw away when the snapshotter was opened.
         self.cleaned: list[Path] = []
+        writable = clean and not env.readonly
+        #: Removed directories wait here until its worker has deleted them.
+        self.trash = Trash(self.root, create=writable)
         # clean=False: an inspecting view of a cache that another object may be writing
         # (``storage.check``); it must neither record a name nor remove anything.
-        if clean and not env.readonly:
+        if writable:
             # Private (0700): snapshots hold set-id files and devices of extracted layers.
             make_private_dir(self._dirs, parents=True)
             if stored is None:
@@ -471,12 +479,21 @@ class BaseSnapshotter:
         return sid
 
     def _discard(self, tmp: Path | None, sid: str | None) -> None:
-        # The transaction that would have recorded the directory failed: remove what we made.
+        # The transaction that would have recorded the directory failed: throw away what we
+        # made (this may run under the write lock, after a rollback: a rename, no deletion).
         for path in (tmp, self._snapshot_dir(sid) if sid else None):
             if path is not None:
-                _remove_quietly(path)
+                self._throw_away(path)
         names = [n for n in (tmp.name if tmp else None, sid) if n]
         self._forget_inflight(*names)
+
+    def _throw_away(self, path: Path) -> None:
+        """Moves ``path`` into the trash (deleted in the background), else deletes it now."""
+        try:
+            self.trash.throw_away(path)
+        except OSError as exc:
+            logger.debug("cannot move %s to the trash (%s); deleting it now", path, exc)
+            _remove_quietly(path)
 
     def _create(
         self,
@@ -816,7 +833,10 @@ class BaseSnapshotter:
             apply(wtxn, again, usage)
 
     def remove(self, key: str, *, txn: WriteTxn | None = None) -> None:
-        """Removes snapshot ``key`` of any kind; its directory goes after the commit.
+        """Removes snapshot ``key`` of any kind.
+
+        Its directory is renamed into the trash inside the transaction and deleted by the
+        trash's worker after the commit (in the background: this call does not wait).
 
         Raises:
             InvalidError: ``key`` is not a valid key.
@@ -837,32 +857,39 @@ class BaseSnapshotter:
                 wtxn.delete(DB_SNAPSHOTS, child_key(rec.parent, key))
             if self._owns_dir(rec.kind, bool(rec.parent)):
                 sid = rec.id
-                # Renamed inside the transaction, before its commit: a reader of the committed
-                # state (storage.check) never sees the directory of a snapshot it does not
-                # know any more. A rollback renames it back; a crash before the commit
-                # leaves rm-<id> of a live snapshot, which the next open renames back.
+                # Renamed into the trash inside the transaction, before its commit: a reader
+                # of the committed state (storage.check) never sees the directory of a
+                # snapshot it does not know any more. A rollback renames it back; a crash
+                # before the commit leaves trash/<id> of a live snapshot, which the next
+                # open renames back. Only a committed removal reaches the trash's worker.
                 self._retire_dir(sid)
                 wtxn.after_rollback(lambda: self._unretire_dir(sid))
-                wtxn.after_unlock(lambda: self._purge_dir(sid))
+                wtxn.after_commit(lambda: self._forget_inflight(f"rm-{sid}"))
+                wtxn.after_unlock(lambda: self.trash.add(sid))
 
         with self._env.joined_write(txn) as wtxn:
             apply(wtxn)
 
     def _retire_dir(self, sid: str) -> None:
-        # containerd: rename to rm-<id> first, so a crash mid-delete leaves a name that
-        # cleanup knows is garbage. Fast: runs while the metadata write lock is held.
-        src = self._snapshot_dir(sid)
-        doomed = self._dirs / f"rm-{sid}"
+        # containerd renames to a garbage name first, so that a crash mid-delete leaves a
+        # name cleanup knows is garbage; here the name is trash/<id>, and the deletion is
+        # the trash worker's. Fast (one rename): runs while the metadata write lock is held.
+        # While the transaction is open, "rm-<id>" in _inflight says the entry is not
+        # garbage yet (cleanup must neither restore nor delete it).
         with self._lock:
-            self._inflight.add(doomed.name)
+            self._inflight.add(f"rm-{sid}")
         try:
-            os.rename(src, doomed)
+            self.trash.move_in(self._snapshot_dir(sid), sid)
         except FileNotFoundError:
-            self._forget_inflight(doomed.name)
+            self._forget_inflight(f"rm-{sid}")
+        except OSError as exc:
+            self._forget_inflight(f"rm-{sid}")
+            msg = f"cannot move snapshot directory {sid} to {self.trash.path}: {exc}"
+            raise RefcacheError(msg) from exc
 
     def _unretire_dir(self, sid: str) -> None:
         # The removing transaction rolled back: the snapshot is still recorded.
-        doomed = self._dirs / f"rm-{sid}"
+        doomed = self.trash.path / sid
         try:
             os.rename(doomed, self._snapshot_dir(sid))
         except FileNotFoundError:
@@ -870,41 +897,35 @@ class BaseSnapshotter:
         except OSError as exc:
             logger.warning("cannot restore snapshot directory %s: %s", doomed, exc)
         finally:
-            self._forget_inflight(doomed.name)
+            self._forget_inflight(f"rm-{sid}")
 
     def _restore_retired(self, live: set[str]) -> list[str]:
-        """Renames ``rm-<id>`` of still-recorded snapshots back (a removal that crashed
-        before its commit); returns what was restored."""
+        """Renames the trash entry (or, from older versions, ``snapshots/rm-<id>``) of a
+        still-recorded snapshot back (a removal that crashed before its commit); returns
+        the ids restored."""
         restored: list[str] = []
-        try:
-            names = os.listdir(self._dirs)
-        except FileNotFoundError:
-            return restored
-        for name in names:
-            sid = name.removeprefix("rm-")
-            if sid == name or sid not in live or os.path.lexists(self._dirs / sid):
+        found = [(self.trash.path / name, name) for name in self.trash.entries()]
+        with contextlib.suppress(FileNotFoundError):
+            found += [
+                (self._dirs / name, name.removeprefix("rm-"))
+                for name in os.listdir(self._dirs)
+                if name.startswith("rm-")
+            ]
+        for path, sid in found:
+            if sid not in live or os.path.lexists(self._dirs / sid):
                 continue
             try:
-                os.rename(self._dirs / name, self._dirs / sid)
+                os.rename(path, self._dirs / sid)
             except OSError as exc:
-                logger.warning("cannot restore snapshot directory %s: %s", name, exc)
+                logger.warning("cannot restore snapshot directory %s: %s", path, exc)
                 continue
             restored.append(sid)
             logger.warning(
                 "snapshot directory %s restored from %s (its removal never committed)",
                 self._dirs / sid,
-                name,
+                path,
             )
         return restored
-
-    def _purge_dir(self, sid: str) -> None:
-        # The slow part (a tree of files), after the write lock is released, so that GC of
-        # thousands of snapshots does not hold up every other metadata write.
-        doomed = self._dirs / f"rm-{sid}"
-        try:
-            _remove_quietly(doomed)
-        finally:
-            self._forget_inflight(doomed.name)
 
     def walk(self, *filters: str) -> Iterator[SnapshotInfo]:
         """Yields the snapshots matching any of ``filters`` (containerd filter syntax).
@@ -943,9 +964,11 @@ class BaseSnapshotter:
     def close(self) -> None:
         """Closes the snapshotter; later calls raise :class:`FailedPreconditionError`.
 
-        Idempotent. The metadata environment is the cache's and stays open.
+        Stops the trash's worker (what it has not deleted yet stays in the trash for the
+        next open). Idempotent. The metadata environment is the cache's and stays open.
         """
         self._closed = True
+        self.trash.close()
 
     # -- merge (BuildKit MergeSnapshotter) --------------------------------------------------
 
@@ -1079,20 +1102,32 @@ class BaseSnapshotter:
         return sorted(rec.key for rec in owning if not self._usage_dir(rec.id).is_dir())
 
     def cleanup(self) -> list[Path]:
-        """Deletes the :meth:`orphans` (containerd ``Cleaner``); returns what it removed."""
+        """Throws away the :meth:`orphans` (containerd ``Cleaner``); returns them.
+
+        First renames back the directories of snapshots whose removal never committed; then
+        moves every orphan into the trash and has the trash's worker delete whatever the
+        trash holds (in the background: the trees are gone from ``snapshots/`` when this
+        returns, and deleted later; :meth:`Trash.wait_idle` waits for that).
+        """
         self._check_open()
         live, _ = self._live_dirs()
         with self._lock:
             busy = set(self._inflight)
-        self._restore_retired(live - {n.removeprefix("rm-") for n in busy})
+        retiring = {n.removeprefix("rm-") for n in busy if n.startswith("rm-")}
+        self._restore_retired(live - retiring)
         removed = []
         for path in self.orphans():
             try:
-                remove_tree(path)
+                self.trash.throw_away(path)
             except OSError as exc:
-                logger.warning("cannot remove leftover snapshot directory %s: %s", path, exc)
-                continue
+                logger.debug("cannot move %s to the trash (%s); deleting it now", path, exc)
+                try:
+                    remove_tree(path)
+                except OSError as exc2:
+                    logger.warning("cannot remove leftover snapshot directory %s: %s", path, exc2)
+                    continue
             removed.append(path)
+        self.trash.resume(skip=retiring)
         return removed
 
 

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -409,7 +410,12 @@ def _enter(cursor: DirCursor, name: str, dev: int) -> bool:
     return False
 
 
-def remove_tree(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> bool:
+def remove_tree(
+    path: str | os.PathLike[str],
+    *,
+    dir_fd: int | None = None,
+    stop: threading.Event | None = None,
+) -> bool:
     """Removes ``path`` (a file, a symlink or a whole directory tree), without recursion.
 
     Iterative and descriptor-based (see the module docstring): trees of any depth go, with
@@ -420,11 +426,15 @@ def remove_tree(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> b
     Args:
         path: What to remove (relative to ``dir_fd`` when given).
         dir_fd: Directory ``path`` is relative to.
+        stop: Checked before each directory is entered: once set, the removal stops with
+            :class:`InterruptedError`, leaving the rest of the tree where it is (the
+            trash's worker stops this way when its cache closes).
 
     Returns:
         Whether something was removed.
 
     Raises:
+        InterruptedError: ``stop`` was set.
         OSError: A part of the tree could not be removed (the rest may be gone already).
     """
     st = _lstat_at(dir_fd, path)
@@ -446,6 +456,8 @@ def remove_tree(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> b
         pending: list[list[str]] = [_unlink_entries(cursor)]
         while pending:
             if pending[-1]:
+                if stop is not None and stop.is_set():
+                    raise InterruptedError(errno.EINTR, "tree removal stopped", os.fspath(path))
                 name = pending[-1].pop()
                 if not _enter(cursor, name, dev):
                     with contextlib.suppress(FileNotFoundError, IsADirectoryError):

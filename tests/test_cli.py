@@ -951,6 +951,7 @@ class TestBuildctlShape:
             "problems": [],
             "fixed": [],
             "pending_removals": [],
+            "trash": {"entries": 0, "bytes": 0},
         }
 
         dry = json.loads(cli(records.root, "prune", "--dry-run", "--format", "json").stdout)

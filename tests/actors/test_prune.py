@@ -590,7 +590,10 @@ class TestSharedRecords:
 
 
 class TestInterruptedPrune:
-    """cache.deleted is persisted before removal: the next open finishes the job."""
+    """A record flagged cache.deleted (an interrupted removal) is finished at the next open.
+
+    A prune clears whole pairs in one transaction each (no flag needed); the flag is what
+    an interrupted removal of an older version, or BuildKit's, leaves behind."""
 
     def test_records_flagged_deleted_are_gone_after_reopen_with_nothing_leaked(
         self, open_cache_at: Callable[[], Cache], cache_root: Path
@@ -600,7 +603,7 @@ class TestInterruptedPrune:
         doomed_parent = layer(cache, data="p")
         doomed_child = layer(cache, doomed_parent, data="c")
         released(kept, doomed_parent, doomed_child)
-        # What PruneMark + the first transaction leave behind when the process dies.
+        # What an interrupted removal leaves behind when the process dies.
         for rid in (doomed_child.id, doomed_parent.id):
             cache.metadata.get(rid).set(KEY_DELETED, True)
         cache.close()

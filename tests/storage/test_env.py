@@ -357,3 +357,29 @@ def test_after_unlock_callbacks_run_after_the_write_lock_is_released(env: MetaEn
         txn.after_commit(lambda: probe("commit"))
         txn.after_unlock(lambda: probe("unlock"))
     assert seen == [("commit", False), ("unlock", True)]
+
+
+def test_a_write_watch_notes_what_its_snapshot_does_not_show(env: MetaEnv) -> None:
+    with env.write_txn() as txn:
+        txn.put(DB_RECORDS, b"before", b"1")
+    with env.watch_writes([DB_RECORDS]) as watch:
+        with env.write_txn() as txn:
+            txn.put(DB_RECORDS, b"after", b"2")
+            txn.put_many(DB_RECORDS, [(b"many", b"3")])
+            txn.put(DB_INFO, b"unwatched", b"4")
+        with pytest.raises(RuntimeError, match="rolled back"), env.write_txn() as txn:
+            txn.put(DB_RECORDS, b"rolled", b"5")
+            raise RuntimeError("rolled back")
+        with watch.snapshot as snap:
+            assert snap.get(DB_RECORDS, b"before") == b"1"
+            assert snap.get(DB_RECORDS, b"after") is None  # begun when the watch was made
+        # Noted, whether committed or not (the reader decides conservatively).
+        assert watch.drain() == [
+            (DB_RECORDS, b"after", b"2"),
+            (DB_RECORDS, b"many", b"3"),
+            (DB_RECORDS, b"rolled", b"5"),
+        ]
+        assert watch.drain() == []
+    with env.write_txn() as txn:
+        txn.put(DB_RECORDS, b"later", b"6")
+    assert watch.drain() == []  # unregistered with the block

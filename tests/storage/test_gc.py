@@ -38,7 +38,7 @@ from refcache.storage._leases import (
     format_rfc3339,
 )
 from refcache.storage._native import NativeSnapshotter
-from refcache.storage._types import ContentInfo, digest_of
+from refcache.storage._types import ContentInfo, Kind, SnapshotInfo, digest_of
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 ROOT = "containerd.io/gc.root"
@@ -865,3 +865,95 @@ def test_an_object_leased_in_its_creating_transaction_is_never_collected(
     assert _counts(_collect(s)) == (0, 0, 0, 0)
     assert _snapshot_keys(s) == ["rec"]
     assert _digests(s) == [blob.digest]
+
+
+# -- bounded sweep transactions ---------------------------------------------------------------
+
+
+class _CountingRemover:
+    """The real snapshotter, counting the sweep transactions its removals ran in."""
+
+    def __init__(self, real: NativeSnapshotter) -> None:
+        self.real = real
+        self.txns: list[WriteTxn] = []  # kept alive: ids of freed objects are reused
+        self.after_first: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.real.name
+
+    def remove(self, key: str, *, txn: WriteTxn | None = None) -> None:
+        assert txn is not None
+        if not any(t is txn for t in self.txns):
+            self.txns.append(txn)
+            if len(self.txns) == 1 and self.after_first is not None:
+                # Runs between the first sweep transaction and the second, with the write
+                # lock free: another writer's turn.
+                txn.after_unlock(self.after_first)
+        self.real.remove(key, txn=txn)
+
+
+def test_the_sweep_runs_in_bounded_transactions(stores: Stores) -> None:
+    s = stores
+    dirs = [_committed(s, f"s{i}") for i in range(5)]
+    remover = _CountingRemover(s.snapshots)
+    stats = collect(s.env, content=s.content, snapshotter=remover, batch=2)
+    assert stats.snapshots_deleted == 5
+    assert len(remover.txns) == 3  # 2 + 2 + 1 removals
+    assert _snapshot_keys(s) == []
+    assert not any(d.exists() for d in dirs)
+    with pytest.raises(InvalidError, match="batch"):
+        collect(s.env, content=s.content, snapshotter=s.snapshots, batch=0)
+
+
+def test_a_write_between_sweep_transactions_spares_what_it_makes_reachable(
+    stores: Stores,
+) -> None:
+    s = stores
+    # Removed children first: "leaf" goes in the first transaction, "mid" and "base" would
+    # go in the next ones, but a lease taken on "mid" meanwhile keeps it and its parent.
+    _committed(s, "base")
+    _committed(s, "mid", "base")
+    _committed(s, "leaf", "mid")
+    blob = s.content.write_blob(b"blob labelled later")
+    remover = _CountingRemover(s.snapshots)
+
+    def another_writer() -> None:
+        s.leases.create("late")
+        s.leases.add_resource("late", Resource("mid", "snapshots/native"))
+        s.snapshots.update(
+            SnapshotInfo(
+                Kind.COMMITTED, "mid", labels={"containerd.io/gc.ref.content": blob.digest}
+            ),
+            "labels.containerd.io/gc.ref.content",
+        )
+
+    remover.after_first = another_writer
+    stats = collect(s.env, content=s.content, snapshotter=remover, batch=1)
+    assert stats.snapshots_deleted == 1
+    assert stats.content_deleted == 0
+    assert _snapshot_keys(s) == ["base", "mid"]
+    assert _digests(s) == [blob.digest]
+    # The next collection sees the same: everything left is reachable.
+    assert _counts(_collect(s)) == (0, 0, 0, 0)
+
+
+def test_a_failed_sweep_transaction_keeps_the_ones_before_it(stores: Stores) -> None:
+    s = stores
+    for i in range(4):
+        _committed(s, f"s{i}")
+
+    class FailingSecond(_CountingRemover):
+        def remove(self, key: str, *, txn: WriteTxn | None = None) -> None:
+            super().remove(key, txn=txn)
+            if len(self.txns) == 2:
+                msg = "simulated failure in the second transaction"
+                raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="second transaction"):
+        collect(s.env, content=s.content, snapshotter=FailingSecond(s.snapshots), batch=2)
+    left = _snapshot_keys(s)
+    assert len(left) == 2  # the first transaction's two removals stayed committed
+    assert s.snapshots.missing() == []
+    assert _collect(s).snapshots_deleted == 2
+    assert _snapshot_keys(s) == []

@@ -1125,12 +1125,16 @@ def test_remove_deletes_the_directory_only_after_commit(sn: BaseSnapshotter, env
     path = sn.root / "snapshots" / "1"
     with env.write_txn() as txn:
         sn.remove("a", txn=txn)
-        # Renamed out of the way before the commit (a reader of the committed state never
-        # sees it), but still there until the commit.
+        # Renamed into the trash before the commit (a reader of the committed state never
+        # sees it), but not queued for deletion until the commit.
         assert not path.exists()
-        assert (sn.root / "snapshots" / "rm-1").is_dir()
+        assert (sn.root / "trash" / "1").is_dir()
+        assert sn.trash.pending() == 0
     assert not path.exists()
     assert os.listdir(sn.root / "snapshots") == []
+    # The trash's worker deletes it after the commit, in the background.
+    assert sn.trash.wait_idle(timeout=30)
+    assert os.listdir(sn.root / "trash") == []
     sn.prepare("b")
 
     def failing() -> None:
