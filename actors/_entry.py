@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from ..storage import (
     KEY_CHAIN_ID,
     KEY_COMMITTED,
     KEY_CREATED_AT,
+    KEY_DELETED,
     KEY_DESCRIPTION,
     KEY_DIFF_ID,
     KEY_EQUAL_MUTABLE,
@@ -232,6 +233,93 @@ class RecordEntry:
         e.blob_chain_id = item.get_str(KEY_BLOB_CHAIN_ID)
         e.media_type = item.get_str(KEY_MEDIA_TYPE)
         return e
+
+    @classmethod
+    def from_fields(
+        cls, record_id: str, f: Mapping[str, Any], canon: Callable[[str], str]
+    ) -> tuple[RecordEntry, bool] | None:
+        """:meth:`from_item` on a decoded field map, and its ``cache.deleted`` flag: the
+        bulk load of open, without a :class:`StorageItem` per record.
+
+        Returns ``None`` when a value has an unexpected type (:meth:`from_item` on the
+        stored item then names it). ``canon`` returns one shared string object for equal
+        strings that many entries repeat (parent ids, descriptions): the table is kept at
+        rest for every record, so it is not stored once per entry.
+        """
+        get = f.get
+        merge = get(KEY_MERGE_PARENTS, _EMPTY_LIST)
+        lower = get(KEY_LOWER_DIFF_PARENT, "")
+        upper = get(KEY_UPPER_DIFF_PARENT, "")
+        parent = get(KEY_PARENT, "")
+        if (
+            type(merge) is not list
+            or type(lower) is not str
+            or type(upper) is not str
+            or type(parent) is not str
+        ):
+            return None
+        kind: RecordKind
+        parents: tuple[str, ...]
+        if merge:
+            if not all(type(p) is str for p in merge):
+                return None
+            kind, parents = "merge", tuple(map(canon, merge))
+        elif lower or upper:
+            kind, parents = "diff", (canon(lower), canon(upper))
+        elif parent:
+            kind, parents = "layer", (canon(parent),)
+        else:
+            kind, parents = "base", ()
+        committed = get(KEY_COMMITTED, False)
+        blob_only = get(KEY_BLOB_ONLY, False)
+        deleted = get(KEY_DELETED, False)
+        if type(committed) is not bool or type(blob_only) is not bool or type(deleted) is not bool:
+            return None
+        ints = (
+            get(KEY_CACHE_POLICY, 0),
+            get(KEY_CREATED_AT, 0),
+            get(KEY_LAST_USED_AT, 0),
+            get(KEY_USAGE_COUNT, 0),
+            get(KEY_SIZE, SIZE_UNKNOWN),
+        )
+        strs = (
+            get(KEY_EQUAL_MUTABLE, ""),
+            get(KEY_SNAPSHOT, ""),
+            get(KEY_DESCRIPTION, ""),
+            get(KEY_RECORD_TYPE, ""),
+            get(KEY_BLOB, ""),
+            get(KEY_DIFF_ID, ""),
+            get(KEY_CHAIN_ID, ""),
+            get(KEY_BLOB_CHAIN_ID, ""),
+            get(KEY_MEDIA_TYPE, ""),
+        )
+        for v in ints:
+            if type(v) is not int:
+                return None
+        for v in strs:
+            if type(v) is not str:
+                return None
+        policy, created_at, last_used_at, usage_count, size = ints
+        equal_mutable, snapshot, description, record_type = strs[:4]
+        e = cls(record_id, kind, parents)
+        # Merge and diff records are always immutable (BuildKit #2740 workaround).
+        e.mutable = not committed and kind in ("base", "layer")
+        e.equal_mutable = canon(equal_mutable) if equal_mutable else None
+        e.retain = policy == 1
+        e.snapshot_id = record_id if not snapshot or snapshot == record_id else snapshot
+        e.description = canon(description)
+        e.created_at = created_at
+        e.last_used_at = last_used_at or None
+        e.usage_count = usage_count
+        e.record_type = canon(record_type)
+        e.size = size
+        e.blob, e.diff_id, e.chain_id, e.blob_chain_id = strs[4:8]
+        e.blob_only = blob_only
+        e.media_type = canon(strs[8])
+        return e, deleted
+
+
+_EMPTY_LIST: list[str] = []
 
 
 def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -70,6 +70,7 @@ from ._snapmeta import (
     parent_chain,
     put_record,
     read_seq,
+    record_fields,
     stored_snapshotter_name,
 )
 from ._tree import fsync_dir, fsync_tree_dirs, remove_tree
@@ -151,6 +152,11 @@ class Snapshotter(Protocol):
 
     def walk(self, *filters: str) -> Iterator[SnapshotInfo]:
         """Yields the snapshots matching any of the containerd filter strings."""
+        ...
+
+    def kinds(self, keys: Iterable[str]) -> dict[str, Kind]:
+        """The kind of each of ``keys`` that exists, read in one transaction (a batched
+        :meth:`stat` for checks over many records)."""
         ...
 
     def close(self) -> None:
@@ -507,6 +513,24 @@ class BaseSnapshotter:
         key = check_key(key)
         self._check_open()
         return self._read(key).info()
+
+    def kinds(self, keys: Iterable[str]) -> dict[str, Kind]:
+        """The kind of each of ``keys`` that exists, read in one transaction.
+
+        A batched :meth:`stat` for checks over many records (loading the cache at open):
+        one lookup per key, no per-key transaction or :class:`SnapshotInfo`.
+
+        Raises:
+            CorruptMetadataError: a stored record of one of ``keys`` is malformed.
+        """
+        self._check_open()
+        with self._env.read_txn() as txn:
+            found = txn.get_many(DB_SNAPSHOTS, [key.encode() for key in keys])
+        return {
+            key: record_fields(key, raw)[1]
+            for raw_key, raw in found.items()
+            for key in (raw_key.decode(),)
+        }
 
     def update(
         self, info: SnapshotInfo, *fieldpaths: str, txn: WriteTxn | None = None
@@ -962,13 +986,29 @@ class BaseSnapshotter:
                     owning.append(rec)
         return live, owning
 
+    def _live_ids(self) -> set[str]:
+        """:meth:`_live_dirs`' names alone, from one scan that builds no records (open)."""
+        live: set[str] = set()
+        owns = self._owns_dir
+        with self._env.read_txn(buffers=True) as txn:
+            for raw_key, raw in txn.views(DB_SNAPSHOTS):
+                if raw_key[:1] == b"\x00":
+                    continue  # bookkeeping keys
+                key = str(raw_key, "utf-8", "surrogateescape")
+                sid, kind, parent = record_fields(key, raw)
+                if owns(kind, bool(parent)):
+                    live.add(sid)
+        return live
+
     def orphans(self) -> list[Path]:
         """Entries of the snapshot directory that no record needs (``storage.check``).
 
         Leftover ``new-*``/``rm-*`` directories count; work in progress of this process does
         not.
         """
-        live, _ = self._live_dirs()
+        return self._orphans(self._live_ids())
+
+    def _orphans(self, live: set[str]) -> list[Path]:
         with self._lock:
             busy = set(self._inflight)
         try:
@@ -985,12 +1025,12 @@ class BaseSnapshotter:
     def cleanup(self) -> list[Path]:
         """Deletes the :meth:`orphans` (containerd ``Cleaner``); returns what it removed."""
         self._check_open()
-        live, _ = self._live_dirs()
+        live = self._live_ids()
         with self._lock:
             busy = set(self._inflight)
         self._restore_retired(live - {n.removeprefix("rm-") for n in busy})
         removed = []
-        for path in self.orphans():
+        for path in self._orphans(live):
             try:
                 remove_tree(path)
             except OSError as exc:
