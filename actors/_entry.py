@@ -244,82 +244,99 @@ class RecordEntry:
         Returns ``None`` when a value has an unexpected type (:meth:`from_item` on the
         stored item then names it). ``canon`` returns one shared string object for equal
         strings that many entries repeat (parent ids, descriptions): the table is kept at
-        rest for every record, so it is not stored once per entry.
+        rest for every record, so it is not stored once per entry. Only the keys a record
+        has are visited (most have a handful of the ~20 the table mirrors).
         """
-        get = f.get
-        merge = get(KEY_MERGE_PARENTS, _EMPTY_LIST)
-        lower = get(KEY_LOWER_DIFF_PARENT, "")
-        upper = get(KEY_UPPER_DIFF_PARENT, "")
-        parent = get(KEY_PARENT, "")
-        if (
-            type(merge) is not list
-            or type(lower) is not str
-            or type(upper) is not str
-            or type(parent) is not str
-        ):
-            return None
-        kind: RecordKind
-        parents: tuple[str, ...]
+        e = cls(record_id, "base", ())
+        committed = deleted = False
+        merge: list[str] = _EMPTY_LIST
+        lower = upper = parent = ""
+        for key, value in f.items():
+            field = _FIELDS.get(key)
+            if field is None:
+                continue  # not mirrored (kept in LMDB only)
+            name, kind = field
+            found = type(value)  # compared apart: mypy would narrow ``value`` to ``object``
+            if found is not kind:
+                return None
+            if name is _COPY:
+                setattr(e, _COPIED[key], value)
+            elif name is _SHARED:
+                setattr(e, _COPIED[key], canon(value))
+            elif key == KEY_COMMITTED:
+                committed = value
+            elif key == KEY_DELETED:
+                deleted = value
+            elif key == KEY_EQUAL_MUTABLE:
+                e.equal_mutable = canon(value) if value else None
+            elif key == KEY_SNAPSHOT:
+                if value and value != record_id:
+                    e.snapshot_id = value
+            elif key == KEY_CACHE_POLICY:
+                e.retain = value == 1
+            elif key == KEY_LAST_USED_AT:
+                e.last_used_at = value or None
+            elif key == KEY_MERGE_PARENTS:
+                if not all(type(p) is str for p in value):
+                    return None
+                merge = value
+            elif key == KEY_LOWER_DIFF_PARENT:
+                lower = value
+            elif key == KEY_UPPER_DIFF_PARENT:
+                upper = value
+            else:  # KEY_PARENT
+                parent = value
         if merge:
-            if not all(type(p) is str for p in merge):
-                return None
-            kind, parents = "merge", tuple(map(canon, merge))
+            e.kind, e.parents = "merge", tuple(map(canon, merge))
         elif lower or upper:
-            kind, parents = "diff", (canon(lower), canon(upper))
+            e.kind, e.parents = "diff", (canon(lower), canon(upper))
         elif parent:
-            kind, parents = "layer", (canon(parent),)
-        else:
-            kind, parents = "base", ()
-        committed = get(KEY_COMMITTED, False)
-        blob_only = get(KEY_BLOB_ONLY, False)
-        deleted = get(KEY_DELETED, False)
-        if type(committed) is not bool or type(blob_only) is not bool or type(deleted) is not bool:
-            return None
-        ints = (
-            get(KEY_CACHE_POLICY, 0),
-            get(KEY_CREATED_AT, 0),
-            get(KEY_LAST_USED_AT, 0),
-            get(KEY_USAGE_COUNT, 0),
-            get(KEY_SIZE, SIZE_UNKNOWN),
-        )
-        strs = (
-            get(KEY_EQUAL_MUTABLE, ""),
-            get(KEY_SNAPSHOT, ""),
-            get(KEY_DESCRIPTION, ""),
-            get(KEY_RECORD_TYPE, ""),
-            get(KEY_BLOB, ""),
-            get(KEY_DIFF_ID, ""),
-            get(KEY_CHAIN_ID, ""),
-            get(KEY_BLOB_CHAIN_ID, ""),
-            get(KEY_MEDIA_TYPE, ""),
-        )
-        for v in ints:
-            if type(v) is not int:
-                return None
-        for v in strs:
-            if type(v) is not str:
-                return None
-        policy, created_at, last_used_at, usage_count, size = ints
-        equal_mutable, snapshot, description, record_type = strs[:4]
-        e = cls(record_id, kind, parents)
+            e.kind, e.parents = "layer", (canon(parent),)
         # Merge and diff records are always immutable (BuildKit #2740 workaround).
-        e.mutable = not committed and kind in ("base", "layer")
-        e.equal_mutable = canon(equal_mutable) if equal_mutable else None
-        e.retain = policy == 1
-        e.snapshot_id = record_id if not snapshot or snapshot == record_id else snapshot
-        e.description = canon(description)
-        e.created_at = created_at
-        e.last_used_at = last_used_at or None
-        e.usage_count = usage_count
-        e.record_type = canon(record_type)
-        e.size = size
-        e.blob, e.diff_id, e.chain_id, e.blob_chain_id = strs[4:8]
-        e.blob_only = blob_only
-        e.media_type = canon(strs[8])
+        e.mutable = not committed and e.kind in ("base", "layer")
         return e, deleted
 
 
 _EMPTY_LIST: list[str] = []
+_COPY = "copy"  # stored as it is, under the attribute _COPIED names
+_SHARED = "shared"  # likewise, through ``canon`` (strings many records repeat)
+_COPIED = {
+    KEY_CREATED_AT: "created_at",
+    KEY_USAGE_COUNT: "usage_count",
+    KEY_SIZE: "size",
+    KEY_BLOB: "blob",
+    KEY_BLOB_ONLY: "blob_only",
+    KEY_DIFF_ID: "diff_id",
+    KEY_CHAIN_ID: "chain_id",
+    KEY_BLOB_CHAIN_ID: "blob_chain_id",
+    KEY_DESCRIPTION: "description",
+    KEY_RECORD_TYPE: "record_type",
+    KEY_MEDIA_TYPE: "media_type",
+}
+#: The keys :meth:`RecordEntry.from_fields` reads: how, and the type they must have.
+_FIELDS: dict[str, tuple[str, type]] = {
+    KEY_CREATED_AT: (_COPY, int),
+    KEY_USAGE_COUNT: (_COPY, int),
+    KEY_SIZE: (_COPY, int),
+    KEY_BLOB: (_COPY, str),
+    KEY_BLOB_ONLY: (_COPY, bool),
+    KEY_DIFF_ID: (_COPY, str),
+    KEY_CHAIN_ID: (_COPY, str),
+    KEY_BLOB_CHAIN_ID: (_COPY, str),
+    KEY_DESCRIPTION: (_SHARED, str),
+    KEY_RECORD_TYPE: (_SHARED, str),
+    KEY_MEDIA_TYPE: (_SHARED, str),
+    KEY_COMMITTED: ("", bool),
+    KEY_DELETED: ("", bool),
+    KEY_EQUAL_MUTABLE: ("", str),
+    KEY_SNAPSHOT: ("", str),
+    KEY_CACHE_POLICY: ("", int),
+    KEY_LAST_USED_AT: ("", int),
+    KEY_MERGE_PARENTS: ("", list),
+    KEY_LOWER_DIFF_PARENT: ("", str),
+    KEY_UPPER_DIFF_PARENT: ("", str),
+    KEY_PARENT: ("", str),
+}
 
 
 def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:

@@ -118,8 +118,11 @@ def load_records(
 
     # Parents first, iteratively (chains may be deeper than Python's recursion limit).
     state = checks.state  # id -> loaded ok
-    for start in candidates:
+    for start, first in candidates.items():
         if start in state:
+            continue
+        if not first.equal_mutable and not any(first.parents):  # nothing to load first
+            state[start] = _check_record(first, checks, snapshotter, doomed, report, store)
             continue
         stack: list[tuple[str, bool]] = [(start, False)]
         on_path: set[str] = set()

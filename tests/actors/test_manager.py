@@ -24,6 +24,7 @@ from refcache.actors import (
     PrunePolicy,
     open_cache,
 )
+from refcache.actors._entry import RecordEntry
 from refcache.storage import KEY_DELETED, Kind
 from refcache.storage._leases import Resource
 
@@ -33,6 +34,11 @@ WAIT = 30.0
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def item_fields(item: storage.StorageItem) -> dict[str, object]:
+    """The stored field map of ``item`` (what the bulk load decodes)."""
+    return {key: item.get(key) for key in item.keys()}  # noqa: SIM118 (not a dict)
 
 
 def check_disk_usage(cache: Cache, inuse: int, unused: int) -> None:
@@ -792,6 +798,42 @@ class TestRestart:
                 get_mutable(cache, m_id).release()
         finally:
             cache.close()
+
+    def test_open_builds_the_entries_a_stored_item_gives(
+        self, open_cache_at: Callable[[], Cache], cache_root: Path
+    ) -> None:
+        """The bulk load (fields straight into entries) and ``from_item`` agree on every
+        kind of record: layers, a merge, a diff, a lazy-commit pair, a described one."""
+        cache = open_cache_at()
+        a = committed(cache)
+        a.finalize()
+        b = committed(cache, a)
+        b.finalize()
+        merged = cache.manager.merge([a, b]).get(timeout=WAIT)
+        diffed = cache.manager.diff(a, b).get(timeout=WAIT)
+        m = new(cache, b, retain=True, description="a pair")
+        i = m.commit()
+        for ref in (a, b, merged, diffed, i):
+            ref.release()
+        cache.close()
+        env = storage.MetaEnv(cache_root / "meta")
+        try:
+            items = storage.MetadataStore(env).all()
+        finally:
+            env.close()
+        assert len(items) == 6
+        shared: dict[str, str] = {}
+        for item in items:
+            built = RecordEntry.from_fields(
+                item.id, item_fields(item), lambda text: shared.setdefault(text, text)
+            )
+            assert built is not None
+            fast, deleted = built
+            slow = RecordEntry.from_item(item)
+            assert deleted is False
+            assert {k: getattr(fast, k) for k in RecordEntry.__slots__} == {
+                k: getattr(slow, k) for k in RecordEntry.__slots__
+            }
 
     def test_a_value_of_the_wrong_type_clears_the_record_naming_the_key(
         self, open_cache_at: Callable[[], Cache]
