@@ -118,10 +118,22 @@ def load_records(
 
     # Parents first, iteratively (chains may be deeper than Python's recursion limit).
     state = checks.state  # id -> loaded ok
-    for start, first in candidates.items():
+    # Records whose dependencies are settled are checked at once: first those without any
+    # (bases, the mutable halves of pairs), then those whose dependencies all are (most
+    # immutable halves, children of bases); only the rest take the walk's stack.
+    later = []
+    for rid, rec in candidates.items():
+        if rec.equal_mutable or any(rec.parents):
+            later.append(rec)
+        else:
+            state[rid] = _check_record(rec, checks, snapshotter, doomed, report, store)
+    for first in later:
+        start = first.id
         if start in state:
             continue
-        if not first.equal_mutable and not any(first.parents):  # nothing to load first
+        if all(p in state for p in first.parents if p) and (
+            not first.equal_mutable or first.equal_mutable in state
+        ):
             state[start] = _check_record(first, checks, snapshotter, doomed, report, store)
             continue
         stack: list[tuple[str, bool]] = [(start, False)]
