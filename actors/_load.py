@@ -161,10 +161,7 @@ def load_records(
             on_path.discard(rid)
             state[rid] = _check_record(e, checks, snapshotter, doomed, report, store)
 
-    entries: dict[str, RecordEntry] = {}
-    for rid, ok in state.items():
-        if ok and rid in candidates:
-            entries[rid] = candidates[rid]
+    entries = _parents_first(candidates, state)
     for e in entries.values():
         for p in e.parents:
             if p:
@@ -185,6 +182,35 @@ def load_records(
                 logger.warning("record %s cleared at open: %s", rid, reason)
     report.loaded = len(entries)
     return entries, report
+
+
+def _parents_first(
+    candidates: dict[str, RecordEntry], state: dict[str, bool]
+) -> dict[str, RecordEntry]:
+    """The loaded records in id order, each after what it depends on (the order of the
+    table: disk usage, prune's scan and its ties follow it)."""
+    entries: dict[str, RecordEntry] = {}
+    for rid, e in candidates.items():
+        if rid in entries or not state.get(rid, False):
+            continue
+        if not e.equal_mutable and not any(e.parents):
+            entries[rid] = e
+            continue
+        stack: list[tuple[str, bool]] = [(rid, False)]
+        while stack:
+            cur, ready = stack.pop()
+            if cur in entries:
+                continue
+            rec = candidates[cur]
+            if ready:
+                entries[cur] = rec
+                continue
+            stack.append((cur, True))
+            deps = [p for p in rec.parents if p]
+            if rec.equal_mutable:
+                deps.append(rec.equal_mutable)
+            stack.extend((d, False) for d in deps if d not in entries)
+    return entries
 
 
 @dataclass
