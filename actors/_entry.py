@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from ..storage import (
     KEY_CHAIN_ID,
     KEY_COMMITTED,
     KEY_CREATED_AT,
+    KEY_DELETED,
     KEY_DESCRIPTION,
     KEY_DIFF_ID,
     KEY_EQUAL_MUTABLE,
@@ -232,6 +233,110 @@ class RecordEntry:
         e.blob_chain_id = item.get_str(KEY_BLOB_CHAIN_ID)
         e.media_type = item.get_str(KEY_MEDIA_TYPE)
         return e
+
+    @classmethod
+    def from_fields(
+        cls, record_id: str, f: Mapping[str, Any], canon: Callable[[str], str]
+    ) -> tuple[RecordEntry, bool] | None:
+        """:meth:`from_item` on a decoded field map, and its ``cache.deleted`` flag: the
+        bulk load of open, without a :class:`StorageItem` per record.
+
+        Returns ``None`` when a value has an unexpected type (:meth:`from_item` on the
+        stored item then names it). ``canon`` returns one shared string object for equal
+        strings that many entries repeat (parent ids, descriptions): the table is kept at
+        rest for every record, so it is not stored once per entry. Only the keys a record
+        has are visited (most have a handful of the ~20 the table mirrors).
+        """
+        e = cls(record_id, "base", ())
+        committed = deleted = False
+        merge: list[str] = _EMPTY_LIST
+        lower = upper = parent = ""
+        for key, value in f.items():
+            field = _FIELDS.get(key)
+            if field is None:
+                continue  # not mirrored (kept in LMDB only)
+            name, kind = field
+            found = type(value)  # compared apart: mypy would narrow ``value`` to ``object``
+            if found is not kind:
+                return None
+            if name is _COPY:
+                setattr(e, _COPIED[key], value)
+            elif name is _SHARED:
+                setattr(e, _COPIED[key], canon(value))
+            elif key == KEY_COMMITTED:
+                committed = value
+            elif key == KEY_DELETED:
+                deleted = value
+            elif key == KEY_EQUAL_MUTABLE:
+                e.equal_mutable = canon(value) if value else None
+            elif key == KEY_SNAPSHOT:
+                if value and value != record_id:
+                    e.snapshot_id = value
+            elif key == KEY_CACHE_POLICY:
+                e.retain = value == 1
+            elif key == KEY_LAST_USED_AT:
+                e.last_used_at = value or None
+            elif key == KEY_MERGE_PARENTS:
+                if not all(type(p) is str for p in value):
+                    return None
+                merge = value
+            elif key == KEY_LOWER_DIFF_PARENT:
+                lower = value
+            elif key == KEY_UPPER_DIFF_PARENT:
+                upper = value
+            else:  # KEY_PARENT
+                parent = value
+        if merge:
+            e.kind, e.parents = "merge", tuple(map(canon, merge))
+        elif lower or upper:
+            e.kind, e.parents = "diff", (canon(lower), canon(upper))
+        elif parent:
+            e.kind, e.parents = "layer", (canon(parent),)
+        # Merge and diff records are always immutable (BuildKit #2740 workaround).
+        e.mutable = not committed and e.kind in ("base", "layer")
+        return e, deleted
+
+
+_EMPTY_LIST: list[str] = []
+_COPY = "copy"  # stored as it is, under the attribute _COPIED names
+_SHARED = "shared"  # likewise, through ``canon`` (strings many records repeat)
+_COPIED = {
+    KEY_CREATED_AT: "created_at",
+    KEY_USAGE_COUNT: "usage_count",
+    KEY_SIZE: "size",
+    KEY_BLOB: "blob",
+    KEY_BLOB_ONLY: "blob_only",
+    KEY_DIFF_ID: "diff_id",
+    KEY_CHAIN_ID: "chain_id",
+    KEY_BLOB_CHAIN_ID: "blob_chain_id",
+    KEY_DESCRIPTION: "description",
+    KEY_RECORD_TYPE: "record_type",
+    KEY_MEDIA_TYPE: "media_type",
+}
+#: The keys :meth:`RecordEntry.from_fields` reads: how, and the type they must have.
+_FIELDS: dict[str, tuple[str, type]] = {
+    KEY_CREATED_AT: (_COPY, int),
+    KEY_USAGE_COUNT: (_COPY, int),
+    KEY_SIZE: (_COPY, int),
+    KEY_BLOB: (_COPY, str),
+    KEY_BLOB_ONLY: (_COPY, bool),
+    KEY_DIFF_ID: (_COPY, str),
+    KEY_CHAIN_ID: (_COPY, str),
+    KEY_BLOB_CHAIN_ID: (_COPY, str),
+    KEY_DESCRIPTION: (_SHARED, str),
+    KEY_RECORD_TYPE: (_SHARED, str),
+    KEY_MEDIA_TYPE: (_SHARED, str),
+    KEY_COMMITTED: ("", bool),
+    KEY_DELETED: ("", bool),
+    KEY_EQUAL_MUTABLE: ("", str),
+    KEY_SNAPSHOT: ("", str),
+    KEY_CACHE_POLICY: ("", int),
+    KEY_LAST_USED_AT: ("", int),
+    KEY_MERGE_PARENTS: ("", list),
+    KEY_LOWER_DIFF_PARENT: ("", str),
+    KEY_UPPER_DIFF_PARENT: ("", str),
+    KEY_PARENT: ("", str),
+}
 
 
 def parent_fields(kind: RecordKind, parents: Sequence[str]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..storage import (
     DB_CONTENT,
@@ -40,7 +41,6 @@ from ..storage import (
     NotFoundError,
     RefcacheError,
     Snapshotter,
-    StorageItem,
 )
 from ._entry import RecordEntry, clear_record, lease_ids
 
@@ -65,13 +65,40 @@ def load_records(
     snapshotter: Snapshotter,
     leases: LmdbLeaseManager,
 ) -> tuple[dict[str, RecordEntry], LoadReport]:
-    """Loads every stored record; returns the table and a report of what was repaired."""
+    """Loads every stored record; returns the table and a report of what was repaired.
+
+    One scan of the records (decoded straight into table entries) and one batched lookup
+    of the snapshots and blobs the checks need: nothing is read per record, so opening
+    100k records costs what decoding them does.
+    """
     report = LoadReport()
-    items: dict[str, StorageItem] = {item.id: item for item in store.all()}
     candidates: dict[str, RecordEntry] = {}
     doomed: dict[str, str] = {}  # id -> reason; removed with leases at the end
-    for rid, item in items.items():
+    shared: dict[str, str] = {}
+    canon = shared.setdefault
+    from_fields = RecordEntry.from_fields
+
+    def strings(text: str) -> str:
+        return canon(text, text)
+
+    def visit(rid: str, fields: dict[str, Any]) -> None:
+        rid = canon(rid, rid)
+        built = from_fields(rid, fields, strings)
+        if built is None:
+            slow.append(rid)
+            return
+        entry, deleted = built
+        if deleted:
+            doomed[rid] = "interrupted removal finished (cache.deleted)"
+            report.finished_deletes.append(rid)
+            return
+        candidates[rid] = entry
+
+    slow: list[str] = []
+    slow.extend(store.scan_fields(visit))
+    for rid in sorted(slow):  # undecodable, or a value of an unexpected type
         try:
+            item = store.get(rid)
             entry = RecordEntry.from_item(item)
             deleted = item.get_bool(KEY_DELETED)
         except CorruptMetadataError as exc:
@@ -82,11 +109,32 @@ def load_records(
             report.finished_deletes.append(rid)
             continue
         candidates[rid] = entry
+    shared.clear()
+
+    # What the checks read of other stores, in one batch each.
+    kinds = snapshotter.kinds(e.snapshot_id for e in candidates.values() if e.mutable)
+    blobs = _blobs_present(env, {e.blob for e in candidates.values() if e.blob_only and e.blob})
+    checks = _Checks(state={}, candidates=candidates, kinds=kinds, blobs=blobs)
 
     # Parents first, iteratively (chains may be deeper than Python's recursion limit).
-    state: dict[str, bool] = {}  # id -> loaded ok
-    for start in candidates:
+    state = checks.state  # id -> loaded ok
+    # Records whose dependencies are settled are checked at once: first those without any
+    # (bases, the mutable halves of pairs), then those whose dependencies all are (most
+    # immutable halves, children of bases); only the rest take the walk's stack.
+    later = []
+    for rid, rec in candidates.items():
+        if rec.equal_mutable or any(rec.parents):
+            later.append(rec)
+        else:
+            state[rid] = _check_record(rec, checks, snapshotter, doomed, report, store)
+    for first in later:
+        start = first.id
         if start in state:
+            continue
+        if all(p in state for p in first.parents if p) and (
+            not first.equal_mutable or first.equal_mutable in state
+        ):
+            state[start] = _check_record(first, checks, snapshotter, doomed, report, store)
             continue
         stack: list[tuple[str, bool]] = [(start, False)]
         on_path: set[str] = set()
@@ -111,14 +159,9 @@ def load_records(
                 stack.extend((d, False) for d in deps if d not in state)
                 continue
             on_path.discard(rid)
-            state[rid] = _check_record(
-                e, state, candidates, snapshotter, doomed, report, store, env
-            )
+            state[rid] = _check_record(e, checks, snapshotter, doomed, report, store)
 
-    entries: dict[str, RecordEntry] = {}
-    for rid, ok in state.items():
-        if ok and rid in candidates:
-            entries[rid] = candidates[rid]
+    entries = _parents_first(candidates, state)
     for e in entries.values():
         for p in e.parents:
             if p:
@@ -141,21 +184,59 @@ def load_records(
     return entries, report
 
 
+def _parents_first(
+    candidates: dict[str, RecordEntry], state: dict[str, bool]
+) -> dict[str, RecordEntry]:
+    """The loaded records in id order, each after what it depends on (the order of the
+    table: disk usage, prune's scan and its ties follow it)."""
+    entries: dict[str, RecordEntry] = {}
+    for rid, e in candidates.items():
+        if rid in entries or not state.get(rid, False):
+            continue
+        if not e.equal_mutable and not any(e.parents):
+            entries[rid] = e
+            continue
+        stack: list[tuple[str, bool]] = [(rid, False)]
+        while stack:
+            cur, ready = stack.pop()
+            if cur in entries:
+                continue
+            rec = candidates[cur]
+            if ready:
+                entries[cur] = rec
+                continue
+            stack.append((cur, True))
+            deps = [p for p in rec.parents if p]
+            if rec.equal_mutable:
+                deps.append(rec.equal_mutable)
+            stack.extend((d, False) for d in deps if d not in entries)
+    return entries
+
+
+@dataclass
+class _Checks:
+    """What the per-record checks read: the load so far, and the batched lookups."""
+
+    state: dict[str, bool]  # id -> loaded ok (parents first)
+    candidates: dict[str, RecordEntry]
+    kinds: dict[str, Kind]  # snapshot key -> kind, for every mutable's snapshot
+    blobs: set[str]  # the blobs of lazy records that are in the content store
+
+
 def _check_record(
     e: RecordEntry,
-    state: dict[str, bool],
-    candidates: dict[str, RecordEntry],
+    checks: _Checks,
     snapshotter: Snapshotter,
     doomed: dict[str, str],
     report: LoadReport,
     store: MetadataStore,
-    env: MetaEnv,
 ) -> bool:
+    state = checks.state
     for p in e.parents:
         if p and not state.get(p, False):
             doomed[e.id] = f"parent {p!r} could not be loaded"
             return False
-    if e.blob_only and e.blob and not _blob_exists(env, e.blob):
+    if e.blob_only and e.blob and e.blob not in checks.blobs:
         doomed[e.id] = (
             f"lazy record: blob {e.blob} is not in the content store and no descriptor "
             "handler exists at open"
@@ -163,8 +244,9 @@ def _check_record(
         return False
     if e.equal_mutable:
         m_ok = state.get(e.equal_mutable, False)
-        m = candidates.get(e.equal_mutable)
+        m = checks.candidates.get(e.equal_mutable)
         if not m_ok or m is None or not m.mutable:
+            # Rare (a crash mid-finalize): this record's own snapshot is looked up alone.
             if _snapshot_state(snapshotter, e.snapshot_id) == Kind.COMMITTED:
                 # Crash after the snapshot commit, before the metadata (eb935e525).
                 e.equal_mutable = None
@@ -174,16 +256,20 @@ def _check_record(
             else:
                 doomed[e.id] = f"equal mutable {m.id if m else e.equal_mutable!r} is gone"
                 return False
-    if e.mutable and _snapshot_state(snapshotter, e.snapshot_id) != Kind.ACTIVE:
+    if e.mutable and checks.kinds.get(e.snapshot_id) != Kind.ACTIVE:
         doomed[e.id] = f"mutable record has no active snapshot {e.snapshot_id!r}"
         return False
     return True
 
 
-def _blob_exists(env: MetaEnv, digest: str) -> bool:
+def _blobs_present(env: MetaEnv, digests: set[str]) -> set[str]:
+    """Those of ``digests`` the content store has (one batched read)."""
+    if not digests:
+        return set()
     # DB_CONTENT is the content store's authority (its layout is fixed by the conventions).
     with env.read_txn() as txn:
-        return txn.get(DB_CONTENT, digest.encode()) is not None
+        found = txn.get_many(DB_CONTENT, [d.encode() for d in digests])
+    return {key.decode() for key in found}
 
 
 def _snapshot_state(snapshotter: Snapshotter, key: str) -> Kind | None:

@@ -227,12 +227,15 @@ class Pruner:
     def _rows(self, chunk: Sequence[RecordEntry]) -> tuple[TableRow, ...]:
         """Rows of ``chunk``; open handles are asked of active record actors all at once."""
         counts = self.table.handle_counts(chunk)
+        size_snapshot = self.table.size_snapshot
+        pruning = self.pruning
         return tuple(
             entry_row(
                 e,
                 handles=counts.get(e.id, 0),
-                size_snapshot=self.table.size_snapshot(e),
-                pruning=e.id in self.pruning,
+                # Only an immutable with an equal mutable measures another snapshot.
+                size_snapshot=e.snapshot_id if e.equal_mutable is None else size_snapshot(e),
+                pruning=e.id in pruning,
             )
             for e in chunk
         )

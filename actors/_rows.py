@@ -66,29 +66,37 @@ def entry_row(
     e: RecordEntry, *, handles: int, size_snapshot: str, pruning: bool = False
 ) -> TableRow:
     """The :class:`TableRow` of a manager table entry."""
-    return TableRow(
-        e.id,
-        e.kind,
-        e.parents,
-        e.mutable,
-        e.size,
-        e.created_at,
-        e.last_used_at,
-        e.usage_count,
-        e.description,
-        e.record_type,
-        e.equal_mutable,
-        e.equal_immutable,
-        e.holders,
-        handles,
-        e.blob,
-        e.blob_only,
-        e.snapshot_id,
-        size_snapshot,
-        e.dead,
-        pruning,
-        e.finalizing is not None,
-        e.size_gen,
-        e.trigger_holds,
-        e.trigger_parents,
+    # tuple.__new__ directly: the named tuple's own __new__ is a Python function, and disk
+    # usage makes a row of every record on every call.
+    return _new_tuple(
+        TableRow,
+        (
+            e.id,
+            e.kind,
+            e.parents,
+            e.mutable,
+            e.size,
+            e.created_at,
+            e.last_used_at,
+            e.usage_count,
+            e.description,
+            e.record_type,
+            e.equal_mutable,
+            e.equal_immutable,
+            e.holders,
+            handles,
+            e.blob,
+            e.blob_only,
+            e.snapshot_id,
+            size_snapshot,
+            e.dead,
+            pruning,
+            e.finalizing is not None,
+            e.size_gen,
+            e.trigger_holds,
+            e.trigger_parents,
+        ),
     )
+
+
+_new_tuple = tuple.__new__

@@ -83,6 +83,7 @@ LABEL_GC_EXPIRE = "containerd.io/gc.expire"
 LABEL_GC_FLAT = "containerd.io/gc.flat"
 #: BuildKit's ``leaseutil.MakeTemporary`` label: such leases are deleted at startup.
 LABEL_LEASE_TEMPORARY = "buildkit/lease.temporary"
+_TEMPORARY_BYTES = LABEL_LEASE_TEMPORARY.encode()
 
 RESOURCE_CONTENT = "content"  #: resource type of a blob; the id is its digest
 RESOURCE_INGESTS = "ingests"  #: resource type of an in-progress write; the id is its ref
@@ -419,10 +420,13 @@ class LmdbLeaseManager:
         of a process that is gone); the cache opener calls it once, before anything else.
         """
         with self._env.write_txn() as wtxn:
+            # Only a lease whose stored bytes name the label can carry it (msgpack keeps
+            # strings verbatim): the others, nearly all of them, are not decoded (open).
             doomed = [
                 key
                 for key, raw in wtxn.items(DB_LEASES)
-                if LABEL_LEASE_TEMPORARY in decode_lease(key, raw).labels
+                if _TEMPORARY_BYTES in raw
+                and LABEL_LEASE_TEMPORARY in decode_lease(key, raw).labels
             ]
             for key in doomed:
                 wtxn.delete(DB_LEASES, key)

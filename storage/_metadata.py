@@ -924,6 +924,27 @@ class MetadataStore:
                 append(decoded(self, rid, fields, indexes))
         return items
 
+    def scan_fields(self, visit: Callable[[str, dict[str, Any]], None]) -> list[str]:
+        """Calls ``visit(id, fields)`` for every stored record, in id order, in one snapshot.
+
+        The bulk load of open: no :class:`StorageItem` is made, and ``fields`` (the decoded
+        key-value map, owned by the callee from then on) is read straight from LMDB's map
+        with the cyclic garbage collector paused (see :class:`_GcPause`). Exceptions of
+        ``visit`` propagate. Returns the ids of records that do not decode (:meth:`get`
+        reads them, and its item raises :class:`CorruptMetadataError` naming what is wrong).
+        """
+        corrupt: list[str] = []
+        with _gc_paused, self.env.read_txn(buffers=True) as txn:
+            for key, raw in txn.views(DB_RECORDS):
+                rid = str(key, "utf-8")
+                try:
+                    fields, _ = _decode(rid, raw)
+                except CorruptMetadataError:
+                    corrupt.append(rid)
+                    continue
+                visit(rid, fields)
+        return corrupt
+
     def ids(self) -> list[str]:
         """Returns every stored record id in order."""
         with self.env.read_txn() as txn:

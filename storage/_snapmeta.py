@@ -51,6 +51,7 @@ __all__ = [
     "must_get_record",
     "parent_chain",
     "put_record",
+    "record_fields",
     "stored_snapshotter_name",
 ]
 
@@ -126,6 +127,46 @@ def decode_record(key: str, raw: bytes) -> SnapshotRecord:
         msg = f"snapshot {key!r} has malformed labels {labels!r}"
         raise CorruptMetadataError(msg, record_id=key, key="labels")
     return SnapshotRecord(key, value)
+
+
+_KINDS: dict[str, Kind] = {k.value: k for k in Kind}
+_unpackb = msgpack.unpackb
+
+
+def record_fields(key: str, raw: Any) -> tuple[str, Kind, str]:
+    """``(id, kind, parent)`` of a stored record, with :func:`decode_record`'s checks but
+    without building a record: scans over every snapshot at open stay cheap.
+
+    ``raw`` may be a zero-copy view (nothing of it is kept).
+
+    Raises:
+        CorruptMetadataError: as :func:`decode_record`.
+    """
+    try:
+        value = _unpackb(raw)
+    except (ValueError, msgpack.UnpackException):
+        value = None
+    if type(value) is dict:
+        sid = value.get("id")
+        kind_name = value.get("kind")
+        kind = _KINDS.get(kind_name) if type(kind_name) is str else None
+        parent = value.get("parent")
+        labels = value.get("labels")
+        if (
+            kind is not None
+            and type(sid) in (str, int)
+            and (parent is None or type(parent) is str)
+            and (
+                labels is None
+                or (
+                    type(labels) is dict
+                    and all(type(k) is str and type(v) is str for k, v in labels.items())
+                )
+            )
+        ):
+            return str(sid), kind, parent or ""
+    rec = decode_record(key, bytes(raw))  # raises, naming what is wrong
+    return rec.id, rec.kind, rec.parent
 
 
 def get_record(txn: ReadTxn, key: str) -> SnapshotRecord | None:

@@ -36,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -74,6 +74,7 @@ from ._snapmeta import (
     parent_chain,
     put_record,
     read_seq,
+    record_fields,
     stored_snapshotter_name,
 )
 from ._trash import Trash
@@ -163,6 +164,11 @@ class Snapshotter(Protocol):
 
     def walk(self, *filters: str) -> Iterator[SnapshotInfo]:
         """Yields the snapshots matching any of the containerd filter strings."""
+        ...
+
+    def kinds(self, keys: Iterable[str]) -> dict[str, Kind]:
+        """The kind of each of ``keys`` that exists, read in one transaction (a batched
+        :meth:`stat` for checks over many records)."""
         ...
 
     def close(self) -> None:
@@ -598,6 +604,24 @@ class BaseSnapshotter:
         key = check_key(key)
         self._check_open()
         return self._read(key).info()
+
+    def kinds(self, keys: Iterable[str]) -> dict[str, Kind]:
+        """The kind of each of ``keys`` that exists, read in one transaction.
+
+        A batched :meth:`stat` for checks over many records (loading the cache at open):
+        one lookup per key, no per-key transaction or :class:`SnapshotInfo`.
+
+        Raises:
+            CorruptMetadataError: a stored record of one of ``keys`` is malformed.
+        """
+        self._check_open()
+        with self._env.read_txn() as txn:
+            found = txn.get_many(DB_SNAPSHOTS, [key.encode() for key in keys])
+        return {
+            key: record_fields(key, raw)[1]
+            for raw_key, raw in found.items()
+            for key in (raw_key.decode(),)
+        }
 
     def update(
         self, info: SnapshotInfo, *fieldpaths: str, txn: WriteTxn | None = None
@@ -1081,13 +1105,29 @@ class BaseSnapshotter:
                     owning.append(rec)
         return live, owning
 
+    def _live_ids(self) -> set[str]:
+        """:meth:`_live_dirs`' names alone, from one scan that builds no records (open)."""
+        live: set[str] = set()
+        owns = self._owns_dir
+        with self._env.read_txn(buffers=True) as txn:
+            for raw_key, raw in txn.views(DB_SNAPSHOTS):
+                if raw_key[:1] == b"\x00":
+                    continue  # bookkeeping keys
+                key = str(raw_key, "utf-8", "surrogateescape")
+                sid, kind, parent = record_fields(key, raw)
+                if owns(kind, bool(parent)):
+                    live.add(sid)
+        return live
+
     def orphans(self) -> list[Path]:
         """Entries of the snapshot directory that no record needs (``storage.check``).
 
         Leftover ``new-*``/``rm-*`` directories count; work in progress of this process does
         not.
         """
-        live, _ = self._live_dirs()
+        return self._orphans(self._live_ids())
+
+    def _orphans(self, live: set[str]) -> list[Path]:
         with self._lock:
             busy = set(self._inflight)
         try:
@@ -1110,13 +1150,13 @@ class BaseSnapshotter:
         returns, and deleted later; :meth:`Trash.wait_idle` waits for that).
         """
         self._check_open()
-        live, _ = self._live_dirs()
+        live = self._live_ids()
         with self._lock:
             busy = set(self._inflight)
         retiring = {n.removeprefix("rm-") for n in busy if n.startswith("rm-")}
         self._restore_retired(live - retiring)
         removed = []
-        for path in self.orphans():
+        for path in self._orphans(live):
             try:
                 self.trash.throw_away(path)
             except OSError as exc:

@@ -8,7 +8,7 @@ Counts are exact: ``check_disk_usage`` counts ``disk_usage`` rows in use and unu
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +22,9 @@ from refcache.actors import (
     MutableRef,
     NotFoundError,
     PrunePolicy,
+    open_cache,
 )
+from refcache.actors._entry import RecordEntry
 from refcache.storage import KEY_DELETED, Kind
 from refcache.storage._leases import Resource
 
@@ -32,6 +34,11 @@ WAIT = 30.0
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def item_fields(item: storage.StorageItem) -> dict[str, object]:
+    """The stored field map of ``item`` (what the bulk load decodes)."""
+    return {key: item.get(key) for key in item.keys()}  # noqa: SIM118 (not a dict)
 
 
 def check_disk_usage(cache: Cache, inuse: int, unused: int) -> None:
@@ -738,6 +745,118 @@ class TestRestart:
         check_disk_usage(cache, 0, 1)
         # its lease went with it; the other record keeps its own
         assert [lease.id for lease in cache.leases.list()] == [child_of_nothing.id]
+
+    def test_open_reads_snapshots_in_one_batch_and_clears_the_broken(
+        self, cache_root: Path
+    ) -> None:
+        """Open checks every mutable's active snapshot in one batched read, no stat per
+        record, and still clears exactly the pairs whose snapshot is gone or not active."""
+        cache = open_cache(cache_root, snapshotter="native", timeout=WAIT)
+        pairs = []
+        for _ in range(6):
+            m = new(cache, retain=True)
+            i = m.commit()
+            pairs.append((m.id, i.id))
+            i.release()
+        lost_m, lost_i = pairs[0]
+        committed_m, committed_i = pairs[1]
+        # Lost behind the manager's back; and one made a committed snapshot under the same key.
+        cache.snapshotter.remove(lost_m)
+        cache.snapshotter.remove(committed_m)
+        cache.snapshotter.prepare("scratch-" + committed_m)
+        cache.snapshotter.commit(committed_m, "scratch-" + committed_m)
+        cache.close()
+
+        calls: dict[str, int] = {"stat": 0, "kinds": 0}
+
+        class Counting(storage.NativeSnapshotter):
+            def stat(self, key: str) -> storage.SnapshotInfo:
+                calls["stat"] += 1
+                return super().stat(key)
+
+            def kinds(self, keys: Iterable[str]) -> dict[str, Kind]:
+                calls["kinds"] += 1
+                return super().kinds(keys)
+
+        cache = open_cache(cache_root, snapshotter=Counting, timeout=WAIT)
+        try:
+            # One batch for all; a stat only for each broken pair's immutable (was the pair
+            # finalized half-way? Its own snapshot says).
+            assert calls == {"stat": 2, "kinds": 1}
+            cleared = dict(cache.load_report.cleared)
+            assert sorted(cleared) == sorted([lost_m, lost_i, committed_m, committed_i])
+            assert "no active snapshot" in cleared[lost_m]
+            assert "no active snapshot" in cleared[committed_m]
+            assert "equal mutable" in cleared[lost_i]
+            assert cache.load_report.loaded == 8
+            check_disk_usage(cache, 0, 4)
+            for rid in (lost_m, lost_i, committed_m, committed_i):
+                with pytest.raises(NotFoundError, match=rid):
+                    get(cache, rid)
+            for m_id, i_id in pairs[2:]:
+                get(cache, i_id).release()
+                get_mutable(cache, m_id).release()
+        finally:
+            cache.close()
+
+    def test_open_builds_the_entries_a_stored_item_gives(
+        self, open_cache_at: Callable[[], Cache], cache_root: Path
+    ) -> None:
+        """The bulk load (fields straight into entries) and ``from_item`` agree on every
+        kind of record: layers, a merge, a diff, a lazy-commit pair, a described one."""
+        cache = open_cache_at()
+        a = committed(cache)
+        a.finalize()
+        b = committed(cache, a)
+        b.finalize()
+        merged = cache.manager.merge([a, b]).get(timeout=WAIT)
+        diffed = cache.manager.diff(a, b).get(timeout=WAIT)
+        m = new(cache, b, retain=True, description="a pair")
+        i = m.commit()
+        for ref in (a, b, merged, diffed, i):
+            ref.release()
+        cache.close()
+        env = storage.MetaEnv(cache_root / "meta")
+        try:
+            items = storage.MetadataStore(env).all()
+        finally:
+            env.close()
+        assert len(items) == 6
+        shared: dict[str, str] = {}
+        for item in items:
+            built = RecordEntry.from_fields(
+                item.id, item_fields(item), lambda text: shared.setdefault(text, text)
+            )
+            assert built is not None
+            fast, deleted = built
+            slow = RecordEntry.from_item(item)
+            assert deleted is False
+            assert {k: getattr(fast, k) for k in RecordEntry.__slots__} == {
+                k: getattr(slow, k) for k in RecordEntry.__slots__
+            }
+
+    def test_a_value_of_the_wrong_type_clears_the_record_naming_the_key(
+        self, open_cache_at: Callable[[], Cache]
+    ) -> None:
+        cache = open_cache_at()
+        bad = committed(cache)
+        bad.finalize()
+        good = committed(cache)
+        good.finalize()
+        bad_id, good_id = bad.id, good.id
+        bad.release()
+        good.release()
+        cache.metadata.get(bad_id).set("cache.description", 5)  # the store checks no types
+        cache.close()
+
+        cache = open_cache_at()
+        cleared = dict(cache.load_report.cleared)
+        assert list(cleared) == [bad_id]
+        assert "corrupt metadata" in cleared[bad_id]
+        assert "cache.description" in cleared[bad_id]
+        get(cache, good_id).release()
+        with pytest.raises(NotFoundError, match=bad_id):
+            get(cache, bad_id)
 
     def test_handles_of_a_closed_cache_fail_clearly(self, cache: Cache) -> None:
         ref = committed(cache)

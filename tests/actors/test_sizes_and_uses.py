@@ -201,6 +201,45 @@ class TestSizes:
             assert isinstance(tree, list)
             assert "size unknown" not in "\n".join(tree)
 
+    def test_a_pairs_size_is_measured_once_until_a_mutable_handle_is_taken(
+        self, cache: Cache
+    ) -> None:
+        # Several released lazy-commit pairs: each is shown as its mutable, measured by the
+        # first disk usage and cached (table, metadata, gauges) for the later ones.
+        pairs = []
+        for n in range(3):
+            m = new(cache, retain=True)
+            write(m, "data", 5_000 * (n + 1))
+            i = m.commit()
+            i.release()
+            pairs.append((m.id, i.id))
+        first = usage(cache)
+        assert sorted(first) == sorted(m_id for m_id, _ in pairs)
+        assert all(stored_size(cache, m_id) == first[m_id].size for m_id, _ in pairs)
+        m_id = pairs[0][0]
+        size = first[m_id].size
+        # Behind the cache's back: a measurement would see it, the cached size does not.
+        snapshot = cache.snapshotter.path(m_id)
+        (snapshot / "sneaked").write_bytes(b"y" * 30_000)
+        for _ in range(2):
+            again = usage(cache)
+            assert {rid: r.size for rid, r in again.items()} == {
+                rid: r.size for rid, r in first.items()
+            }
+        assert gauges(cache)["reclaimable"] == sum(r.size for r in first.values())
+        # A mutable handle may change the content: the size is forgotten then, and the
+        # next disk usage measures what is on disk, the sneaked file included.
+        again_m = cache.manager.get_mutable(m_id).get(timeout=WAIT)
+        assert usage(cache)[m_id].size == 0  # in use: still changing
+        again_m.release()
+        after = usage(cache)
+        assert after[m_id].size == cache.snapshotter.usage(m_id).size >= size + 30_000
+        assert stored_size(cache, m_id) == after[m_id].size
+        assert gauges(cache)["reclaimable"] == sum(r.size for r in after.values())
+        # The other pairs kept their cached sizes throughout.
+        for other_m, _ in pairs[1:]:
+            assert after[other_m].size == first[other_m].size
+
     def test_taking_a_mutable_again_forgets_its_size_durably(self, cache: Cache) -> None:
         scratch = new(cache, retain=True)
         write(scratch, "a", 4_000)

@@ -25,6 +25,7 @@ from refcache.storage import write_diff
 from refcache.storage._env import DB_SNAPSHOTS, MetaEnv
 from refcache.storage._errors import (
     AlreadyExistsError,
+    CorruptMetadataError,
     FailedPreconditionError,
     InvalidError,
     NotFoundError,
@@ -321,6 +322,30 @@ def test_stat_of_a_committed_snapshot(sn: BaseSnapshotter) -> None:
     sn.commit("committed", "preparing", labels=GC_ROOT)
     si = sn.stat("committed")
     assert (si.name, si.kind, si.parent) == ("committed", Kind.COMMITTED, "")
+
+
+def test_kinds_reads_many_snapshots_at_once(sn: BaseSnapshotter) -> None:
+    sn.prepare("kinds-a", labels=GC_ROOT)
+    sn.commit("kinds-c", "kinds-a", labels=GC_ROOT)
+    sn.prepare("kinds-active", "kinds-c", labels=GC_ROOT)
+    sn.view("kinds-view", "kinds-c", labels=GC_ROOT)
+    keys = ["kinds-active", "kinds-c", "kinds-view", "kinds-a", "kinds-missing"]
+    assert sn.kinds(keys) == {
+        "kinds-active": Kind.ACTIVE,
+        "kinds-c": Kind.COMMITTED,
+        "kinds-view": Kind.VIEW,
+    }
+    assert sn.kinds([]) == {}
+
+
+def test_kinds_of_a_malformed_record_names_it(sn: BaseSnapshotter, env: MetaEnv) -> None:
+    sn.prepare("kinds-bad", labels=GC_ROOT)
+    with env.write_txn() as txn:
+        raw = msgpack.unpackb(txn.get(DB_SNAPSHOTS, b"kinds-bad"))
+        raw["kind"] = "sideways"
+        txn.put(DB_SNAPSHOTS, b"kinds-bad", msgpack.packb(raw))
+    with pytest.raises(CorruptMetadataError, match=r"kinds-bad.*unknown kind 'sideways'"):
+        sn.kinds(["kinds-bad"])
 
 
 def test_parents_are_transitive(sn: BaseSnapshotter) -> None:
