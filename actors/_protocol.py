@@ -26,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import pykka
 
 from ..storage import CacheTimeoutError, ClosedError
+from ._runtime import NOT_RUN, run_here
 
 __all__ = ["Await", "Message", "ask", "bound_table", "handler_table", "handles", "tell"]
 
@@ -122,16 +123,22 @@ def ask(actor: pykka.ActorRef[Any], message: Message[R], timeout: float, what: s
             the message class and the actor's).
         ClosedError: the reply was cancelled: the cache is closing.
     """
+    # A record actor that is idle handles the ask in this thread (no hand-off to a pool
+    # worker and back: DESIGN.md, "Asks to an idle record"); a busy one gets it in its
+    # mailbox.
+    value = run_here(actor, message)
+    if value is not NOT_RUN:
+        return cast("R", value)
     future = actor.ask(message, block=False)
     try:
-        value: R = future.get(timeout=timeout)
+        reply: R = future.get(timeout=timeout)
     except pykka.Timeout as exc:
         msg = f"{what or _label(actor, message)} did not finish within {timeout:g} s"
         raise CacheTimeoutError(msg) from exc
     except CancelledError as exc:
         msg = f"{what or _label(actor, message)} was cancelled: the cache is closing"
         raise ClosedError(msg) from exc
-    return value
+    return reply
 
 
 def _label(actor: pykka.ActorRef[Any], message: Message[Any]) -> str:
