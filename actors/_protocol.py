@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar, cast
 import pykka
 
 from ..storage import CacheTimeoutError, ClosedError
-from ._runtime import NOT_RUN, run_here
+from ._runtime import NOT_RUN, run_here, tell_here
 
 __all__ = ["Await", "Message", "ask", "bound_table", "handler_table", "handles", "tell"]
 
@@ -146,8 +146,12 @@ def _label(actor: pykka.ActorRef[Any], message: Message[Any]) -> str:
 
 
 def tell(actor: pykka.ActorRef[Any], message: Message[None]) -> None:
-    """Tells ``actor`` a message that has no reply (raises Pykka's ``ActorDeadError``)."""
-    actor.tell(message)
+    """Tells ``actor`` a message that has no reply (raises Pykka's ``ActorDeadError``).
+
+    An idle record actor handles it in this thread, as :func:`ask` does.
+    """
+    if not tell_here(actor, message):
+        actor.tell(message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,8 @@ Handling an ask in the caller's thread
     share few cores. Only ``on_receive`` messages are handled so (a stop or a proxy call
     goes through the mailbox), and only short, non-blocking handlers may be asked so:
     which every handler already is (rule 3). An exception goes straight to the caller, as
-    it would through the reply future.
+    it would through the reply future. :func:`tell_here` does the same for a tell (an
+    exception then fails the actor, as on a worker).
 
 Choosing the pool
     In this order: the pool given to :meth:`PooledActor.start_on`; else the subclass's
@@ -103,6 +104,7 @@ __all__ = [
     "current_pool",
     "default_pool",
     "run_here",
+    "tell_here",
 ]
 
 logger = logging.getLogger(__name__)
@@ -367,6 +369,21 @@ def run_here(ref: ActorRef[Any], message: Any) -> Any:
     return run(message)
 
 
+def tell_here(ref: ActorRef[Any], message: Any) -> bool:
+    """Handles the tell ``message`` in the calling thread if ``ref``'s pooled actor is idle.
+
+    As :func:`run_here`, for a message without a reply: an exception in the handler is
+    not raised here but fails the actor, as a tell handled by a worker does (logged,
+    ``on_failure``, the actor stops).
+
+    Returns:
+        True if handled here; False when the actor is busy, stopped, not pooled, or its
+        pool is shut down: then tell it through its mailbox.
+    """
+    tell = getattr(ref._actor_weakref(), "_pooled_tell_here", None)
+    return tell is not None and bool(tell(message))
+
+
 class _PooledInbox:
     """A :class:`PooledActor`'s inbox: a FIFO deque plus the actor's scheduling state.
 
@@ -578,11 +595,7 @@ class PooledActor(pykka.Actor):
                 )
                 envelope.reply_to.set_exception()
             else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:  # Pykka logs and stops, so do we
-                    self._handle_failure(*sys.exc_info())
+                self._pooled_tell_failed()
         except BaseException as exc:  # mirrored from Pykka, worker survives
             _pykka_logger.debug("%r in %s. Stopping all actors.", exc, self)
             if envelope.reply_to is not None:
@@ -594,11 +607,49 @@ class PooledActor(pykka.Actor):
             # for actors that need a worker to stop.
             ActorRegistry.stop_all(block=False)
 
+    def _pooled_tell_failed(self) -> None:
+        """A tell's handler raised (in an ``except`` block): log, stop, ``on_failure``."""
+        self._handle_failure(*sys.exc_info())
+        try:
+            self.on_failure(*sys.exc_info())
+        except Exception:  # Pykka logs and stops, so do we
+            self._handle_failure(*sys.exc_info())
+
+    def _pooled_tell_here(self, message: Any) -> bool:
+        """:func:`tell_here`: as :meth:`_pooled_run_here`, failing as a tell does."""
+        inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
+        with inbox._lock:
+            pool = inbox._pool
+            if inbox._scheduled or inbox._closed or pool is None or pool._closed:
+                return False
+            inbox._scheduled = True
+        try:
+            self.on_receive(message)
+        except Exception:
+            # As on a worker: the actor stops; what waits in its inbox is answered with
+            # ActorDeadError. This thread holds the token, so it tears the actor down.
+            self._pooled_tell_failed()
+            self._pooled_teardown()
+            return True
+        except BaseException:
+            self._pooled_give_back(inbox, pool)
+            raise
+        self._pooled_give_back(inbox, pool)
+        return True
+
+    def _pooled_give_back(self, inbox: _PooledInbox, pool: ActorPool) -> None:
+        """Drop the token a caller took, or hand the actor to its pool if messages came
+        meanwhile (a worker requeues it at the end of its batch the same way)."""
+        with inbox._lock:
+            if not inbox._queue:
+                inbox._scheduled = False
+                return
+        pool._submit(self)
+
     def _pooled_run_here(self, message: Any) -> Any:
         """:func:`run_here`: take the idle actor's token, handle ``message``, give it back."""
         inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
-        lock = inbox._lock
-        with lock:
+        with inbox._lock:
             # A held token means a worker or another caller runs the actor, or messages
             # wait for one (FIFO order); a closed inbox means a stopped actor (a stop always
             # closes the inbox before the token is dropped). An actor not started yet holds
@@ -610,14 +661,7 @@ class PooledActor(pykka.Actor):
         try:
             return self.on_receive(message)
         finally:
-            # Give the token back, or hand the actor to its pool if messages came meanwhile
-            # (a worker would requeue it at the end of its batch the same way).
-            with lock:
-                again = bool(inbox._queue)
-                if not again:
-                    inbox._scheduled = False
-            if again:
-                pool._submit(self)
+            self._pooled_give_back(inbox, pool)
 
     def _pooled_teardown(self) -> None:
         """Answer what is left in the inbox, as Pykka's ``_actor_loop_teardown`` does."""

@@ -31,6 +31,7 @@ from refcache.actors._runtime import (
     current_pool,
     default_pool,
     run_here,
+    tell_here,
 )
 from refcache.storage._errors import InvalidError
 
@@ -770,6 +771,40 @@ def test_run_here_does_not_run_stopped_unpooled_or_abandoned_actors(pool: ActorP
         abandoned.ask("x", timeout=TIMEOUT)
 
 
+def test_tell_here_handles_a_tell_to_an_idle_actor_in_the_calling_thread(
+    pool: ActorPool,
+) -> None:
+    log: list[Any] = []
+    ref = Runtime("pooled", pool).start(Recorder, log)
+    assert ref.ask("sync", timeout=TIMEOUT) == 0
+
+    assert tell_here(ref, threading.current_thread()) is True
+    assert log == [threading.current_thread()]
+    # Busy (a message waits in the inbox while the actor is not idle): not handled here.
+    handled: list[Any] = []
+    blocked, gate, first = _start_blocked(Runtime("pooled", pool), handled)
+    assert tell_here(blocked, "later") is False
+    gate.set()
+    assert first.get(timeout=TIMEOUT) == "unblocked"
+    assert blocked.ask("sync", timeout=TIMEOUT) == "sync"
+    assert handled == ["sync"]
+
+
+def test_an_exception_in_tell_here_fails_the_actor_as_a_tell_does(pool: ActorPool) -> None:
+    failed = threading.Event()
+    ref = Runtime("pooled", pool).start(Failing, failed)
+    assert ref.ask("started", timeout=TIMEOUT) == "started"
+
+    # Not raised to the teller: the actor's on_failure runs and the actor stops.
+    assert tell_here(ref, "raise") is True
+    assert failed.is_set()
+    assert not ref.is_alive()
+    assert ActorRegistry.get_by_urn(ref.actor_urn) is None
+    assert tell_here(ref, "again") is False
+    with pytest.raises(ActorDeadError):
+        ref.ask("after", timeout=TIMEOUT)
+
+
 @pytest.mark.usefixtures("frequent_switches")
 def test_clients_mixing_run_here_asks_and_tells_are_serialised_fifo_per_client(
     pool: ActorPool,
@@ -795,6 +830,9 @@ def test_clients_mixing_run_here_asks_and_tells_are_serialised_fifo_per_client(
                 message = (client, seq)
                 if seq % 10 == 5:  # a few tells, so that callers also find the actor busy
                     ref.tell(message)
+                elif seq % 10 == 7:
+                    if not tell_here(ref, message):
+                        ref.tell(message)
                 elif run_here(ref, message) is NOT_RUN:
                     ref.ask(message, timeout=TIMEOUT)
                 else:
