@@ -2,8 +2,10 @@
 
 A :class:`CacheCore` holds no record state: only the stores (thread-safe), the record actor
 pool, the I/O executor, the statistics writer, single-flight groups and a few counters. The
-counters are the only mutable state here and each is guarded by its own lock (they live
-outside every actor, as Pykka's ``ActorRegistry`` does).
+counters are the only mutable state here (they live outside every actor, as Pykka's
+``ActorRegistry`` does): each is guarded by its own lock, except the operation counters,
+which every ref operation bumps and so are kept per thread without a lock (see
+:meth:`CacheCore.observe`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -227,13 +230,83 @@ class SingleFlight:
         return result
 
 
+class _OpCounters:
+    """Operation outcomes and latencies; ``latency_counts`` per bucket, not cumulative.
+
+    ``latency_counts[op][i]`` counts latencies in bucket ``i`` of ``LATENCY_BUCKETS`` (the
+    last slot: above every bound), so recording one is a single increment.
+    """
+
+    __slots__ = ("latency_counts", "latency_sum", "operations")
+
+    def __init__(self) -> None:
+        self.operations: dict[tuple[str, str], int] = {}
+        self.latency_sum: dict[str, float] = {}
+        self.latency_counts: dict[str, list[int]] = {}
+
+    def add(self, other: _OpCounters) -> None:
+        """Adds a copy of ``other`` (each dict and list copied at once, see ``snapshot``)."""
+        for key, n in other.operations.items():
+            self.operations[key] = self.operations.get(key, 0) + n
+        for op, seconds in other.latency_sum.items():
+            self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
+        for op, counts in other.latency_counts.items():
+            mine = self.latency_counts.setdefault(op, [0] * (len(LATENCY_BUCKETS) + 1))
+            for i, n in enumerate(counts):
+                mine[i] += n
+
+    def snapshot(self) -> _OpCounters:
+        """A copy, safe while the owning thread goes on counting.
+
+        Each ``dict(...)``/``list(...)`` copy runs in C under the GIL, so it is consistent
+        in itself; an operation being counted meanwhile may show in one dict and not yet in
+        another (statistics, not accounting).
+        """
+        copy = _OpCounters()
+        copy.operations = dict(self.operations)
+        copy.latency_sum = dict(self.latency_sum)
+        copy.latency_counts = {op: list(c) for op, c in list(self.latency_counts.items())}
+        return copy
+
+
+class _ThreadOpCounters(_OpCounters):
+    """One thread's operation counters: written only by that thread, so no lock is needed
+    and no update is lost; readers copy them (``snapshot``)."""
+
+    __slots__ = ("thread",)
+
+    def __init__(self, thread: threading.Thread) -> None:
+        super().__init__()
+        self.thread = thread
+
+
 @dataclass
 class _Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
     double_releases: int = 0
-    operations: dict[tuple[str, str], int] = field(default_factory=dict)
-    latency_sum: dict[str, float] = field(default_factory=dict)
-    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
+    #: Counts of threads that have ended (folded in by ``CacheCore.counters``).
+    ended: _OpCounters = field(default_factory=_OpCounters)
+    #: Per-thread counts of threads alive at the last read (the list is guarded by ``lock``).
+    threads: list[_ThreadOpCounters] = field(default_factory=list)
+
+
+class _Timed(AbstractContextManager[None]):
+    """``CacheCore.timed``: a plain context manager (a generator-based one costs several
+    allocations per ref operation)."""
+
+    __slots__ = ("_core", "_operation", "_start")
+
+    def __init__(self, core: CacheCore, operation: str) -> None:
+        self._core = core
+        self._operation = operation
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_rest: object) -> None:
+        result = "ok" if exc_type is None else exc_type.__name__
+        self._core.observe(self._operation, result, time.perf_counter() - self._start)
 
 
 @dataclass
@@ -314,6 +387,7 @@ class CacheCore:
         self.closed = False
         self._handle_ids = itertools.count(1)
         self._counters = _Counters()
+        self._thread_counters = threading.local()
         self._registry = RegistryCounters()
         #: Descriptor handlers of pulled sources, by blob digest, for as long as the cache
         #: is open (see :meth:`register_handlers`); guarded by ``_handlers_lock``.
@@ -370,36 +444,65 @@ class CacheCore:
             self._counters.double_releases += 1
 
     def observe(self, operation: str, result: str, seconds: float) -> None:
-        """Records one operation outcome and its latency for :class:`CacheStatistics`."""
-        c = self._counters
-        with c.lock:
-            key = (operation, result)
-            c.operations[key] = c.operations.get(key, 0) + 1
-            _observe(c.latency_sum, c.latency_buckets, operation, seconds)
+        """Records one operation outcome and its latency for :class:`CacheStatistics`.
 
-    @contextmanager
-    def timed(self, operation: str) -> Iterator[None]:
+        Every ref operation comes here, from any number of threads: the counts go to the
+        calling thread's own counters, without a lock (a shared lock would make threads
+        queue behind one preempted while holding it); :meth:`counters` adds them up.
+        """
+        mine: _OpCounters | None = getattr(self._thread_counters, "counters", None)
+        if mine is None:
+            mine = self._new_thread_counters()
+        key = (operation, result)
+        ops = mine.operations
+        ops[key] = ops.get(key, 0) + 1
+        sums = mine.latency_sum
+        sums[operation] = sums.get(operation, 0.0) + seconds
+        counts = mine.latency_counts.get(operation)
+        if counts is None:
+            counts = mine.latency_counts[operation] = [0] * (len(LATENCY_BUCKETS) + 1)
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def _new_thread_counters(self) -> _ThreadOpCounters:
+        mine = _ThreadOpCounters(threading.current_thread())
+        self._thread_counters.counters = mine
+        with self._counters.lock:
+            self._counters.threads.append(mine)
+        return mine
+
+    def timed(self, operation: str) -> AbstractContextManager[None]:
         """Times the block as ``operation`` with result ``ok`` or the error class name."""
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
-            self.observe(operation, type(exc).__name__, time.perf_counter() - start)
-            raise
-        self.observe(operation, "ok", time.perf_counter() - start)
+        return _Timed(self, operation)
 
     def counters(
         self,
     ) -> tuple[int, dict[tuple[str, str], int], dict[str, float], dict[str, tuple[int, ...]]]:
-        """Returns copies of (double releases, operations, latency sums, latency buckets)."""
+        """Returns copies of (double releases, operations, latency sums, latency buckets).
+
+        The latency buckets are cumulative (``LATENCY_BUCKETS``' upper bounds, Prometheus
+        style). The counters of threads that have ended are folded into one total here.
+        """
         c = self._counters
         with c.lock:
-            return (
-                c.double_releases,
-                dict(c.operations),
-                dict(c.latency_sum),
-                {k: tuple(v) for k, v in c.latency_buckets.items()},
-            )
+            total = _OpCounters()
+            total.add(c.ended)
+            alive = []
+            for counters in c.threads:
+                # A thread that has ended counts nothing more: fold it in and forget it.
+                ended = not counters.thread.is_alive()
+                copy = counters.snapshot()
+                total.add(copy)
+                if ended:
+                    c.ended.add(copy)
+                else:
+                    alive.append(counters)
+            c.threads = alive
+            doubles = c.double_releases
+        buckets = {
+            op: tuple(itertools.accumulate(counts[: len(LATENCY_BUCKETS)]))
+            for op, counts in total.latency_counts.items()
+        }
+        return doubles, total.operations, total.latency_sum, buckets
 
     # -- registries ----------------------------------------------------------------------
 

@@ -23,14 +23,17 @@ reflection. A message class nobody handles, or handled twice, fails when the tab
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import pykka
 
 from ..storage import CacheTimeoutError, ClosedError
+from ._runtime import NOT_RUN, run_here, tell_here
 
 __all__ = ["Await", "Message", "ask", "bound_table", "handler_table", "handles", "tell"]
 
@@ -38,6 +41,14 @@ T = TypeVar("T")
 R = TypeVar("R")  # invariant: a handler must return exactly its message's reply type
 M_co = TypeVar("M_co", covariant=True)
 S = TypeVar("S")
+
+#: Every this many asks handled in the caller's thread, the caller gives the GIL away once
+#: (DESIGN.md, "Asks to an idle record": threads looping over such asks never block, and
+#: would otherwise starve threads doing I/O, each of which waits a whole switch interval
+#: for the GIL after every system call). Fewer yields: a longer wait for I/O threads (a
+#: prune); more: a slower, fatter-tailed clone+release at 16 threads. 16 keeps both.
+_YIELD_EVERY = 16
+_handled_here = itertools.count(1)
 
 #: Attribute of a handler function naming the message class it handles.
 _MESSAGE_ATTR = "__refcache_message__"
@@ -122,16 +133,24 @@ def ask(actor: pykka.ActorRef[Any], message: Message[R], timeout: float, what: s
             the message class and the actor's).
         ClosedError: the reply was cancelled: the cache is closing.
     """
+    # A record actor that is idle handles the ask in this thread (no hand-off to a pool
+    # worker and back: DESIGN.md, "Asks to an idle record"); a busy one gets it in its
+    # mailbox.
+    value = run_here(actor, message)
+    if value is not NOT_RUN:
+        if not next(_handled_here) % _YIELD_EVERY:
+            os.sched_yield()  # releases the GIL; a thread waiting for it can take it
+        return cast("R", value)
     future = actor.ask(message, block=False)
     try:
-        value: R = future.get(timeout=timeout)
+        reply: R = future.get(timeout=timeout)
     except pykka.Timeout as exc:
         msg = f"{what or _label(actor, message)} did not finish within {timeout:g} s"
         raise CacheTimeoutError(msg) from exc
     except CancelledError as exc:
         msg = f"{what or _label(actor, message)} was cancelled: the cache is closing"
         raise ClosedError(msg) from exc
-    return value
+    return reply
 
 
 def _label(actor: pykka.ActorRef[Any], message: Message[Any]) -> str:
@@ -139,8 +158,12 @@ def _label(actor: pykka.ActorRef[Any], message: Message[Any]) -> str:
 
 
 def tell(actor: pykka.ActorRef[Any], message: Message[None]) -> None:
-    """Tells ``actor`` a message that has no reply (raises Pykka's ``ActorDeadError``)."""
-    actor.tell(message)
+    """Tells ``actor`` a message that has no reply (raises Pykka's ``ActorDeadError``).
+
+    An idle record actor handles it in this thread, as :func:`ask` does.
+    """
+    if not tell_here(actor, message):
+        actor.tell(message)
 
 
 @dataclass(frozen=True, slots=True)

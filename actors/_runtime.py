@@ -21,6 +21,21 @@ Scheduling
     that makes actor state need no lock), while different actors run in parallel on
     different workers.
 
+Handling an ask in the caller's thread
+    :func:`run_here` handles a message in the *calling* thread when the actor is idle: the
+    caller takes the scheduling token itself (under the inbox lock, exactly as ``put`` would
+    for a worker), calls ``on_receive``, and gives the token back; messages that arrived
+    meanwhile are then handed to the pool, as a worker does at the end of a batch. The token
+    keeps the actor's guarantees: one thread at a time runs its handlers, and only an idle
+    actor with an empty inbox is taken, so FIFO order is kept (a message queued earlier
+    makes the caller fall back to the mailbox). It saves the two thread hand-offs of an ask
+    (caller -> worker -> caller), which dominate a short handler's cost when many threads
+    share few cores. Only ``on_receive`` messages are handled so (a stop or a proxy call
+    goes through the mailbox), and only short, non-blocking handlers may be asked so:
+    which every handler already is (rule 3). An exception goes straight to the caller, as
+    it would through the reply future. :func:`tell_here` does the same for a tell (an
+    exception then fails the actor, as on a worker).
+
 Choosing the pool
     In this order: the pool given to :meth:`PooledActor.start_on`; else the subclass's
     class attribute :attr:`PooledActor.actor_pool`; else the lazily created process-wide
@@ -82,11 +97,14 @@ if TYPE_CHECKING:
     from pykka._envelope import Envelope
 
 __all__ = [
+    "NOT_RUN",
     "ActorPool",
     "PoolStats",
     "PooledActor",
     "current_pool",
     "default_pool",
+    "run_here",
+    "tell_here",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,7 +129,8 @@ class PoolStats:
         queued_actors: Actors waiting in the run queue for a worker (approximate: the run
             queue is read without stopping the workers).
         messages_processed: Messages handled by the pool's workers since it started
-            (asks, tells, proxy calls and stop requests), counted per finished batch.
+            (asks, tells, proxy calls and stop requests), counted per finished batch;
+            not those :func:`run_here` handled in a caller's thread.
     """
 
     workers: int
@@ -309,6 +328,60 @@ def current_pool() -> ActorPool | None:
         The :class:`ActorPool` if called from one of its workers, else ``None``.
     """
     return cast("ActorPool | None", getattr(_worker_local, "pool", None))
+
+
+class _NotRun:
+    """The type of :data:`NOT_RUN`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_RUN"
+
+
+#: What :func:`run_here` returns when the actor is busy, stopped or not pooled.
+NOT_RUN: Any = _NotRun()
+
+
+def run_here(ref: ActorRef[Any], message: Any) -> Any:
+    """Handles ``message`` in the calling thread if ``ref``'s pooled actor is idle.
+
+    See "Handling an ask in the caller's thread" in the module docstring. The handler must
+    be short and must not block (it holds the actor for its whole run).
+
+    Args:
+        ref: The actor; anything but a running :class:`PooledActor` returns
+            :data:`NOT_RUN`.
+        message: A message for the actor's ``on_receive`` (not a Pykka stop or proxy call).
+
+    Returns:
+        The handler's reply, or :data:`NOT_RUN` when the actor is busy (a worker or another
+        caller runs it, or messages wait), stopped, not started yet, or its pool is shut
+        down: then ask it through its mailbox.
+
+    Raises:
+        Exception: whatever the handler raised.
+    """
+    # No isinstance: PooledActor's metaclass is an ABC's, whose check is slow on a hot path.
+    run = getattr(ref._actor_weakref(), "_pooled_run_here", None)
+    if run is None:
+        return NOT_RUN
+    return run(message)
+
+
+def tell_here(ref: ActorRef[Any], message: Any) -> bool:
+    """Handles the tell ``message`` in the calling thread if ``ref``'s pooled actor is idle.
+
+    As :func:`run_here`, for a message without a reply: an exception in the handler is
+    not raised here but fails the actor, as a tell handled by a worker does (logged,
+    ``on_failure``, the actor stops).
+
+    Returns:
+        True if handled here; False when the actor is busy, stopped, not pooled, or its
+        pool is shut down: then tell it through its mailbox.
+    """
+    tell = getattr(ref._actor_weakref(), "_pooled_tell_here", None)
+    return tell is not None and bool(tell(message))
 
 
 class _PooledInbox:
@@ -522,11 +595,7 @@ class PooledActor(pykka.Actor):
                 )
                 envelope.reply_to.set_exception()
             else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:  # Pykka logs and stops, so do we
-                    self._handle_failure(*sys.exc_info())
+                self._pooled_tell_failed()
         except BaseException as exc:  # mirrored from Pykka, worker survives
             _pykka_logger.debug("%r in %s. Stopping all actors.", exc, self)
             if envelope.reply_to is not None:
@@ -537,6 +606,62 @@ class PooledActor(pykka.Actor):
             # Pykka blocks here until every actor has stopped; a pool worker must not wait
             # for actors that need a worker to stop.
             ActorRegistry.stop_all(block=False)
+
+    def _pooled_tell_failed(self) -> None:
+        """A tell's handler raised (in an ``except`` block): log, stop, ``on_failure``."""
+        self._handle_failure(*sys.exc_info())
+        try:
+            self.on_failure(*sys.exc_info())
+        except Exception:  # Pykka logs and stops, so do we
+            self._handle_failure(*sys.exc_info())
+
+    def _pooled_tell_here(self, message: Any) -> bool:
+        """:func:`tell_here`: as :meth:`_pooled_run_here`, failing as a tell does."""
+        inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
+        with inbox._lock:
+            pool = inbox._pool
+            if inbox._scheduled or inbox._closed or pool is None or pool._closed:
+                return False
+            inbox._scheduled = True
+        try:
+            self.on_receive(message)
+        except Exception:
+            # As on a worker: the actor stops; what waits in its inbox is answered with
+            # ActorDeadError. This thread holds the token, so it tears the actor down.
+            self._pooled_tell_failed()
+            self._pooled_teardown()
+            return True
+        except BaseException:
+            self._pooled_give_back(inbox, pool)
+            raise
+        self._pooled_give_back(inbox, pool)
+        return True
+
+    def _pooled_give_back(self, inbox: _PooledInbox, pool: ActorPool) -> None:
+        """Drop the token a caller took, or hand the actor to its pool if messages came
+        meanwhile (a worker requeues it at the end of its batch the same way)."""
+        with inbox._lock:
+            if not inbox._queue:
+                inbox._scheduled = False
+                return
+        pool._submit(self)
+
+    def _pooled_run_here(self, message: Any) -> Any:
+        """:func:`run_here`: take the idle actor's token, handle ``message``, give it back."""
+        inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
+        with inbox._lock:
+            # A held token means a worker or another caller runs the actor, or messages
+            # wait for one (FIFO order); a closed inbox means a stopped actor (a stop always
+            # closes the inbox before the token is dropped). An actor not started yet holds
+            # its token until its first run, so on_start has always run here.
+            pool = inbox._pool
+            if inbox._scheduled or inbox._closed or pool is None or pool._closed:
+                return NOT_RUN
+            inbox._scheduled = True
+        try:
+            return self.on_receive(message)
+        finally:
+            self._pooled_give_back(inbox, pool)
 
     def _pooled_teardown(self) -> None:
         """Answer what is left in the inbox, as Pykka's ``_actor_loop_teardown`` does."""

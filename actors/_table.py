@@ -37,7 +37,7 @@ from ._blobs import merge_handlers
 from ._core import CacheCore
 from ._entry import RecordEntry, clear_record, delete_leases, lease_ids
 from ._messages import Grant
-from ._protocol import Message, ask
+from ._protocol import Message, ask, tell
 from ._record import CacheRecord, RecordState
 from ._record_messages import (
     Acquire,
@@ -200,17 +200,18 @@ class RecordTable:
         # A tell, not an ask: the handle id is chosen here, and the record handles this
         # message before anything the new handle sends it (one sender's messages keep their
         # order, and the handle exists only after this reply). The manager does not wait for a
-        # pool worker on every get.
+        # pool worker on every get (an idle record handles it in this thread: DESIGN.md,
+        # "Asks to an idle record").
         hid = self.core.next_handle_id()
         actor = self.activate(e)
         try:
             e.acquires += 1
-            actor.tell(Acquire(hid, trigger))
+            tell(actor, Acquire(hid, trigger))
         except pykka.ActorDeadError:
             e.actor = None
             actor = self.activate(e)
             e.acquires += 1
-            actor.tell(Acquire(hid, trigger))
+            tell(actor, Acquire(hid, trigger))
         return Grant(e.id, hid, actor)
 
     def settle(self, e: RecordEntry) -> Settled | None:

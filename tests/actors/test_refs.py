@@ -7,6 +7,8 @@ compares ``disk_usage`` and the handle statistics before and after.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +26,10 @@ from refcache.actors import (
     UsageInfo,
     open_cache,
 )
+from refcache.actors._core import LATENCY_BUCKETS
+from refcache.actors._record import CacheRecord
+from refcache.actors._record_messages import CloneHandle, CountHandles, Release
+from refcache.actors._runtime import NOT_RUN, current_pool, run_here
 
 from refcache import storage
 
@@ -672,3 +678,140 @@ class TestLastUsed:
         child.release()  # default policy: the child goes, and releases its hold
         rows = usage(cache)
         assert [(r.id, r.usage_count) for r in rows] == [(parent.id, 1)]
+
+
+# -- the hot path: clone and release of held records ---------------------------------------------
+
+
+@pytest.fixture
+def handler_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """``(message class, ran on a pool worker)`` for each clone and release handled."""
+    seen: list[tuple[str, bool]] = []
+    for message in (CloneHandle, Release):
+        original = CacheRecord._handlers[message]
+
+        def traced(actor: Any, m: Any, original: Any = original) -> Any:
+            seen.append((type(m).__name__, current_pool() is not None))
+            return original(actor, m)
+
+        monkeypatch.setitem(CacheRecord._handlers, message, traced)
+    return seen
+
+
+def wait_idle(ref: ImmutableRef) -> None:
+    """Until the record actor has handled what the manager told it and is idle."""
+    deadline = time.monotonic() + WAIT
+    while run_here(ref._actor, CountHandles()) is NOT_RUN:
+        assert time.monotonic() < deadline, "the record actor never became idle"
+        time.sleep(0.001)  # sleep-ok: polling an actor's state with a deadline
+
+
+class TestHotPath:
+    """``clone()`` and a non-last ``release()`` are one message to the record actor, handled
+    in the caller's thread when the actor is idle; refcounts stay exact."""
+
+    @pytest.mark.parametrize("finalized", [False, True], ids=["pair", "finalized"])
+    def test_clone_and_release_of_a_held_record_run_in_the_callers_thread(
+        self, cache: Cache, handler_threads: list[tuple[str, bool]], finalized: bool
+    ) -> None:
+        held = committed(cache, retain=True)
+        if finalized:
+            held.finalize()
+        wait_idle(held)
+        handler_threads.clear()
+
+        clones = [held.clone() for _ in range(20)]
+        assert handle_counts(cache)[held.id] == 21
+        for ref in clones:
+            ref.release()
+
+        assert handler_threads == [("CloneHandle", False)] * 20 + [("Release", False)] * 20
+        assert handle_counts(cache)[held.id] == 1
+        with pytest.raises(InvalidError, match=f"ref {held.id!r} was released"):
+            clones[0].mount()
+        held.release()
+        assert held.id not in handle_counts(cache)
+
+    def test_threads_cloning_and_releasing_keep_refcounts_exact(self, cache: Cache) -> None:
+        held = [committed(cache, retain=True) for _ in range(4)]
+        threads, rounds = 8, 300
+        kept: list[list[ImmutableRef]] = [[] for _ in range(threads)]
+        errors: list[BaseException] = []
+        start = threading.Barrier(threads)
+
+        def work(t: int) -> None:
+            try:
+                start.wait(WAIT)
+                for i in range(rounds):
+                    ref = held[(t + i) % len(held)].clone()
+                    if i % 3 == 0:
+                        kept[t].append(ref)  # still open at the end
+                    else:
+                        ref.release()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:  # the watchdog: every wait inside is bounded
+            w.join(WAIT * 2)
+
+        assert not any(w.is_alive() for w in workers)
+        assert errors == []
+        expected = {r.id: 1 for r in held}
+        for refs in kept:
+            for ref in refs:
+                expected[ref.id] += 1
+        assert handle_counts(cache) == expected
+        for refs in kept:
+            RefList(refs).release()
+        RefList(held).release()
+        assert handle_counts(cache) == {}
+
+    def test_operation_counters_of_many_threads_add_up_exactly(self, cache: Cache) -> None:
+        held = committed(cache, retain=True)
+        before = cache.manager.statistics().get(timeout=WAIT)
+        threads, rounds = 6, 200
+
+        def work() -> None:
+            for _ in range(rounds):
+                held.clone().release()
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(WAIT)
+        assert not any(w.is_alive() for w in workers)
+        work()  # and this thread, which lives on
+
+        n = (threads + 1) * rounds
+        for _ in range(2):  # the ended threads' counts are folded in once, not twice
+            stats = cache.manager.statistics().get(timeout=WAIT)
+            for op in ("clone", "release"):
+                count = stats.operations[(op, "ok")] - before.operations.get((op, "ok"), 0)
+                assert count == n
+                buckets = stats.latency_buckets[op]
+                assert len(buckets) == len(LATENCY_BUCKETS)
+                assert list(buckets) == sorted(buckets)  # cumulative
+                assert buckets[-1] == stats.operations[(op, "ok")]  # none took 10 s
+                assert stats.latency_sum_seconds[op] > 0
+        held.release()
+
+    def test_a_latency_on_a_bucket_bound_counts_in_that_bucket(self, cache: Cache) -> None:
+        core = cache._core
+        for seconds in (0.0005, 0.00051, 0.001, 10.0, 20.0):
+            core.observe("probe", "ok", seconds)
+
+        stats = cache.manager.statistics().get(timeout=WAIT)
+        buckets = dict(zip(LATENCY_BUCKETS, stats.latency_buckets["probe"], strict=True))
+        assert (buckets[0.0005], buckets[0.001], buckets[0.0025]) == (1, 3, 3)
+        assert buckets[10.0] == 4  # 20 s is above every bound: only in the count
+        assert stats.operations[("probe", "ok")] == 5
+        assert stats.latency_sum_seconds["probe"] == pytest.approx(30.00201)
+
+
+def handle_counts(cache: Cache) -> dict[str, int]:
+    stats = cache.manager.statistics().get(timeout=WAIT)
+    return {rid: n for rid, n, _ in stats.records_detail if n}

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,7 +23,16 @@ import pykka
 import pytest
 from pykka import ActorDeadError, ActorRef, ActorRegistry
 from pykka._envelope import Envelope
-from refcache.actors._runtime import ActorPool, PooledActor, PoolStats, current_pool, default_pool
+from refcache.actors._runtime import (
+    NOT_RUN,
+    ActorPool,
+    PooledActor,
+    PoolStats,
+    current_pool,
+    default_pool,
+    run_here,
+    tell_here,
+)
 from refcache.storage._errors import InvalidError
 
 TIMEOUT = 5.0
@@ -661,6 +671,185 @@ def test_an_ask_that_passed_is_alive_before_the_stop_finished_gets_actor_dead_er
     with pytest.raises(ActorDeadError, match="stopped before handling the message"):
         late.get(timeout=TIMEOUT)
     assert ref.actor_inbox.empty()
+
+
+# --- run_here: an idle pooled actor handles an ask in the caller's thread ---
+
+
+class Where(pykka.Actor):
+    """Answers the thread and the pool its handler ran on."""
+
+    def on_receive(self, message: Any) -> Any:
+        return (message, threading.current_thread(), current_pool())
+
+
+def test_run_here_handles_an_idle_actors_message_in_the_calling_thread(pool: ActorPool) -> None:
+    ref = Runtime("pooled", pool).start(Where)
+    ref.ask("started", timeout=TIMEOUT)  # on_start has run, the actor is idle
+    processed = pool.stats().messages_processed
+
+    assert run_here(ref, "here") == ("here", threading.current_thread(), None)
+    # No worker was involved, and the actor is free for the mailbox again.
+    assert pool.stats().messages_processed == processed
+    message, thread, on_pool = ref.ask("queued", timeout=TIMEOUT)
+    assert (message, on_pool) == ("queued", pool)
+    assert thread is not threading.current_thread()
+
+
+def test_run_here_leaves_a_busy_actor_to_its_mailbox(pool: ActorPool) -> None:
+    handled: list[Any] = []
+    ref, gate, first = _start_blocked(Runtime("pooled", pool), handled)
+    ref.tell("queued")
+
+    assert run_here(ref, "now") is NOT_RUN
+    gate.set()
+    assert first.get(timeout=TIMEOUT) == "unblocked"
+    assert ref.ask("sync", timeout=TIMEOUT) == "sync"
+    # Nothing ran out of order and "now" was not handled at all.
+    assert handled == ["queued", "sync"]
+
+
+def test_messages_sent_while_a_caller_runs_the_actor_wait_and_keep_their_order(
+    pool: ActorPool,
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+    handled: list[Any] = []
+    ref = Runtime("pooled", pool).start(Blocker, gate, entered, handled)
+    ref.ask("started", timeout=TIMEOUT)
+    replies: list[Any] = []
+    # The caller's thread holds the actor while its handler waits on the gate.
+    caller = threading.Thread(target=lambda: replies.append(run_here(ref, "block")))
+    caller.start()
+    assert entered.wait(TIMEOUT)
+
+    ref.tell("told")
+    asked = ref.ask("asked", block=False)
+    # Not handled meanwhile by a worker: one thread at a time runs the actor.
+    assert run_here(ref, "other") is NOT_RUN
+    assert handled == ["started"]
+    gate.set()
+    caller.join(TIMEOUT)
+
+    assert not caller.is_alive()
+    assert replies == ["unblocked"]
+    # Handed to the pool when the caller gave the actor back, in the order they came.
+    assert asked.get(timeout=TIMEOUT) == "asked"
+    assert handled == ["started", "told", "asked"]
+
+
+def test_an_exception_in_run_here_reaches_the_caller_and_frees_the_actor(
+    pool: ActorPool,
+) -> None:
+    failed = threading.Event()
+    ref = Runtime("pooled", pool).start(Failing, failed)
+    ref.ask("started", timeout=TIMEOUT)
+
+    with pytest.raises(ValueError, match="on purpose"):
+        run_here(ref, "raise")
+
+    # As for an ask: the actor lives on, on_failure is not called.
+    assert run_here(ref, "again") == "again"
+    assert ref.ask("queued", timeout=TIMEOUT) == "queued"
+    assert ref.is_alive()
+    assert not failed.is_set()
+
+
+def test_run_here_does_not_run_stopped_unpooled_or_abandoned_actors(pool: ActorPool) -> None:
+    stopped = Runtime("pooled", pool).start(Echo)
+    assert stopped.stop(timeout=TIMEOUT) is True
+    threaded = Runtime("threading", None).start(Echo)
+    shut = ActorPool(workers=1, name="shut")
+    abandoned = Runtime("pooled", shut).start(Echo)
+    assert abandoned.ask("started", timeout=TIMEOUT) == "started"
+    assert shut.shutdown(timeout=TIMEOUT) is True
+
+    assert run_here(stopped, "x") is NOT_RUN
+    assert run_here(threaded, "x") is NOT_RUN
+    assert run_here(abandoned, "x") is NOT_RUN
+    assert threaded.ask("x", timeout=TIMEOUT) == "x"
+    with pytest.raises(ActorDeadError):
+        abandoned.ask("x", timeout=TIMEOUT)
+
+
+def test_tell_here_handles_a_tell_to_an_idle_actor_in_the_calling_thread(
+    pool: ActorPool,
+) -> None:
+    log: list[Any] = []
+    ref = Runtime("pooled", pool).start(Recorder, log)
+    assert ref.ask("sync", timeout=TIMEOUT) == 0
+
+    assert tell_here(ref, threading.current_thread()) is True
+    assert log == [threading.current_thread()]
+    # Busy (a message waits in the inbox while the actor is not idle): not handled here.
+    handled: list[Any] = []
+    blocked, gate, first = _start_blocked(Runtime("pooled", pool), handled)
+    assert tell_here(blocked, "later") is False
+    gate.set()
+    assert first.get(timeout=TIMEOUT) == "unblocked"
+    assert blocked.ask("sync", timeout=TIMEOUT) == "sync"
+    assert handled == ["sync"]
+
+
+def test_an_exception_in_tell_here_fails_the_actor_as_a_tell_does(pool: ActorPool) -> None:
+    failed = threading.Event()
+    ref = Runtime("pooled", pool).start(Failing, failed)
+    assert ref.ask("started", timeout=TIMEOUT) == "started"
+
+    # Not raised to the teller: the actor's on_failure runs and the actor stops.
+    assert tell_here(ref, "raise") is True
+    assert failed.is_set()
+    assert not ref.is_alive()
+    assert ActorRegistry.get_by_urn(ref.actor_urn) is None
+    assert tell_here(ref, "again") is False
+    with pytest.raises(ActorDeadError):
+        ref.ask("after", timeout=TIMEOUT)
+
+
+@pytest.mark.usefixtures("frequent_switches")
+def test_clients_mixing_run_here_asks_and_tells_are_serialised_fifo_per_client(
+    pool: ActorPool,
+) -> None:
+    ref = Runtime("pooled", pool).start(Counter)
+    clients, rounds, per_round = 8, 6, 100
+
+    def settle() -> None:
+        # Between rounds (one thread, the others wait): the actor drains its mailbox and
+        # becomes idle, so each round begins with callers finding it free.
+        deadline = time.monotonic() + TIMEOUT
+        while run_here(ref, "result") is NOT_RUN and time.monotonic() < deadline:
+            os.sched_yield()
+
+    barrier = threading.Barrier(clients, action=settle)
+    ran_here = [0] * clients
+
+    def hammer(client: int) -> None:
+        seq = 0
+        for _ in range(rounds):
+            barrier.wait(TIMEOUT)
+            for _ in range(per_round):
+                message = (client, seq)
+                if seq % 10 == 5:  # a few tells, so that callers also find the actor busy
+                    ref.tell(message)
+                elif seq % 10 == 7:
+                    if not tell_here(ref, message):
+                        ref.tell(message)
+                elif run_here(ref, message) is NOT_RUN:
+                    ref.ask(message, timeout=TIMEOUT)
+                else:
+                    ran_here[client] += 1
+                seq += 1
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:  # the watchdog: every wait above is bounded, so is this
+        thread.join(TIMEOUT * 4)
+
+    assert not any(thread.is_alive() for thread in threads)
+    # (count, handlers overlapping, messages out of per-client order)
+    assert ref.ask("result", timeout=TIMEOUT) == (clients * rounds * per_round, 0, 0)
+    # Each round's first message found the actor idle: both paths were mixed.
+    assert sum(ran_here) >= rounds
 
 
 @pytest.mark.parametrize(("workers", "batch_size"), [(0, 32), (2, 0), (-1, 32), (True, 32)])
