@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,6 +86,8 @@ T = TypeVar("T")
 
 #: Default number of executor threads of an :class:`AsyncCache`.
 DEFAULT_WORKERS = 4
+#: Seconds of one loop iteration the cache's calls may take before they step aside.
+SLICE = 0.005
 
 
 def _discard(value: Any) -> None:
@@ -118,6 +121,10 @@ class AsyncCache:
         self._abandoned: set[Future[None]] = set()
         #: Awaits cancelled before their call's result arrived (released when it does).
         self._orphans: set[asyncio.Future[None]] = set()
+        #: The loop time slice of this cache's calls (see fair_share).
+        self._slice_loop: asyncio.AbstractEventLoop | None = None
+        self._slice_start = 0.0
+        self._slice_ending = False
 
     def __repr__(self) -> str:
         return f"<AsyncCache at {self.cache.root}>"
@@ -170,6 +177,32 @@ class AsyncCache:
         except RuntimeError as exc:  # shut down
             raise self.cache_closed(getattr(fn, "__name__", "call")) from exc
 
+    async def fair_share(self) -> None:
+        """Yields to the loop when this cache's calls have had it for ``SLICE`` seconds.
+
+        A thousand coroutines started at once all take their first step in one iteration
+        of the loop; each call's own work is short, but together they would hold the loop
+        for as long as they take. Past the slice, the next calls step aside
+        (``asyncio.sleep(0)``) until the loop has run everything else that was ready.
+        """
+        loop = asyncio.get_running_loop()
+        if self._slice_loop is not loop:
+            self._slice_loop, self._slice_start, self._slice_ending = (
+                loop,
+                time.perf_counter(),
+                False,
+            )
+        while time.perf_counter() - self._slice_start >= SLICE:
+            if not self._slice_ending:
+                # Runs in the next iteration, before the calls that step aside now.
+                self._slice_ending = True
+                loop.call_soon(self._new_slice)
+            await asyncio.sleep(0)
+
+    def _new_slice(self) -> None:
+        self._slice_start = time.perf_counter()
+        self._slice_ending = False
+
     def cache_closed(self, what: str) -> ClosedError:
         """The :class:`ClosedError` for ``what`` (an operation), naming the cache."""
         return ClosedError(f"cannot {what}(): the cache at {self.cache.root} is closed")
@@ -182,7 +215,17 @@ class AsyncCache:
         The await is cancellable; a result that arrives after the cancel is passed to
         ``discard`` on the executor (by default: its handles are released).
         """
-        future = self._submit(fn, *args)
+        await self.fair_share()
+        return await self.result_of(self._submit(fn, *args), discard)
+
+    async def result_of(
+        self, future: Future[T], discard: Callable[[T], None] | None = _discard
+    ) -> T:
+        """Awaits a ``concurrent.futures.Future`` (its done callback wakes the loop).
+
+        The await is cancellable; a result that arrives after the cancel goes to
+        ``discard`` on the executor.
+        """
         return await self._deliver(
             lambda cb: future.add_done_callback(lambda _f: cb()), future.result, discard
         )
@@ -437,6 +480,7 @@ class AsyncManager:
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._owner._closing:
             raise self._owner.cache_closed(name)
+        await self._owner.fair_share()
         future = getattr(self.proxy, name)(*args, **kwargs)
         value = await self._owner.reply(future, _discard)
         return self._owner.wrap(value)
@@ -781,12 +825,9 @@ class _AsyncRef(Generic[R]):
 
     async def release(self) -> None:
         """Releases this handle (a cancelled await still releases it)."""
-        if self.ref.released:
-            # The blocking no-op (counted, logged) without a trip to the executor.
-            self.ref.release()
-            return
-        future = self._owner._submit(self.ref.release)
-        await asyncio.shield(asyncio.wrap_future(future))
+        # Chained on the actors' reply callbacks: no executor thread waits for it.
+        await self._owner.fair_share()
+        await self._owner.result_of(self.ref.start_release(), None)
 
 
 class AsyncImmutableRef(_AsyncRef[ImmutableRef]):
@@ -794,7 +835,11 @@ class AsyncImmutableRef(_AsyncRef[ImmutableRef]):
 
     async def clone(self) -> AsyncImmutableRef:
         """A new handle on the same record."""
-        ref = await self._owner.run(self.ref.clone)
+        if self._owner._closing:
+            raise self._owner.cache_closed("clone")
+        # Chained on the actors' reply callbacks: no executor thread waits for it.
+        await self._owner.fair_share()
+        ref = await self._owner.result_of(self.ref.start_clone())
         return AsyncImmutableRef(ref, self._owner)
 
     async def finalize(self) -> None:
@@ -841,7 +886,11 @@ class AsyncMutableRef(_AsyncRef[MutableRef]):
         A commit whose await is cancelled may still happen; its immutable handle is then
         released.
         """
-        ref = await self._owner.run(self.ref.commit)
+        if self._owner._closing:
+            raise self._owner.cache_closed("commit")
+        # Chained on the manager's reply callback: no executor thread waits for it.
+        await self._owner.fair_share()
+        ref = await self._owner.result_of(self.ref.start_commit())
         return AsyncImmutableRef(ref, self._owner)
 
     def mount(self, readonly: bool = False) -> _MountCall:
