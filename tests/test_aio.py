@@ -376,3 +376,44 @@ def test_manager_futures_call_back_when_get_would_not_wait(tmp_path: Path) -> No
         with pytest.raises(refcache.NotFoundError):
             failed.get(timeout=0.001)
         mutable.release()
+
+
+class TestHandleCallsThatDoNotWait:
+    """``start_clone``/``start_release``/``start_commit``: the blocking outcomes, as futures."""
+
+    def test_the_outcomes_are_the_blocking_ones(self, tmp_path: Path) -> None:
+        cache = refcache.open_cache(tmp_path / "c")
+        try:
+            mutable = cache.manager.new(retain=True).get(timeout=WAIT)
+            committed = mutable.start_commit()
+            layer = committed.result(timeout=WAIT)
+            assert mutable.released
+            assert layer.info().equal_mutable == mutable.id
+            with pytest.raises(refcache.InvalidError, match="consumed"):
+                mutable.start_commit().result(timeout=WAIT)
+            clone = layer.start_clone().result(timeout=WAIT)
+            assert (clone.id, clone.released) == (layer.id, False)
+            stats = cache.manager.statistics().get(timeout=WAIT)
+            assert {rid: n for rid, n, _ in stats.records_detail if n} == {layer.id: 2}
+            assert clone.start_release().result(timeout=WAIT) is None
+            before = cache.manager.statistics().get(timeout=WAIT).double_releases_total
+            assert clone.start_release().result(timeout=WAIT) is None  # a counted no-op
+            stats = cache.manager.statistics().get(timeout=WAIT)
+            assert stats.double_releases_total == before + 1
+            # A released handle clones while its record lives (through the manager).
+            again = clone.start_clone().result(timeout=WAIT)
+            again.release()
+            layer.start_release().result(timeout=WAIT)
+            stats = cache.manager.statistics().get(timeout=WAIT)
+            assert {rid: n for rid, n, _ in stats.records_detail if n} == {}
+            deleted = cache.manager.prune(refcache.PrunePolicy(all=True)).get(timeout=WAIT)
+            assert [r.id for r in deleted] == [mutable.id]
+            with pytest.raises(refcache.NotFoundError):
+                layer.start_clone().result(timeout=WAIT)  # the record is gone
+            held = cache.manager.new().get(timeout=WAIT)
+        finally:
+            cache.close()
+        with pytest.raises(refcache.ClosedError):
+            held.start_commit().result(timeout=WAIT)
+        with pytest.raises(refcache.ClosedError):
+            held.start_release().result(timeout=WAIT)
