@@ -32,7 +32,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,6 +104,52 @@ def _discard(value: Any) -> None:
             _discard(item)
 
 
+class _LoopInbox:
+    """Replies for one loop from other threads, handed over with one wake-up per batch.
+
+    ``loop.call_soon_threadsafe`` per reply writes to the loop's self-pipe each time; with
+    many calls in flight the replies that come while the loop has not run yet ride on the
+    wake-up already asked for.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self._scheduled = False
+        self._closed = False
+
+    def post(self, arrived: Callable[[], None], orphaned: Callable[[], None]) -> None:
+        """Runs ``arrived()`` on the loop soon; ``orphaned()`` here if the loop is closed."""
+        with self._lock:
+            if not self._closed:
+                self._items.append((arrived, orphaned))
+                if self._scheduled:
+                    return
+                self._scheduled = True
+        if self._closed:
+            orphaned()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop is closed
+            with self._lock:
+                self._closed = True
+                items, self._items = self._items, []
+            for _, gone in items:
+                gone()
+
+    def _run(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for arrived, _ in items:
+            try:
+                arrived()
+            except Exception:
+                logger.exception("delivering a reply to the loop failed")
+
+
 class AsyncCache:
     """An open cache for asyncio code (see :func:`open_cache_async`); an async context manager.
 
@@ -121,6 +169,10 @@ class AsyncCache:
         self._abandoned: set[Future[None]] = set()
         #: Awaits cancelled before their call's result arrived (released when it does).
         self._orphans: set[asyncio.Future[None]] = set()
+        #: Where replies for each loop arrive (one wake-up of the loop per batch).
+        self._inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = (
+            weakref.WeakKeyDictionary()
+        )
         #: The loop time slice of this cache's calls (see fair_share).
         self._slice_loop: asyncio.AbstractEventLoop | None = None
         self._slice_start = 0.0
@@ -260,13 +312,15 @@ class AsyncCache:
 
         cell.extend((arrived, result))
 
+        def orphaned() -> None:  # the loop is closed: nobody will take the result
+            take = cell[1]
+            cell.clear()
+            self._abandon(take, discard)
+
+        inbox = self._inbox(loop)
+
         def done() -> None:  # on the thread that completed the call: never block here
-            try:
-                loop.call_soon_threadsafe(cell[0])
-            except RuntimeError:  # the loop is closed: nobody will take the result
-                take = cell[1]
-                cell.clear()
-                self._abandon(take, discard)
+            inbox.post(cell[0], orphaned)
 
         on_done(done)
         try:
@@ -279,6 +333,12 @@ class AsyncCache:
                 self._abandon(result, discard)
             raise
         return result()
+
+    def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            inbox = self._inboxes[loop] = _LoopInbox(loop)
+        return inbox
 
     def _abandon(self, result: Callable[[], T], discard: Callable[[T], None] | None) -> None:
         """Discards the result of a call whose awaiting coroutine is gone (on the executor)."""
