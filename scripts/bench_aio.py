@@ -9,8 +9,10 @@ back to back on the same open cache (native snapshotter):
 
 Blocking callers are threads (``_bench.run_threads``); async callers are coroutines on one
 event loop, with the async cache's executor of ``--workers`` threads. Per workload and
-caller count the table shows pairs/s and latencies of both, and ``ratio`` = async pairs/s
-over blocking pairs/s (the goal: at least 0.8). Each measurement runs ``--repeat`` times
+caller count the table shows pairs/s, latencies and the process's CPU time per pair
+(``cpu_us_per_pair``, all threads: the cost of a pair whatever share of a loaded machine the
+process got) of both, and ``ratio`` = async pairs/s over blocking pairs/s (the goal: at
+least 0.8). Each measurement runs ``--repeat`` times
 (medians reported), with ``/proc/loadavg``::
 
     python scripts/bench_aio.py --seconds 2 --repeat 3 --dir /dev/shm
@@ -41,8 +43,8 @@ from refcache.actors import Cache, ImmutableRef, open_cache
 from refcache.aio import AsyncCache, AsyncImmutableRef
 
 COLUMNS = {
-    "clone_release": ["pairs_per_s", "p50_us", "p99_us", "max_us"],
-    "new_commit_release": ["pairs_per_s", "p50_us", "p99_us", "max_us"],
+    "clone_release": ["pairs_per_s", "p50_us", "p99_us", "max_us", "cpu_us_per_pair"],
+    "new_commit_release": ["pairs_per_s", "p50_us", "p99_us", "max_us", "cpu_us_per_pair"],
     "ratio": ["ratio"],
 }
 
@@ -86,10 +88,12 @@ def measure(
     def cycle(_i: int) -> None:
         cache.manager.new(description="cycle").get(timeout=600).commit().release()
 
-    out["clone_release", "blocking"] = run_threads(
-        callers, lambda i: held[i].clone().release(), seconds, keys=n
+    out["clone_release", "blocking"] = with_cpu(
+        lambda: run_threads(callers, lambda i: held[i].clone().release(), seconds, keys=n)
     )
-    out["new_commit_release", "blocking"] = run_threads(callers, cycle, seconds, keys=1)
+    out["new_commit_release", "blocking"] = with_cpu(
+        lambda: run_threads(callers, cycle, seconds, keys=1)
+    )
 
     aheld = [AsyncImmutableRef(ref, acache) for ref in held]
 
@@ -103,11 +107,27 @@ def measure(
         await layer.release()
 
     async def both() -> None:
-        out["clone_release", "async"] = await run_coroutines(callers, aclone, seconds, keys=n)
-        out["new_commit_release", "async"] = await run_coroutines(callers, acycle, seconds, keys=1)
+        cpu = time.process_time()
+        got = await run_coroutines(callers, aclone, seconds, keys=n)
+        out["clone_release", "async"] = {**got, **cpu_fields(cpu, got)}
+        cpu = time.process_time()
+        got = await run_coroutines(callers, acycle, seconds, keys=1)
+        out["new_commit_release", "async"] = {**got, **cpu_fields(cpu, got)}
 
     asyncio.run(both())
     return out
+
+
+def cpu_fields(cpu_start: float, got: dict[str, float]) -> dict[str, float]:
+    """CPU time of the whole process per pair (all its threads): what a pair costs,
+    whatever share of the machine the process got while others ran."""
+    return {"cpu_us_per_pair": (time.process_time() - cpu_start) / max(got["pairs"], 1) * 1e6}
+
+
+def with_cpu(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    cpu = time.process_time()
+    got = fn()
+    return {**got, **cpu_fields(cpu, got)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,7 +351,7 @@ def test_bench_aio_compares_async_and_blocking_in_one_run(tmp_path: Path) -> Non
         for callers in (1, 2):
             for api in ("blocking", "async"):
                 row = by(rows, bench=bench_name, callers=callers, api=api)
-                assert all(row[k] > 0 for k in RATE), row
+                assert all(row[k] > 0 for k in (*RATE, "cpu_us_per_pair")), row
                 assert row["p50_us"] <= row["p99_us"] <= row["max_us"]
             ratio = by(rows, bench="ratio", workload=bench_name, callers=callers)["ratio"]
             blocking = by(rows, bench=bench_name, callers=callers, api="blocking")
