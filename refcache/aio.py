@@ -15,12 +15,17 @@ Where the work runs:
   once; the reply reaches the loop through ``loop.call_soon_threadsafe`` from a done
   callback on the thread that completes it (:meth:`ManagerFuture.add_done_callback`): no
   thread waits for a pending call.
-* Handle methods, which block their caller by design (``commit``, ``clone``, ``release``,
-  mounts, ``size``, ``extract``, ``get_remotes``, ``finalize``, metadata), run on the async
-  cache's executor: a bounded pool of ``workers`` threads of its own (not the cache's I/O
-  executor, whose jobs those methods may wait for). Their completion reaches the loop the
-  same way. However many coroutines await, at most ``workers`` threads work for them.
+* ``clone``, ``release`` and ``commit`` of handles are asks chained on the actors' reply
+  callbacks (``start_clone``, ``start_release``, ``start_commit``): no thread waits either.
+* Handle methods that do slow I/O in their caller's thread by design (mounts, ``size``,
+  ``extract``, ``get_remotes``, ``finalize``, metadata...) run on the async cache's
+  executor: a bounded pool of ``workers`` threads of its own (not the cache's I/O executor,
+  whose jobs those methods may wait for). Their completion reaches the loop the same way.
+  However many coroutines await, at most ``workers`` threads work for them.
 * Opening and closing run on that executor too.
+* Replies for a loop are handed over in batches (one wake-up of the loop per batch), and a
+  cache's calls step aside (``asyncio.sleep(0)``) once they have held the loop for
+  :data:`SLICE` seconds in one go.
 
 A cancelled await never leaks: a handle (or a mount) that arrives after its awaiting
 coroutine was cancelled is released (unmounted) on the executor.
