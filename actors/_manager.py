@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -105,7 +107,51 @@ logger = logging.getLogger(__name__)
 
 
 class FlatteningFuture(ThreadingFuture[Any]):
-    """A reply future that unwraps futures returned by a handler (for deferred replies)."""
+    """A reply future that unwraps futures returned by a handler (for deferred replies).
+
+    :meth:`add_done_callback` lets a caller that must not block (an event loop) learn when
+    :meth:`get` would return at once, without a thread waiting per call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Callbacks to run once the final value is there; ``None`` once they ran.
+        self._callbacks: list[Callable[[], None]] | None = []
+
+    def set(self, value: Any | None = None) -> None:
+        """Sets the reply (Pykka), then runs the done callbacks (see :meth:`add_done_callback`)."""
+        super().set(value)
+        self._fire()
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        """Sets the failure (Pykka), then runs the done callbacks."""
+        super().set_exception(exc_info if exc_info is not None else sys.exc_info())
+        self._fire()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Calls ``fn()`` once :meth:`get` returns without waiting (the reply and every
+        deferred part it names are done); at once, in this thread, when that is already so.
+
+        ``fn`` runs on the thread that completes the reply (the manager's, an I/O worker),
+        so it must not block: it hands the news on (``loop.call_soon_threadsafe``). A failing
+        ``fn`` is logged.
+        """
+        with self._condition:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._when_final(fn)
+
+    def _fire(self) -> None:
+        with self._condition:
+            callbacks, self._callbacks = self._callbacks or [], None
+        for fn in callbacks:
+            self._when_final(fn)
+
+    def _when_final(self, fn: Callable[[], None]) -> None:
+        result = self._result
+        value = result.value if result is not None and result.exc_info is None else None
+        _when_flat(value, fn)
 
     def get(self, *, timeout: float | None = None) -> Any:
         """Returns the final value, waiting for nested futures within ``timeout`` overall.
@@ -134,6 +180,31 @@ class FlatteningFuture(ThreadingFuture[Any]):
                 msg = f"the deferred reply did not come within {timeout:g} s"
                 raise pykka.Timeout(msg) from exc
         return value
+
+
+def _when_flat(value: Any, fn: Callable[[], None]) -> None:
+    """Calls ``fn`` once ``value`` (a reply, maybe a future of one) is no future any more."""
+    if isinstance(value, Future):
+        value.add_done_callback(
+            lambda f: _when_flat(None if f.cancelled() or f.exception() else f.result(), fn)
+        )
+    elif isinstance(value, FlatteningFuture):
+        value.add_done_callback(fn)
+    elif isinstance(value, pykka.Future):
+        # A reply future of another actor (no handler returns one today): one short-lived
+        # thread waits for it rather than the caller's.
+        threading.Thread(target=_wait_then, args=(value, fn), daemon=True).start()
+    else:
+        try:
+            fn()
+        except Exception:
+            logger.exception("done callback %r of a manager reply failed", fn)
+
+
+def _wait_then(value: pykka.Future[Any], fn: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):
+        value.get()
+    _when_flat(None, fn)
 
 
 class CacheManager(pykka.ThreadingActor):

@@ -18,7 +18,10 @@ Validation stays in the actor (one place): a bad argument is an :class:`InvalidE
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from ._types import CacheStatistics, DescHandler, PrunePolicy, RecordInfo, UsageInfo
 
 __all__ = ["CacheManagerProxy", "ManagerFuture"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -88,6 +93,31 @@ class ManagerFuture(pykka.Future[T]):
         except (pykka.ActorDeadError, CancelledError) as exc:
             raise self._closed(exc) from exc
         return value
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Calls ``fn()`` once :meth:`get` would return (or raise) without waiting.
+
+        The hook for callers that must not block, such as an event loop
+        (:mod:`refcache.aio`): no thread waits per call. ``fn`` runs at once when the call
+        is done already, else on the thread that completes it (the manager's or an I/O
+        worker's), so it must be short and must not block or call the cache; a failing
+        ``fn`` is logged. Then ``get()`` gives the value or the error as usual.
+        """
+        inner = self._inner
+        adder = getattr(inner, "add_done_callback", None)
+        if adder is not None and self._get_hook is None:
+            adder(fn)
+            return
+        # A future made by map()/filter()/join(): one short-lived thread waits for it.
+        threading.Thread(target=self._wait_then, args=(fn,), daemon=True).start()
+
+    def _wait_then(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(Exception):
+            self.get()
+        try:
+            fn()
+        except Exception:
+            logger.exception("done callback %r of a manager reply failed", fn)
 
     def set(self, value: T | None = None) -> None:
         """Not supported: only the manager answers a call."""

@@ -17,7 +17,9 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,7 @@ from ._record_messages import (
     WriteMetadata,
 )
 from ._remote import file_list, finalize_record, get_remotes
+from ._runtime import CallbackFuture
 from ._types import DescHandler
 
 if TYPE_CHECKING:
@@ -437,6 +440,81 @@ class _Ref:
             if manager_needed:
                 self._core.ask_manager(Unreferenced(self._id))
 
+    def start_release(self) -> Future[None]:
+        """:meth:`release` without waiting: the returned future is done once it is.
+
+        For callers that must not block (:mod:`refcache.aio`): the asks are chained on the
+        actors' reply callbacks, so no thread waits meanwhile; the future's own callbacks
+        run on the actor thread that completes it (they must not block). The same outcomes
+        as :meth:`release`, as the future's result or exception.
+        """
+        out: Future[None] = Future()
+        with self._lock:
+            if self._released or self._consumed:
+                self._core.count_double_release()
+                out.set_result(None)
+                return out
+            try:
+                self._core.check_open(f"release ref {self._id!r}")
+            except RefcacheError as exc:
+                out.set_exception(exc)
+                return out
+            self._released = True
+        started = time.perf_counter()
+
+        def finish(exc: BaseException | None) -> None:
+            self._core.observe(
+                "release",
+                "ok" if exc is None else type(exc).__name__,
+                time.perf_counter() - started,
+            )
+            if exc is None:
+                out.set_result(None)
+            else:
+                out.set_exception(exc)
+
+        def unreferenced(reply: Any) -> None:
+            try:
+                reply.get(timeout=0)
+            except BaseException as exc:
+                finish(_public_error(self._core, exc, f"release ref {self._id!r}"))
+                return
+            finish(None)
+
+        def released(reply: Any) -> None:
+            try:
+                found, manager_needed = reply.get(timeout=0)
+            except pykka.ActorDeadError:
+                # A passivated record (rare for a held handle): the blocking path re-asks
+                # the manager for its actor; one short-lived thread runs it.
+                _in_thread(out, self._release_rest, started)
+                return
+            except BaseException as exc:
+                finish(_public_error(self._core, exc, f"release ref {self._id!r}"))
+                return
+            if not found:
+                self._core.count_double_release()
+                finish(None)
+            elif manager_needed:
+                _ask_then(self._core.manager, Unreferenced(self._id), unreferenced)
+            else:
+                finish(None)
+
+        _ask_then(self._actor, Release(self._hid), released)
+        return out
+
+    def _release_rest(self, started: float) -> None:
+        try:
+            found, manager_needed = self._ask_actor(Release(self._hid), "release")
+            if not found:
+                self._core.count_double_release()
+            elif manager_needed:
+                self._core.ask_manager(Unreferenced(self._id))
+        except BaseException as exc:
+            self._core.observe("release", type(exc).__name__, time.perf_counter() - started)
+            raise
+        self._core.observe("release", "ok", time.perf_counter() - started)
+
     def info(self) -> RecordInfo:
         """Everything known about the record."""
         self._check_usable("read info")
@@ -520,6 +598,62 @@ class ImmutableRef(_Ref):
             return ImmutableRef(
                 self._core, grant.record_id, grant.handle_id, grant.actor, self._desc_handlers
             )
+
+    def start_clone(self) -> Future[ImmutableRef]:
+        """:meth:`clone` without waiting: the returned future gives the new handle.
+
+        For callers that must not block (:mod:`refcache.aio`): the asks are chained on the
+        actors' reply callbacks, so no thread waits meanwhile; the future's own callbacks
+        run on the actor thread that completes it (they must not block). The same outcomes
+        as :meth:`clone`, as the future's result or exception.
+        """
+        out: Future[ImmutableRef] = Future()
+        try:
+            self._core.check_open(f"clone ref {self._id!r}")
+            if self._consumed:
+                self._check_usable("clone")
+        except RefcacheError as exc:
+            out.set_exception(exc)
+            return out
+        started = time.perf_counter()
+        core, handlers = self._core, self._desc_handlers
+
+        def finish(ref: ImmutableRef | None, exc: BaseException | None) -> None:
+            core.observe(
+                "clone",
+                "ok" if exc is None else type(exc).__name__,
+                time.perf_counter() - started,
+            )
+            if exc is None:
+                out.set_result(ref)  # type: ignore[arg-type]
+            else:
+                out.set_exception(exc)
+
+        def granted(reply: Any) -> None:
+            try:
+                grant = reply.get(timeout=0)
+            except BaseException as exc:
+                finish(None, _public_error(core, exc, f"clone ref {self._id!r}"))
+                return
+            finish(
+                ImmutableRef(core, grant.record_id, grant.handle_id, grant.actor, handlers), None
+            )
+
+        def cloned(reply: Any) -> None:
+            try:
+                hid = reply.get(timeout=0)
+            except pykka.ActorDeadError:
+                hid = None
+            except BaseException as exc:
+                finish(None, _public_error(core, exc, f"clone ref {self._id!r}"))
+                return
+            if hid is not None:
+                finish(ImmutableRef(core, self._id, hid, self._actor, handlers), None)
+            else:
+                _ask_then(core.manager, CloneRecord(self._id), granted)
+
+        _ask_then(self._actor, CloneHandle(self._hid), cloned)
+        return out
 
     def finalize(self) -> None:
         """Commits the snapshot of an equal pair (lazy commit); a no-op otherwise."""
@@ -676,6 +810,41 @@ class MutableRef(_Ref):
             self._core, grant.record_id, grant.handle_id, grant.actor, self._desc_handlers
         )
 
+    def start_commit(self) -> Future[ImmutableRef]:
+        """:meth:`commit` without waiting: the returned future gives the immutable handle.
+
+        For callers that must not block (:mod:`refcache.aio`), as :meth:`start_clone`: the
+        handle is consumed at once; a failed commit gives it back, as :meth:`commit` does.
+        """
+        out: Future[ImmutableRef] = Future()
+        with self._lock:
+            try:
+                self._check_usable("commit")
+            except RefcacheError as exc:
+                out.set_exception(exc)
+                return out
+            self._consumed = True
+        started = time.perf_counter()
+        core, handlers = self._core, self._desc_handlers
+
+        def granted(reply: Any) -> None:
+            try:
+                grant = reply.get(timeout=0)
+            except BaseException as exc:
+                with self._lock:
+                    self._consumed = False
+                error = _public_error(core, exc, f"commit ref {self._id!r}")
+                core.observe("commit", type(error).__name__, time.perf_counter() - started)
+                out.set_exception(error)
+                return
+            core.observe("commit", "ok", time.perf_counter() - started)
+            out.set_result(
+                ImmutableRef(core, grant.record_id, grant.handle_id, grant.actor, handlers)
+            )
+
+        _ask_then(core.manager, Commit(self._id, self._hid), granted)
+        return out
+
     def mount(self, readonly: bool = False) -> Mountable:
         """Mounts the active snapshot (read-only when asked).
 
@@ -717,6 +886,46 @@ class RefList(list[ImmutableRef]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _ask_then(actor: pykka.ActorRef[Any] | None, message: Any, then: Callable[[Any], None]) -> None:
+    """Asks ``actor`` without waiting; ``then(reply_future)`` runs once the reply is set.
+
+    The cache's actors reply with futures that call back (``CallbackFuture``, the manager's
+    ``FlatteningFuture``): ``then`` runs on the replying actor's thread, and
+    ``reply_future.get(timeout=0)`` gives the reply or raises its error (``ActorDeadError``
+    for a stopped actor).
+    """
+    if actor is None:
+        dead: CallbackFuture = CallbackFuture()
+        exc = pykka.ActorDeadError("the cache manager has stopped")
+        dead.set_exception((type(exc), exc, None))
+        then(dead)
+        return
+    reply: Any = actor.ask(message, block=False)
+    if isinstance(reply, CallbackFuture):
+        reply.add_done_callback(then)
+    else:  # the manager's reply future calls back without an argument
+        reply.add_done_callback(lambda: then(reply))
+
+
+def _public_error(core: CacheCore, exc: BaseException, what: str) -> BaseException:
+    """The error a blocking call would raise for ``exc`` (Pykka's and concurrent's mapped)."""
+    if isinstance(exc, pykka.ActorDeadError | CancelledError):
+        return core.closed_error(what)
+    return exc
+
+
+def _in_thread(out: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
+    """Runs blocking ``fn(*args)`` on a short-lived thread; its outcome completes ``out``."""
+
+    def run() -> None:
+        try:
+            out.set_result(fn(*args))
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="refcache-release").start()
 
 
 def check_bool(name: str, value: object) -> None:

@@ -82,6 +82,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
 from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NOT_RUN",
     "ActorPool",
+    "CallbackFuture",
     "PoolStats",
     "PooledActor",
     "current_pool",
@@ -488,6 +490,54 @@ def _fail(envelope: Envelope[Any], message: str) -> None:
         )
 
 
+class CallbackFuture(ThreadingFuture[Any]):
+    """A Pykka reply future that also calls back when it is set (``add_done_callback``).
+
+    The reply future of every :class:`PooledActor` ask: a caller that must not block (an
+    event loop, a chain of asks) learns of the reply without a thread waiting in ``get()``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Callbacks to run once set; ``None`` once they ran.
+        self._callbacks: list[Callable[[CallbackFuture], None]] | None = []
+
+    def set(self, value: Any | None = None) -> None:
+        """Sets the reply (Pykka), then runs the callbacks."""
+        super().set(value)
+        self._fire()
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        """Sets the failure (Pykka), then runs the callbacks."""
+        super().set_exception(exc_info if exc_info is not None else sys.exc_info())
+        self._fire()
+
+    def add_done_callback(self, fn: Callable[[CallbackFuture], None]) -> None:
+        """Calls ``fn(self)`` once the reply is set (``get(timeout=0)`` then returns or
+        raises it); at once, in this thread, when it is set already.
+
+        ``fn`` runs on the thread that sets the reply (a pool worker), so it must not
+        block; a failing ``fn`` is logged.
+        """
+        with self._condition:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def _fire(self) -> None:
+        with self._condition:
+            callbacks, self._callbacks = self._callbacks or [], None
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[CallbackFuture], None]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            logger.exception("done callback %r of an actor reply failed", fn)
+
+
 class PooledActor(pykka.Actor):
     """A Pykka actor scheduled on a shared :class:`ActorPool` instead of its own thread.
 
@@ -547,8 +597,9 @@ class PooledActor(pykka.Actor):
 
     @staticmethod
     def _create_future() -> Future[Any]:
-        # Callers are ordinary threads (or other actors) that block in get(timeout=...).
-        return ThreadingFuture()
+        # Callers are ordinary threads (or other actors) that block in get(timeout=...),
+        # or callers that must not block and chain on add_done_callback.
+        return CallbackFuture()
 
     def _start_actor_loop(self) -> None:
         self._pooled_bind(type(self).actor_pool or default_pool())

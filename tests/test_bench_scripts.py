@@ -341,3 +341,22 @@ def test_the_side_by_side_runner_needs_the_binary(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--buildkit-test nowhere: no executable there" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_aio_compares_async_and_blocking_in_one_run(tmp_path: Path) -> None:
+    args = ["--records", "5", "--seconds", "0.2", "--callers", "1,2", "--repeat", "1"]
+    lines = run_json("bench_aio.py", args, tmp_path)
+    rows = [x for x in lines if x["type"] == "median"]
+    for bench_name in ("clone_release", "new_commit_release"):
+        for callers in (1, 2):
+            for api in ("blocking", "async"):
+                row = by(rows, bench=bench_name, callers=callers, api=api)
+                assert all(row[k] > 0 for k in (*RATE, "cpu_us_per_pair")), row
+                assert row["p50_us"] <= row["p99_us"] <= row["max_us"]
+            ratio = by(rows, bench="ratio", workload=bench_name, callers=callers)["ratio"]
+            blocking = by(rows, bench=bench_name, callers=callers, api="blocking")
+            asynced = by(rows, bench=bench_name, callers=callers, api="async")
+            assert ratio == pytest.approx(asynced["pairs_per_s"] / blocking["pairs_per_s"])
+    notes = [x["text"] for x in lines if x["type"] == "note"]
+    assert len(notes) == 4
+    assert all("async/blocking" in text for text in notes)

@@ -438,3 +438,28 @@ def test_statistics_see_the_sizes_disk_usage_measured(tmp_path: Path) -> None:
         assert [(r.in_use, r.size > 1_000_000) for r in rows] == [(False, True)]
         stats = cache.manager.statistics().get(timeout=30)
         assert stats.reclaimable_bytes == rows[0].size
+
+
+def test_the_async_orchestrator_builds_its_dag_with_metrics_served(tmp_path: Path) -> None:
+    proc = run_script(
+        ["scripts/async_orchestrator.py", "--root", str(tmp_path / "c"), "--json"], timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["ok"] is True
+    steps = summary["steps"]
+    assert len(steps) == 7
+    # Each step's layer holds its own files and its ancestors': the merges were right.
+    assert steps["package"]["steps"] == [
+        "base",
+        "compile",
+        "deps",
+        "docs",
+        "package",
+        "toolchain",
+    ]
+    assert steps["base"]["steps"] == ["base"]
+    assert len({row["id"] for row in steps.values()}) == 7
+    assert summary["metrics_series"] > 0
+    assert summary["metrics_url"].startswith("http://127.0.0.1:")
+    assert storage.check(tmp_path / "c") == []
