@@ -827,16 +827,32 @@ class MutableRef(_Ref):
         started = time.perf_counter()
         core, handlers = self._core, self._desc_handlers
 
+        def failed(exc: BaseException) -> None:
+            with self._lock:
+                self._consumed = False
+            error = _public_error(core, exc, f"commit ref {self._id!r}")
+            core.observe("commit", type(error).__name__, time.perf_counter() - started)
+            out.set_exception(error)
+
+        def durable(written: Future[Grant]) -> None:
+            # The manager answered at once; the grant comes once the group write is durable.
+            try:
+                done(written.result(timeout=0))
+            except BaseException as exc:
+                failed(exc)
+
         def granted(reply: Any) -> None:
             try:
-                grant = reply.get(timeout=0)
+                answer = reply.get(timeout=0)
             except BaseException as exc:
-                with self._lock:
-                    self._consumed = False
-                error = _public_error(core, exc, f"commit ref {self._id!r}")
-                core.observe("commit", type(error).__name__, time.perf_counter() - started)
-                out.set_exception(error)
+                failed(exc)
                 return
+            if isinstance(answer, Await):
+                answer.future.add_done_callback(durable)
+            else:
+                done(answer)
+
+        def done(grant: Grant) -> None:
             core.observe("commit", "ok", time.perf_counter() - started)
             out.set_result(
                 ImmutableRef(core, grant.record_id, grant.handle_id, grant.actor, handlers)

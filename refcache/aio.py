@@ -890,9 +890,13 @@ class _AsyncRef(Generic[R]):
 
     async def release(self) -> None:
         """Releases this handle (a cancelled await still releases it)."""
-        # Chained on the actors' reply callbacks: no executor thread waits for it.
-        await self._owner.fair_share()
-        await self._owner.result_of(self.ref.start_release(), None)
+        # Chained on the actors' reply callbacks: no executor thread waits for it. A cancel
+        # while stepping aside for other coroutines still releases the handle.
+        try:
+            await self._owner.fair_share()
+        finally:
+            released = self.ref.start_release()
+        await self._owner.result_of(released, None)
 
 
 class AsyncImmutableRef(_AsyncRef[ImmutableRef]):
