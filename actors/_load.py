@@ -72,8 +72,44 @@ def load_records(
     100k records costs what decoding them does.
     """
     report = LoadReport()
-    candidates: dict[str, RecordEntry] = {}
     doomed: dict[str, str] = {}  # id -> reason; removed with leases at the end
+    candidates = _decode_all(store, doomed, report)
+
+    # What the checks read of other stores, in one batch each.
+    kinds = snapshotter.kinds(e.snapshot_id for e in candidates.values() if e.mutable)
+    blobs = _blobs_present(env, {e.blob for e in candidates.values() if e.blob_only and e.blob})
+    checks = _Checks(state={}, candidates=candidates, kinds=kinds, blobs=blobs)
+    _check_all(checks, snapshotter, doomed, report, store)
+
+    entries = _parents_first(candidates, checks.state)
+    for e in entries.values():
+        for p in e.parents:
+            if p:
+                entries[p].holders += 1
+        if e.equal_mutable:
+            entries[e.equal_mutable].equal_immutable = e.id
+    for rid in candidates:
+        if rid not in entries and rid not in doomed:
+            doomed[rid] = "a parent could not be loaded"
+
+    if doomed:
+        with env.write_txn() as txn:
+            for rid in doomed:
+                clear_record(store, leases, txn, rid, lease_ids(rid))
+        for rid, reason in doomed.items():
+            if rid not in report.finished_deletes:
+                report.cleared.append((rid, reason))
+                logger.warning("record %s cleared at open: %s", rid, reason)
+    report.loaded = len(entries)
+    return entries, report
+
+
+def _decode_all(
+    store: MetadataStore, doomed: dict[str, str], report: LoadReport
+) -> dict[str, RecordEntry]:
+    """Every stored record decoded into a table entry (one scan; ids and repeated strings
+    shared); undecodable ones and interrupted removals go to ``doomed``."""
+    candidates: dict[str, RecordEntry] = {}
     shared: dict[str, str] = {}
     canon = shared.setdefault
     from_fields = RecordEntry.from_fields
@@ -109,15 +145,19 @@ def load_records(
             report.finished_deletes.append(rid)
             continue
         candidates[rid] = entry
-    shared.clear()
+    return candidates
 
-    # What the checks read of other stores, in one batch each.
-    kinds = snapshotter.kinds(e.snapshot_id for e in candidates.values() if e.mutable)
-    blobs = _blobs_present(env, {e.blob for e in candidates.values() if e.blob_only and e.blob})
-    checks = _Checks(state={}, candidates=candidates, kinds=kinds, blobs=blobs)
 
-    # Parents first, iteratively (chains may be deeper than Python's recursion limit).
-    state = checks.state  # id -> loaded ok
+def _check_all(
+    checks: _Checks,
+    snapshotter: Snapshotter,
+    doomed: dict[str, str],
+    report: LoadReport,
+    store: MetadataStore,
+) -> None:
+    """Checks every candidate, parents first, iteratively (chains may be deeper than
+    Python's recursion limit); ``checks.state`` maps each id to whether it loads."""
+    candidates, state = checks.candidates, checks.state
     # Records whose dependencies are settled are checked at once: first those without any
     # (bases, the mutable halves of pairs), then those whose dependencies all are (most
     # immutable halves, children of bases); only the rest take the walk's stack.
@@ -160,28 +200,6 @@ def load_records(
                 continue
             on_path.discard(rid)
             state[rid] = _check_record(e, checks, snapshotter, doomed, report, store)
-
-    entries = _parents_first(candidates, state)
-    for e in entries.values():
-        for p in e.parents:
-            if p:
-                entries[p].holders += 1
-        if e.equal_mutable:
-            entries[e.equal_mutable].equal_immutable = e.id
-    for rid in candidates:
-        if rid not in entries and rid not in doomed:
-            doomed[rid] = "a parent could not be loaded"
-
-    if doomed:
-        with env.write_txn() as txn:
-            for rid in doomed:
-                clear_record(store, leases, txn, rid, lease_ids(rid))
-        for rid, reason in doomed.items():
-            if rid not in report.finished_deletes:
-                report.cleared.append((rid, reason))
-                logger.warning("record %s cleared at open: %s", rid, reason)
-    report.loaded = len(entries)
-    return entries, report
 
 
 def _parents_first(

@@ -55,6 +55,7 @@ from ._env import (
     MetaEnv,
     ReadTxn,
     WriteTxn,
+    WriteWatch,
 )
 from ._errors import (
     CorruptMetadataError,
@@ -614,8 +615,6 @@ def collect(
         raise InvalidError(msg)
     sn_name = snapshotter.name
     sn_type = f"{RESOURCE_SNAPSHOTS}/{sn_name}"
-    done = dict.fromkeys(range(5), 0)
-    bytes_freed = 0
     with env.watch_writes(_WATCHED) as watch:
         with watch.snapshot as rtxn:
             lease_facts, ghosts = _read_leases(rtxn)
@@ -628,46 +627,12 @@ def collect(
             snapshotter=sn_name,
             now=threshold,
         )
-        marked = mark(graph.roots, graph.edges)
-        doomed_snaps = [k for k in snaps if Node(sn_type, k) not in marked]
-        parents = {k: facts.parent for k, (facts, _) in snaps.items()}
-        work: list[tuple[int, str]] = [(_LINKS, lid) for lid in ghosts]
-        work += [(_LEASE, lid) for lid in graph.expired_leases]
-        work += [(_SNAPSHOT, k) for k in removal_order(doomed_snaps, parents)]
-        work += [(_BLOB, d) for d in blobs if Node(NODE_CONTENT, d) not in marked]
-        if ingest_expiry is not None:
-            stale_ns = int((threshold - ingest_expiry).timestamp() * 1e9)
-            work += [
-                (_INGEST, st.ref)
-                for st in content.list_statuses()
-                if Node(NODE_INGEST, st.ref) not in marked and st.updated_at < stale_ns
-            ]
-        doomed = {Node(sn_type, k) for k in doomed_snaps}
-        doomed |= {Node(NODE_CONTENT, d) for kind, d in work if kind == _BLOB}
-        doomed |= {Node(NODE_INGEST, r) for kind, r in work if kind == _INGEST}
+        work, doomed = _plan_sweep(
+            graph, ghosts, snaps, blobs, content, sn_type, threshold, ingest_expiry
+        )
         rescue = _Rescue(graph, lease_facts, sn_name)
         sweep = _Sweep(rescue, sn_type, content, snapshotter, leases, threshold, snaps, blobs)
-        pos = 0
-        while pos < len(work):
-            with env.write_txn() as txn:
-                rescue.absorb(watch.drain(), doomed)
-                deadline = time.monotonic() + GC_BATCH_SECONDS
-                taken = freed = 0
-                counts = dict.fromkeys(range(5), 0)
-                while pos < len(work) and taken < batch:
-                    kind, ident = work[pos]
-                    pos += 1
-                    taken += 1
-                    size = _sweep_one(txn, kind, ident, sweep)
-                    if size is not None:
-                        counts[kind] += 1
-                        freed += size
-                    if time.monotonic() > deadline:
-                        break
-            # Counted once the transaction committed (a failed one deleted nothing).
-            for kind, n in counts.items():
-                done[kind] += n
-            bytes_freed += freed
+        done, bytes_freed = _sweep_batches(env, watch, work, doomed, sweep, batch)
     stats = GCStats(
         content_deleted=done[_BLOB],
         snapshots_deleted=done[_SNAPSHOT],
@@ -686,6 +651,74 @@ def collect(
         stats.duration_s,
     )
     return stats
+
+
+def _plan_sweep(
+    graph: Graph,
+    ghosts: Iterable[str],
+    snaps: dict[str, Any],
+    blobs: dict[str, Any],
+    content: ContentSweeper,
+    sn_type: str,
+    threshold: datetime,
+    ingest_expiry: timedelta | None,
+) -> tuple[list[tuple[int, str]], set[Node]]:
+    """What one collection deletes, in order (lease links, expired leases, unmarked
+    snapshots children first, unmarked blobs, stale ingests), and the doomed nodes."""
+    marked = mark(graph.roots, graph.edges)
+    doomed_snaps = [k for k in snaps if Node(sn_type, k) not in marked]
+    parents = {k: facts.parent for k, (facts, _) in snaps.items()}
+    work: list[tuple[int, str]] = [(_LINKS, lid) for lid in ghosts]
+    work += [(_LEASE, lid) for lid in graph.expired_leases]
+    work += [(_SNAPSHOT, k) for k in removal_order(doomed_snaps, parents)]
+    work += [(_BLOB, d) for d in blobs if Node(NODE_CONTENT, d) not in marked]
+    if ingest_expiry is not None:
+        stale_ns = int((threshold - ingest_expiry).timestamp() * 1e9)
+        work += [
+            (_INGEST, st.ref)
+            for st in content.list_statuses()
+            if Node(NODE_INGEST, st.ref) not in marked and st.updated_at < stale_ns
+        ]
+    doomed = {Node(sn_type, k) for k in doomed_snaps}
+    doomed |= {Node(NODE_CONTENT, d) for kind, d in work if kind == _BLOB}
+    doomed |= {Node(NODE_INGEST, r) for kind, r in work if kind == _INGEST}
+    return work, doomed
+
+
+def _sweep_batches(
+    env: MetaEnv,
+    watch: WriteWatch,
+    work: list[tuple[int, str]],
+    doomed: set[Node],
+    sweep: _Sweep,
+    batch: int,
+) -> tuple[dict[int, int], int]:
+    """Sweeps ``work`` in write transactions of at most ``batch`` deletions and
+    :data:`GC_BATCH_SECONDS`; returns the deletions per kind and the bytes freed, counted
+    once each transaction committed (a failed one deleted nothing)."""
+    done = dict.fromkeys(range(5), 0)
+    bytes_freed = 0
+    pos = 0
+    while pos < len(work):
+        with env.write_txn() as txn:
+            sweep.rescue.absorb(watch.drain(), doomed)
+            deadline = time.monotonic() + GC_BATCH_SECONDS
+            taken = freed = 0
+            counts = dict.fromkeys(range(5), 0)
+            while pos < len(work) and taken < batch:
+                kind, ident = work[pos]
+                pos += 1
+                taken += 1
+                size = _sweep_one(txn, kind, ident, sweep)
+                if size is not None:
+                    counts[kind] += 1
+                    freed += size
+                if time.monotonic() > deadline:
+                    break
+        for kind, n in counts.items():
+            done[kind] += n
+        bytes_freed += freed
+    return done, bytes_freed
 
 
 @dataclass(frozen=True, slots=True)
