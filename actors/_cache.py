@@ -276,6 +276,50 @@ class Cache:
             os.close(self._lock_fd)
 
 
+def _check_open_args(
+    options: dict[str, Any],
+    timeout: object,
+    ref_checker: object,
+    max_layer_size: int,
+    max_layer_entries: int,
+) -> None:
+    """Refuses what :func:`open_cache` cannot take (``InvalidError`` naming the value)."""
+    if options:
+        msg = f"unknown open_cache options: {', '.join(sorted(options))}"
+        raise InvalidError(msg)
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        msg = f"open_cache timeout must be seconds > 0, not {timeout!r}"
+        raise InvalidError(msg)
+    if ref_checker is not None and not callable(ref_checker):
+        msg = f"open_cache ref_checker must be callable, not {ref_checker!r}"
+        raise InvalidError(msg)
+    check_cap("max_layer_size", max_layer_size)
+    check_cap("max_layer_entries", max_layer_entries)
+
+
+def _lock_root(root_path: Path) -> int:
+    """Creates the private root and takes its lock file (``LockedError`` if held)."""
+    try:
+        make_private_dir(root_path, parents=True)
+        lock_fd = os.open(
+            root_path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
+        )
+    except OSError as exc:
+        raise access_error("cannot open cache", root_path, exc) from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(lock_fd)
+        msg = f"cache {root_path} is open in another process"
+        raise LockedError(msg) from exc
+    return lock_fd
+
+
 def open_cache(
     root: str | os.PathLike[str],
     *,
@@ -322,36 +366,9 @@ def open_cache(
             ref_checker that is not callable).
         RefcacheError: unreadable stores.
     """
-    if options:
-        msg = f"unknown open_cache options: {', '.join(sorted(options))}"
-        raise InvalidError(msg)
-    if (
-        not isinstance(timeout, int | float)
-        or isinstance(timeout, bool)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        msg = f"open_cache timeout must be seconds > 0, not {timeout!r}"
-        raise InvalidError(msg)
-    if ref_checker is not None and not callable(ref_checker):
-        msg = f"open_cache ref_checker must be callable, not {ref_checker!r}"
-        raise InvalidError(msg)
-    check_cap("max_layer_size", max_layer_size)
-    check_cap("max_layer_entries", max_layer_entries)
+    _check_open_args(options, timeout, ref_checker, max_layer_size, max_layer_entries)
     root_path = Path(root)
-    try:
-        make_private_dir(root_path, parents=True)
-        lock_fd = os.open(
-            root_path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
-        )
-    except OSError as exc:
-        raise access_error("cannot open cache", root_path, exc) from exc
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        os.close(lock_fd)
-        msg = f"cache {root_path} is open in another process"
-        raise LockedError(msg) from exc
+    lock_fd = _lock_root(root_path)
     stack = contextlib.ExitStack()
     try:
         # Nobody else has the cache open now: its modes and its mount dir are ours to fix.
