@@ -83,7 +83,7 @@ from ._record_messages import (
     WriteMetadata,
 )
 from ._remote import file_list, finalize_record, get_remotes
-from ._runtime import CallbackFuture
+from ._runtime import NOT_RUN, CallbackFuture, run_here
 from ._types import DescHandler
 
 if TYPE_CHECKING:
@@ -917,6 +917,20 @@ def _ask_then(actor: pykka.ActorRef[Any] | None, message: Any, then: Callable[[A
         exc = pykka.ActorDeadError("the cache manager has stopped")
         dead.set_exception((type(exc), exc, None))
         then(dead)
+        return
+    # An idle record handles the ask in this thread, as the blocking path's ask does (its
+    # handlers are short and never block: DESIGN.md, "Asks to an idle record").
+    try:
+        value = run_here(actor, message)
+    except Exception as exc:
+        failed: CallbackFuture = CallbackFuture()
+        failed.set_exception((type(exc), exc, exc.__traceback__))
+        then(failed)
+        return
+    if value is not NOT_RUN:
+        done: CallbackFuture = CallbackFuture()
+        done.set(value)
+        then(done)
         return
     reply: Any = actor.ask(message, block=False)
     if isinstance(reply, CallbackFuture):
