@@ -345,6 +345,18 @@ class _NotRun:
 NOT_RUN: Any = _NotRun()
 
 
+def _actor_behind(ref: ActorRef[Any]) -> Any:
+    """The actor object ``ref`` refers to (``None`` once it is gone).
+
+    A private attribute of Pykka's: a weak reference in its newer releases, the actor
+    itself in 4.3 (CI tests the range in pyproject.toml at both ends).
+    """
+    try:
+        return ref._actor_weakref()
+    except AttributeError:
+        return getattr(ref, "_actor", None)
+
+
 def run_here(ref: ActorRef[Any], message: Any) -> Any:
     """Handles ``message`` in the calling thread if ``ref``'s pooled actor is idle.
 
@@ -365,7 +377,7 @@ def run_here(ref: ActorRef[Any], message: Any) -> Any:
         Exception: whatever the handler raised.
     """
     # No isinstance: PooledActor's metaclass is an ABC's, whose check is slow on a hot path.
-    run = getattr(ref._actor_weakref(), "_pooled_run_here", None)
+    run = getattr(_actor_behind(ref), "_pooled_run_here", None)
     if run is None:
         return NOT_RUN
     return run(message)
@@ -382,7 +394,7 @@ def tell_here(ref: ActorRef[Any], message: Any) -> bool:
         True if handled here; False when the actor is busy, stopped, not pooled, or its
         pool is shut down: then tell it through its mailbox.
     """
-    tell = getattr(ref._actor_weakref(), "_pooled_tell_here", None)
+    tell = getattr(_actor_behind(ref), "_pooled_tell_here", None)
     return tell is not None and bool(tell(message))
 
 
