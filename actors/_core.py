@@ -36,7 +36,7 @@ from ..storage import (
     MetaEnv,
     TarApplier,
 )
-from ._protocol import Message, ask
+from ._protocol import Message, ask, run_slow
 from ._runtime import ActorPool
 from ._writer import MetadataWriter
 
@@ -599,7 +599,7 @@ class CacheCore:
             ClosedError: the executor is shut down (the cache is closing).
         """
         try:
-            return self.executor.submit(fn, *args)
+            return self.executor.submit(run_slow, fn, *args)
         except RuntimeError as exc:
             raise self.closed_error() from exc
 

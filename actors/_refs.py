@@ -69,7 +69,7 @@ from ._messages import (
     SizeInputs,
     Unreferenced,
 )
-from ._protocol import Await, Message, ask
+from ._protocol import Await, Message, ask, may_run_here
 from ._record_messages import (
     CachedMounts,
     CloneHandle,
@@ -921,7 +921,7 @@ def _ask_then(actor: pykka.ActorRef[Any] | None, message: Any, then: Callable[[A
     # An idle record handles the ask in this thread, as the blocking path's ask does (its
     # handlers are short and never block: DESIGN.md, "Asks to an idle record").
     try:
-        value = run_here(actor, message)
+        value = run_here(actor, message) if may_run_here() else NOT_RUN
     except Exception as exc:
         failed: CallbackFuture = CallbackFuture()
         failed.set_exception((type(exc), exc, exc.__traceback__))
