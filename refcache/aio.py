@@ -283,6 +283,10 @@ class AsyncCache:
         The await is cancellable; a result that arrives after the cancel goes to
         ``discard`` on the executor.
         """
+        if future.done():
+            # Answered already (an idle record answers a clone or a release on this very
+            # thread): nothing to wait for, and no await that a cancel could interrupt.
+            return future.result()
         return await self._deliver(
             lambda cb: future.add_done_callback(lambda _f: cb()), future.result, discard
         )
